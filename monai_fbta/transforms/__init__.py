@@ -1,1 +1,42 @@
-"""monai_fbta.transforms"""
+"""monai_fbta.transforms: MONAI array + dictionary transform pairs.
+
+Tissue tiling, patch reading, KMeans clustering, pseudo-bag sampling and pathology
+augmentations. Importing prints nothing (MONAI's native codec noise is silenced).
+"""
+
+from monai_fbta._quiet import quiet_import
+
+quiet_import("monai")
+
+from monai_fbta.transforms.augment import (  # noqa: E402
+    PerPatchd,
+    RandHEDJitter,
+    RandHEDJitterd,
+    hed_to_rgb,
+    make_e2e_augmentation,
+    rgb_to_hed,
+)
+from monai_fbta.transforms.clustering import ClusterFeatures, ClusterFeaturesd  # noqa: E402
+from monai_fbta.transforms.patches import ReadPatches, ReadPatchesd, SlideCache, patches_to_tensor  # noqa: E402
+from monai_fbta.transforms.pseudobag import PseudoBagSample, PseudoBagSampled, sample_pseudo_bag  # noqa: E402
+from monai_fbta.transforms.tiling import TissueTile, TissueTiled  # noqa: E402
+
+__all__ = [
+    "ClusterFeatures",
+    "ClusterFeaturesd",
+    "PerPatchd",
+    "PseudoBagSample",
+    "PseudoBagSampled",
+    "RandHEDJitter",
+    "RandHEDJitterd",
+    "ReadPatches",
+    "ReadPatchesd",
+    "SlideCache",
+    "TissueTile",
+    "TissueTiled",
+    "hed_to_rgb",
+    "make_e2e_augmentation",
+    "patches_to_tensor",
+    "rgb_to_hed",
+    "sample_pseudo_bag",
+]

@@ -1,0 +1,154 @@
+"""Transforms: HED jitter vs skimage, per-patch augmentation, clustering, patch reading, MONAI Compose."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import hed2rgb, rgb2hed
+
+from monai_fbta.data.clustering import cluster_features
+from monai_fbta.transforms import (
+    ClusterFeatures,
+    ClusterFeaturesd,
+    PerPatchd,
+    PseudoBagSampled,
+    RandHEDJitter,
+    RandHEDJitterd,
+    ReadPatches,
+    ReadPatchesd,
+    hed_to_rgb,
+    make_e2e_augmentation,
+    patches_to_tensor,
+    rgb_to_hed,
+)
+from monai.transforms import Compose, EnsureTyped, RandFlipd, ScaleIntensityd
+
+torch.set_num_threads(1)
+
+
+def test_hed_conversion_matches_skimage():
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    hed = rgb_to_hed(x)
+    ref = rgb2hed(x[1].permute(1, 2, 0).numpy())
+    np.testing.assert_allclose(hed[1].permute(1, 2, 0).numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(hed_to_rgb(hed)[1].permute(1, 2, 0).numpy(), hed2rgb(ref), atol=1e-6)
+
+
+def test_hed_jitter_per_patch_and_identity():
+    x = torch.rand(6, 3, 8, 8)
+    assert torch.allclose(RandHEDJitter(prob=1.0, sigma=0.0, bias=0.0)(x), hed_to_rgb(rgb_to_hed(x)), atol=1e-6)
+    assert RandHEDJitter(prob=0.0)(x) is x
+    jit = RandHEDJitter(prob=1.0, sigma=0.3, bias=0.05).set_random_state(0)
+    same = x[:1].repeat(6, 1, 1, 1)
+    out = jit(same)
+    assert out.shape == same.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out[0], out[1]), "patches of a stack get independent draws"
+    single = jit(x[0])
+    assert single.shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="expects"):
+        jit(torch.rand(8, 8))
+
+
+def test_hed_jitterd_same_draw_for_all_keys():
+    x = torch.rand(3, 3, 8, 8)
+    d = RandHEDJitterd(["a", "b"], prob=1.0, sigma=0.3).set_random_state(1)({"a": x, "b": x.clone()})
+    assert torch.equal(d["a"], d["b"])
+
+
+def test_e2e_augmentation_per_patch_reproducible():
+    base = torch.rand(1, 3, 16, 16)
+    x = base.repeat(32, 1, 1, 1)
+    aug = make_e2e_augmentation(keys="pb_image").set_random_state(5)
+    out = aug({"pb_image": x})["pb_image"]
+    assert type(out) is torch.Tensor and out.shape == x.shape and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    distinct = {tuple(p.flatten()[:20].tolist()) for p in out}
+    assert len(distinct) > 8, "each patch gets its own draw"
+    again = make_e2e_augmentation(keys="pb_image").set_random_state(5)({"pb_image": x})["pb_image"]
+    assert torch.equal(out, again)
+    assert not torch.equal(out, aug({"pb_image": x})["pb_image"])
+
+
+def test_per_patch_flip_keys_stay_aligned():
+    x = torch.rand(10, 3, 8, 8)
+    per = PerPatchd(["a", "b"], RandFlipd(["a", "b"], prob=0.5, spatial_axis=0)).set_random_state(0)
+    d = per({"a": x, "b": x.clone()})
+    assert torch.equal(d["a"], d["b"])
+    flipped = [not torch.equal(d["a"][i], x[i]) for i in range(10)]
+    assert 0 < sum(flipped) < 10
+
+
+def test_cluster_features_and_transform():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(scale=10, size=(4, 8))
+    x = (centers[np.repeat(np.arange(4), 25)] + rng.normal(size=(100, 8))).astype(np.float16)
+    for method in ("kmeans", "minibatch", "torch"):
+        labels = cluster_features(x, 4, seed=0, method=method)
+        assert labels.shape == (100,) and labels.dtype == np.int64
+        # well separated blobs are recovered exactly (up to label permutation)
+        assert all(len(np.unique(labels[i * 25 : (i + 1) * 25])) == 1 for i in range(4)), method
+        assert np.array_equal(labels, cluster_features(x, 4, seed=0, method=method))
+    assert np.array_equal(cluster_features(x[:3], 10), np.arange(3)), "C_eff = min(C, N)"
+    with pytest.raises(ValueError, match="empty"):
+        cluster_features(np.zeros((0, 8)), 4)
+    with pytest.raises(ValueError, match="unknown clustering method"):
+        cluster_features(x, 4, method="dbscan")
+    assert torch.equal(ClusterFeatures(4)(torch.as_tensor(x)), torch.as_tensor(cluster_features(x, 4)))
+    d = ClusterFeaturesd(num_clusters=4)({"features": x})
+    assert d["clusters"].shape == (100,)
+
+
+def test_patches_to_tensor_resizes():
+    p = np.full((2, 32, 32, 3), 255, np.uint8)
+    t = patches_to_tensor(p, 16)
+    assert t.shape == (2, 3, 16, 16) and t.dtype == torch.float32 and torch.allclose(t, torch.ones_like(t))
+    assert patches_to_tensor(p[:0], 16).shape == (0, 3, 16, 16)
+    with pytest.raises(ValueError, match="patches must be"):
+        patches_to_tensor(np.zeros((2, 3, 32, 32), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny_slide(tmp_path_factory):
+    from monai_fbta.data.synthetic import write_pyramidal_tiff
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, size=(256, 384, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("slides") / "tiny.tif"
+    write_pyramidal_tiff(path, rgb, mpp=0.5)
+    return path, rgb
+
+
+def test_read_patches_matches_pixels(tiny_slide):
+    path, rgb = tiny_slide
+    coords = np.array([[0, 0], [64, 32], [320, 192]], np.int64)
+    out = ReadPatches(level=0, size=64)(str(path), coords)
+    assert out.shape == (3, 3, 64, 64)
+    for (x, y), patch in zip(coords, out):
+        expect = torch.as_tensor(rgb[y : y + 64, x : x + 64]).permute(2, 0, 1).float() / 255
+        assert torch.allclose(patch, expect, atol=1 / 255 + 1e-6)
+    small = ReadPatches(level=0, size=64, out_size=32)(str(path), coords)
+    assert small.shape == (3, 3, 32, 32)
+
+
+def test_transforms_in_monai_compose(tiny_slide):
+    path, _ = tiny_slide
+    n = 24
+    coords = np.stack(np.meshgrid(np.arange(0, 384, 64), np.arange(0, 256, 64)), -1).reshape(-1, 2)[:n]
+    data = {"image": str(path), "features": np.random.rand(n, 5).astype(np.float32), "coords": coords}
+    pipeline = Compose(
+        [
+            EnsureTyped(keys="features"),
+            ClusterFeaturesd(num_clusters=6),
+            PseudoBagSampled(num_per_cluster=1),
+            ReadPatchesd(slide_key="image", coords_key="pb_coords", out_key="pb_image_clean", size=64, out_size=32),
+            ScaleIntensityd(keys="pb_features"),
+            RandHEDJitterd(keys="pb_image_clean", prob=0.0),
+        ]
+    ).set_random_state(0)
+    d = pipeline(data)
+    s = len(d["pb_index"])
+    assert s == 6
+    assert d["pb_image_clean"].shape == (s, 3, 32, 32)
+    assert d["pb_coords"].shape == (s, 2)
+    assert float(d["pb_features"].max()) == pytest.approx(1.0)
