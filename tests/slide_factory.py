@@ -1,0 +1,71 @@
+"""Write tiny real slide files for tests: pyramidal tiled TIFFs (JPEG, deflate, LZW, JPEG 2000),
+flat (stripped) TIFFs, with or without a pixel size, plus a tissue-rectangle image helper."""
+
+from __future__ import annotations
+
+import numpy as np
+import tifffile
+
+TISSUE_RGB = (190, 110, 170)  # H&E-ish pink/purple
+
+
+def textured_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth random RGB ``[H, W, 3]`` uint8 (non-constant so reads are checkable)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    img = np.repeat(np.repeat(small, 8, 0), 8, 1)[:height, :width]
+    return np.ascontiguousarray(img ^ rng.integers(0, 16, img.shape, dtype=np.uint8))
+
+
+def tissue_rect_image(height: int, width: int, rect: tuple[int, int, int, int], seed: int = 0) -> np.ndarray:
+    """White ``[H, W, 3]`` background with a tissue-coloured, mildly noisy rectangle ``(x0, y0, x1, y1)``."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 255, np.uint8)
+    x0, y0, x1, y1 = rect
+    noise = rng.integers(-15, 16, (y1 - y0, x1 - x0, 3))
+    img[y0:y1, x0:x1] = np.clip(np.array(TISSUE_RGB) + noise, 0, 255).astype(np.uint8)
+    return img
+
+
+def downsample2(img: np.ndarray) -> np.ndarray:
+    """2x box downsample ``[H, W, 3] -> [H//2, W//2, 3]``."""
+    h, w = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2
+    x = img[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).astype(np.uint16).mean(axis=(1, 3))
+    return np.round(x).astype(np.uint8)
+
+
+def write_slide(
+    path,
+    image: np.ndarray,
+    levels: int = 3,
+    tile: int | None = 64,
+    compression: str | None = "zlib",
+    mpp: float | None = 0.5,
+    aperio: bool = False,
+    predictor: bool = False,
+) -> str:
+    """Write ``image`` as a TIFF slide: level 0 plus ``levels - 1`` 2x-reduced IFDs.
+
+    ``tile=None`` writes a flat, stripped, single-level TIFF. ``mpp`` is stored as X/YResolution
+    (and as ``MPP =`` in an Aperio-style description when ``aperio``); ``None`` stores no pixel size.
+    """
+    kw: dict = {"photometric": "rgb", "compression": compression}
+    if predictor:
+        kw["predictor"] = True
+    if tile is not None:
+        kw["tile"] = (tile, tile)
+    else:
+        levels = 1
+    first = dict(kw)
+    if mpp is not None:
+        first.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    if aperio:
+        h, w = image.shape[:2]
+        mpp_part = f"|MPP = {mpp}" if mpp is not None else ""
+        first["description"] = f"Aperio Image Library v12.0.0 \r\n{w}x{h} ({tile}x{tile}) test|AppMag = 20{mpp_part}"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(image, **first)
+        for _ in range(levels - 1):
+            image = downsample2(image)
+            tw.write(image, subfiletype=1, **kw)
+    return str(path)
