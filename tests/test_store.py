@@ -1,0 +1,128 @@
+"""Per-slide HDF5 store: round trip, lazy features, completeness checks, atomicity, TRIDENT/CLAM."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from monai_fbta.data import store
+from monai_fbta.data.store import (
+    StoreError,
+    add_arrays,
+    open_features,
+    read_array,
+    read_coords,
+    read_trident_coords,
+    store_is_complete,
+    write_coords,
+)
+
+N, D = 12, 8
+ATTRS = {"patch_size": 256, "patch_level": 0, "target_mpp": 0.5, "mpp_source": "metadata"}
+FP = {"encoder": "resnet18", "patch_size": 224}
+
+
+@pytest.fixture()
+def h5(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "slide.h5"
+    coords = rng.integers(0, 10_000, (N, 2))
+    write_coords(path, coords, ATTRS, fingerprint={"tiling": 1})
+    feats = rng.standard_normal((N, D)).astype(np.float32)
+    add_arrays(path, {"features": feats, "clusters": np.arange(N) % 3}, fingerprint=FP)
+    return path, coords, feats
+
+
+def test_round_trip(h5):
+    path, coords, feats = h5
+    got, attrs = read_coords(path)
+    np.testing.assert_array_equal(got, coords)
+    assert got.dtype == np.int64
+    assert attrs == {**ATTRS, "fingerprint": {"tiling": 1}}
+    f16 = read_array(path, "features")
+    assert f16.dtype == np.float16
+    np.testing.assert_allclose(f16, feats, atol=2e-3)
+    np.testing.assert_array_equal(read_array(path, "clusters"), np.arange(N) % 3)
+    assert sorted(os.listdir(path.parent)) == ["slide.h5"]  # no temp files left
+
+
+def test_lazy_features(h5):
+    path, _, feats = h5
+    with open_features(path) as f:
+        assert f.shape == (N, D) and len(f) == N and f.attrs["fingerprint"] == FP
+        np.testing.assert_array_equal(f[[5, 1, 5, -1]], f[()][[5, 1, 5, N - 1]])
+        np.testing.assert_allclose(f[2:4], feats[2:4], atol=2e-3)
+        assert f[np.zeros(N, bool)].shape == (0, D)
+        with pytest.raises(IndexError):
+            f[[N]]
+    with pytest.raises(StoreError, match="no dataset 'missing'"):
+        open_features(path, "missing")
+
+
+def test_store_is_complete(h5, tmp_path):
+    path, _, _ = h5
+    assert store_is_complete(path)
+    assert store_is_complete(path, ("coords", "features", "clusters"), expect_attrs={**ATTRS, "fingerprint": {"tiling": 1}})
+    assert not store_is_complete(path, expect_attrs={"patch_size": 224})
+    assert not store_is_complete(path, expect_attrs={"fingerprint": {"tiling": 2}})
+    assert store_is_complete(path, expect_dataset_attrs={"features": {"fingerprint": FP}}, check_finite=True)
+    assert not store_is_complete(path, expect_dataset_attrs={"features": {"fingerprint": {**FP, "patch_size": 256}}})
+    assert not store_is_complete(path, ("coords", "features", "attention"))
+    assert not store_is_complete(tmp_path / "absent.h5")
+    (tmp_path / "junk.h5").write_text("not hdf5")
+    assert not store_is_complete(tmp_path / "junk.h5")
+    with h5py.File(path, "a") as f:  # inconsistent shapes / NaN written behind our back
+        f["features"][0, 0] = np.nan
+        del f["clusters"]
+        f["clusters"] = np.arange(N - 1)
+    assert store_is_complete(path)
+    assert not store_is_complete(path, check_finite=True)
+    assert not store_is_complete(path, ("coords", "clusters"))
+
+
+def test_add_arrays_validates_and_is_atomic(h5, monkeypatch):
+    path, coords, _ = h5
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="slide.h5.*'features' has shape"):
+        add_arrays(path, {"features": np.zeros((N + 1, D))})
+    real_set_attrs = store._set_attrs
+
+    def fail_on_second(obj, attrs, fingerprint):
+        if obj.name == "/attention":
+            raise RuntimeError("disk on fire")
+        real_set_attrs(obj, attrs, fingerprint)
+
+    monkeypatch.setattr(store, "_set_attrs", fail_on_second)
+    with pytest.raises(RuntimeError, match="disk on fire"):  # features rewritten, then a failure
+        add_arrays(path, {"features": np.ones((N, D)), "attention": np.ones(N)})
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == ["slide.h5"]
+    with pytest.raises(StoreError, match="store not found"):
+        add_arrays(path.parent / "nope.h5", {"features": np.ones((N, D))})
+    with pytest.raises(StoreError, match=r"\[N, 2\]"):
+        write_coords(path, np.zeros((3, 3)), {})
+    assert path.read_bytes() == before
+
+
+def test_read_trident_and_clam(tmp_path):
+    coords = np.array([[0, 0], [512, 0], [0, 512]], np.int64)
+    trident = tmp_path / "trident.h5"
+    with h5py.File(trident, "w") as f:  # as TRIDENT writes them
+        ds = f.create_dataset("coords", data=coords)
+        ds.attrs.update(patch_size=256, level0_magnification=40, target_magnification=20, overlap=0, name="s1")
+    got, attrs = read_trident_coords(trident)
+    np.testing.assert_array_equal(got, coords)
+    assert attrs["format"] == "trident" and attrs["patch_size_level0"] == 512 and attrs["name"] == "s1"
+    clam = tmp_path / "clam.h5"
+    with h5py.File(clam, "w") as f:  # as CLAM's create_patches_fp writes them
+        ds = f.create_dataset("coords", data=coords)
+        ds.attrs.update(patch_level=1, patch_size=256, downsample=np.array([4.0, 4.0]), level_dim=np.array([2000, 1500]))
+    _, attrs = read_trident_coords(clam)
+    assert attrs["format"] == "clam" and attrs["patch_size_level0"] == 1024
+    other = tmp_path / "other.h5"
+    write_coords(other, coords, {"foo": 1})
+    with pytest.raises(StoreError, match="other.h5.*neither TRIDENT nor CLAM"):
+        read_trident_coords(other)
