@@ -1,1 +1,37 @@
-"""monai_fbta.engines"""
+"""monai_fbta.engines: FBTA loss, trainer, evaluator and checkpoints."""
+
+from monai_fbta.engines.checkpoint import (
+    BestModelSaver,
+    TorchRNGState,
+    TrainingCheckpoint,
+    load_checkpoint,
+    load_inference_model,
+    save_checkpoint,
+    save_inference_model,
+    training_objects,
+)
+from monai_fbta.engines.evaluator import FBTAEvaluator, macro_auc, translate_bag
+from monai_fbta.engines.losses import VIEWS, FBTALoss, validate_views
+from monai_fbta.engines.trainer import FBTATrainer, encode_patches, fbta_param_groups, mil_logits, prepare_slide_batch
+
+__all__ = [
+    "VIEWS",
+    "FBTALoss",
+    "validate_views",
+    "FBTATrainer",
+    "FBTAEvaluator",
+    "prepare_slide_batch",
+    "fbta_param_groups",
+    "mil_logits",
+    "encode_patches",
+    "macro_auc",
+    "translate_bag",
+    "TorchRNGState",
+    "training_objects",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_inference_model",
+    "load_inference_model",
+    "TrainingCheckpoint",
+    "BestModelSaver",
+]

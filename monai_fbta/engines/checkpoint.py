@@ -1,0 +1,177 @@
+"""Atomic training checkpoints (resume) and the inference checkpoint ``model.pt``.
+
+A training checkpoint is ``{name: obj.state_dict()}`` for the objects of :func:`training_objects`
+(trainer state incl. epoch, iteration, optimiser-step count and curriculum; student modules; EMA
+teachers; optimiser; scheduler; GradScaler; torch RNG). Files are written to a temporary file in the
+target folder and moved into place with ``os.replace``; everything loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+__all__ = [
+    "TorchRNGState",
+    "training_objects",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_inference_model",
+    "load_inference_model",
+    "TrainingCheckpoint",
+    "BestModelSaver",
+]
+
+
+class TorchRNGState:
+    """The torch CPU (and CUDA) RNG state as a checkpointable object (dropout stays reproducible on resume)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_objects(trainer: Any, scheduler: Any = None) -> dict[str, Any]:
+    """Everything needed to resume an :class:`FBTATrainer` exactly (absent parts are left out)."""
+    objects: dict[str, Any] = {
+        "trainer": trainer,
+        "optimizer": trainer.optimizer,
+        "mil_head": trainer.mil_head,
+        "translator": trainer.translator,
+        "trainable_encoder": trainer.trainable_encoder,
+        "ema_mil_head": None if trainer.teacher_head is None else trainer.teacher_head.ema_model,
+        "ema_encoder": None if trainer.teacher_encoder is None else trainer.teacher_encoder.ema_model,
+        "scheduler": scheduler,
+        "scaler": getattr(trainer, "scaler", None),
+        "rng": TorchRNGState(),
+    }
+    return {k: v for k, v in objects.items() if v is not None}
+
+
+def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _load(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"checkpoint {path} could not be loaded: {err}") from err
+
+
+def save_checkpoint(path: str | os.PathLike, objects: Mapping[str, Any]) -> Path:
+    """Save ``{name: obj.state_dict()}`` atomically to ``path``."""
+    return _atomic_torch_save({k: v.state_dict() for k, v in objects.items()}, path)
+
+
+def load_checkpoint(path: str | os.PathLike, objects: Mapping[str, Any], strict: bool = True) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``objects`` (ignite ``Checkpoint.load_objects``).
+
+    Load into a trainer before ``run()``: training then continues at the saved epoch with the saved
+    curriculum, EMA weights, EMA warm-up step and RNG state.
+    """
+    state = _load(path)
+    missing = [k for k in objects if k not in state]
+    if missing:
+        raise KeyError(f"checkpoint {path} has no entries for {missing} (it has {sorted(state)})")
+    Checkpoint.load_objects(to_load=dict(objects), checkpoint={k: state[k] for k in objects}, strict=strict)
+    return state
+
+
+def save_inference_model(
+    path: str | os.PathLike,
+    mil_head: nn.Module,
+    translator: nn.Module | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model.pt``: the (EMA teacher) head, the translator and metadata (class names, views, feature dim...).
+
+    Metadata values must be plain Python (str, int, float, bool, lists/dicts of them) to stay weights_only-loadable.
+    """
+    blob = {
+        "mil_head": mil_head.state_dict(),
+        "translator": None if translator is None else translator.state_dict(),
+        "metadata": dict(metadata or {}),
+    }
+    return _atomic_torch_save(blob, path)
+
+
+def load_inference_model(
+    path: str | os.PathLike, mil_head: nn.Module | None = None, translator: nn.Module | None = None
+) -> dict[str, Any]:
+    """Read ``model.pt``; load its weights into the given modules; return the raw dict (``metadata`` included)."""
+    blob = _load(path)
+    if mil_head is not None:
+        mil_head.load_state_dict(blob["mil_head"])
+    if translator is not None:
+        if blob["translator"] is None:
+            raise ValueError(f"{path} holds no translator (it was trained without one)")
+        translator.load_state_dict(blob["translator"])
+    return blob
+
+
+class TrainingCheckpoint:
+    """Save the training state to ``path`` (e.g. ``run/last.pt``) every ``every`` epochs; ``attach(trainer)``."""
+
+    def __init__(self, path: str | os.PathLike, objects: Mapping[str, Any] | None = None, every: int = 1) -> None:
+        self.path = Path(path)
+        self.objects = objects
+        self.every = every
+
+    def __call__(self, engine: Engine) -> None:
+        save_checkpoint(self.path, self.objects or training_objects(engine))
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+
+
+class BestModelSaver:
+    """On an evaluator: write ``model.pt`` whenever its key metric reached a new best; ``attach(evaluator)``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        mil_head: nn.Module,
+        translator: nn.Module | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.mil_head, self.translator, self.metadata = mil_head, translator, dict(metadata or {})
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch == engine.state.epoch:
+            meta = {**self.metadata, "key_metric": engine.state.key_metric_name}
+            meta.update(best_metric=float(engine.state.best_metric), epoch=int(engine.state.epoch))
+            save_inference_model(self.path, self.mil_head, self.translator, meta)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)

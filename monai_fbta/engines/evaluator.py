@@ -1,0 +1,175 @@
+"""FBTAEvaluator: slide-level inference ``y = f*_MIL(f_T(F^FB))`` over all patches, plus the vanilla path.
+
+Per slide only the cached frozen bag ``features [1, N, D]`` is needed (no patch reading). Metrics
+(macro one-vs-rest AUC, accuracy, balanced accuracy, macro F1) are ignite ``EpochMetric`` s named
+``{prefix}_{name}`` for the FBTA path and ``{prefix}_{name}_vanilla`` for ``f*_MIL(F^FB)``. After each run
+``engine.state.predictions`` holds one dict per slide and ``engine.state.confusion_matrix`` (and
+``confusion_matrix_vanilla``) a ``[C, C]`` list of lists (rows: true class).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from ignite.engine import Events
+from ignite.metrics import EpochMetric
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+from monai_fbta._quiet import quiet_import
+from monai_fbta.engines.trainer import mil_logits, prepare_slide_batch
+
+quiet_import("monai.engines")
+from monai.engines import Evaluator  # noqa: E402
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn  # noqa: E402
+
+__all__ = ["FBTAEvaluator", "SLIDE_METRICS", "macro_auc", "translate_bag"]
+
+
+def macro_auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC of ``probs [N, C]``; binary uses ``probs[:, 1]``; NaN when undefined."""
+    num_classes = probs.shape[1]
+    try:
+        if num_classes == 2:
+            return float(roc_auc_score(labels, probs[:, 1]))
+        return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=np.arange(num_classes)))
+    except ValueError as err:  # one class only in labels
+        warnings.warn(f"AUC undefined on this set ({err}); reporting NaN", stacklevel=2)
+        return float("nan")
+
+
+def _on_probs(fn: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    return lambda pred, y: fn(pred.float().cpu().numpy(), y.long().cpu().numpy())
+
+
+SLIDE_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "auc": macro_auc,
+    "acc": lambda p, y: float(accuracy_score(y, p.argmax(1))),
+    "bacc": lambda p, y: float(balanced_accuracy_score(y, p.argmax(1))),
+    "f1": lambda p, y: float(f1_score(y, p.argmax(1), average="macro", labels=np.arange(p.shape[1]), zero_division=0)),
+}
+
+
+def translate_bag(translator: nn.Module, bag: torch.Tensor, chunk_size: int | None = 16384) -> torch.Tensor:
+    """``f_T(bag)`` for ``bag [B, N, D]``, in chunks of instances (f_T acts per instance, so this is exact)."""
+    if not chunk_size or bag.shape[1] <= chunk_size:
+        return translator(bag)
+    return torch.cat([translator(c) for c in bag.split(chunk_size, dim=1)], dim=1)
+
+
+class FBTAEvaluator(Evaluator):
+    """Evaluate f*_MIL on translated (and raw) frozen bags of whole slides.
+
+    Args:
+        device: device to run on.
+        val_data_loader: yields one slide per batch with ``features``, ``label`` and ``slide_id``.
+        mil_head: the EMA teacher head f*_MIL (``FBTATrainer.inference_head``).
+        translator: f_T; None evaluates only the vanilla path (then the metric names carry no suffix).
+        prefix: metric name prefix (``"val"`` -> ``val_auc``, ``val_auc_vanilla`` ...).
+        key_metric: which metric decides the best model (one of ``auc``, ``acc``, ``bacc``, ``f1``).
+        report_vanilla: also report ``f*_MIL(F^FB)`` when a translator is given.
+        translate_chunk_size: instances per translator call.
+        Other arguments are MONAI ``Evaluator``'s.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: Iterable,
+        mil_head: nn.Module,
+        translator: nn.Module | None = None,
+        prefix: str = "val",
+        key_metric: str = "auc",
+        report_vanilla: bool = True,
+        translate_chunk_size: int | None = 16384,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = prepare_slide_batch,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        val_handlers: Sequence | None = None,
+        amp: bool = False,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        if key_metric not in SLIDE_METRICS:
+            raise ValueError(f"key_metric must be one of {sorted(SLIDE_METRICS)}, got {key_metric!r}")
+        self.mil_head = mil_head
+        self.translator = translator
+        self.translate_chunk_size = translate_chunk_size
+        self.outputs = ["pred"] + (["pred_vanilla"] if translator is not None and report_vanilla else [])
+        metrics = {}
+        for out_key in self.outputs:
+            suffix = "_vanilla" if out_key == "pred_vanilla" else ""
+            for name, fn in SLIDE_METRICS.items():
+                metrics[f"{prefix}_{name}{suffix}"] = EpochMetric(
+                    _on_probs(fn), output_transform=lambda o, k=out_key: (o[k], o["label"]), check_compute_fn=False
+                )
+        key = f"{prefix}_{key_metric}"
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            key_val_metric={key: metrics.pop(key)},
+            additional_metrics=metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            val_handlers=None,
+            amp=amp,
+            decollate=False,
+            amp_kwargs=amp_kwargs,
+        )
+        self.add_event_handler(Events.EPOCH_STARTED, self._reset_predictions)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._confusion_matrices)
+        for handler in val_handlers or ():
+            handler.attach(self)
+
+    def _reset_predictions(self, engine: FBTAEvaluator) -> None:
+        engine.state.predictions = []
+
+    def _confusion_matrices(self, engine: FBTAEvaluator) -> None:
+        preds = engine.state.predictions
+        if not preds:
+            return
+        labels = np.array([p["label"] for p in preds])
+        for out_key in self.outputs:
+            probs = np.array([p[out_key] for p in preds])
+            name = "confusion_matrix" + ("_vanilla" if out_key == "pred_vanilla" else "")
+            cm = confusion_matrix(labels, probs.argmax(1), labels=np.arange(probs.shape[1]))
+            setattr(engine.state, name, cm.tolist())
+
+    def predict(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Class probabilities ``{"pred": [1, C], "pred_vanilla": [1, C]}`` for one prepared slide batch."""
+        bag = batch["features"].float()
+        out = {}
+        with torch.no_grad(), self.mode(*(m for m in (self.mil_head, self.translator) if m is not None)):
+            if self.translator is not None:
+                translated = translate_bag(self.translator, bag, self.translate_chunk_size)
+                out["pred"] = torch.softmax(mil_logits(self.mil_head, translated).float(), -1)
+            if self.translator is None or "pred_vanilla" in self.outputs:
+                key = "pred" if self.translator is None else "pred_vanilla"
+                out[key] = torch.softmax(mil_logits(self.mil_head, bag).float(), -1)
+        return out
+
+    def _iteration(self, engine: FBTAEvaluator, batchdata: Mapping[str, Any]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        ctx = torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs) if engine.amp else None
+        if ctx is None:
+            probs = engine.predict(batch)
+        else:
+            with ctx:
+                probs = engine.predict(batch)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        label = batch["label"].reshape(-1).long()
+        slide_id = batch.get("slide_id")
+        record: dict[str, Any] = {"slide_id": slide_id, "label": int(label[0])}
+        record.update({k: v[0].cpu().tolist() for k, v in probs.items()})
+        engine.state.predictions.append(record)
+        engine.state.output = {**probs, "label": label, "slide_id": slide_id}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -1,0 +1,345 @@
+"""FBTATrainer: one slide per iteration, the FBTA views, EMA teachers and the t/T curriculum.
+
+Per iteration (batch size 1, the sample dict of :class:`monai_fbta.data.dataset.FBTADataset`):
+
+* views: ``frozen = F^FB[S]`` (``pb_features``; ``frozen_bag="full"`` uses the whole bag ``features``),
+  ``e2e = f_TFE(pb_image)``, ``translated = f_T(F^FB[S])``; one shared MIL head predicts each view
+  (views of equal shape are stacked into one batch ``[V, S, D]``);
+* teacher logits ``f*_MIL(F^v)`` and the distillation target ``f*_TFE(pb_image_clean)`` without gradient;
+* :class:`~monai_fbta.engines.losses.FBTALoss` with ``engine.state.curriculum`` = t/T;
+* backward, optimiser step every ``accumulation_steps`` slides, then :data:`FBTAEvents.OPTIMIZER_STEP_COMPLETED`
+  (the EMA handlers listen to it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from monai_fbta._quiet import quiet_import
+from monai_fbta.engines.losses import FBTALoss, validate_views
+from monai_fbta.handlers.curriculum import CurriculumWeight
+from monai_fbta.handlers.ema import ModelEMA
+from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
+
+quiet_import("monai.engines")
+from monai.engines import Trainer  # noqa: E402
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn  # noqa: E402
+from monai.engines.workflow import Workflow  # noqa: E402
+
+__all__ = ["FBTATrainer", "prepare_slide_batch", "fbta_param_groups", "mil_logits", "encode_patches"]
+
+
+def prepare_slide_batch(
+    batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs
+) -> dict[str, Any]:
+    """Move the tensors of one slide sample to ``device``, adding the batch dim to un-collated samples.
+
+    Bags become ``[1, N, D]``, patches ``[S, 3, H, W]`` (the batch dim of 1 is dropped), labels ``[1]``,
+    a collated ``slide_id`` list ``[str]`` its string.
+    """
+    out: dict[str, Any] = {}
+    for key, value in batchdata.items():
+        if not isinstance(value, torch.Tensor):
+            collated_str = isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str)
+            out[key] = value[0] if collated_str else value
+            continue
+        value = value.to(device=device, non_blocking=non_blocking, **kwargs)
+        if key in ("features", "pb_features") and value.ndim == 2:
+            value = value.unsqueeze(0)
+        elif key in ("pb_image", "pb_image_clean") and value.ndim == 5:
+            if value.shape[0] != 1:
+                raise ValueError(f"FBTATrainer expects batch size 1 (one slide per iteration), got {value.shape[0]}")
+            value = value[0]
+        elif key == "label":
+            value = value.reshape(-1).long()
+        out[key] = value
+    if "features" in out and out["features"].shape[0] != 1:
+        raise ValueError(f"FBTATrainer expects batch size 1 (one slide per iteration), got {out['features'].shape[0]}")
+    return out
+
+
+def mil_logits(head: nn.Module, bag: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, C]`` of a MIL head for ``bag [B, N, D]`` (a tuple/dict output gives its logits)."""
+    out = head(bag)
+    if isinstance(out, Mapping):
+        return out["logits"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def encode_patches(
+    encoder: nn.Module, images: torch.Tensor, chunk_size: int | None = None, grad_checkpointing: bool = False
+) -> torch.Tensor:
+    """``encoder`` over ``images [S, 3, H, W]`` in chunks -> ``[S, D]``.
+
+    With ``grad_checkpointing`` each chunk's activations are recomputed in backward, so training memory
+    is that of one chunk plus the ``[S, D]`` outputs.
+    """
+    chunks = images.split(chunk_size) if chunk_size else (images,)
+    use_ckpt = grad_checkpointing and torch.is_grad_enabled()
+    outs = [checkpoint(encoder, c, use_reentrant=False) if use_ckpt else encoder(c) for c in chunks]
+    return torch.cat(outs, 0).flatten(1)
+
+
+def fbta_param_groups(
+    mil_head: nn.Module,
+    translator: nn.Module | None = None,
+    trainable_encoder: nn.Module | None = None,
+    lr_mil: float = 2e-4,
+    lr_translator: float = 2e-4,
+    lr_encoder: float = 1e-5,
+    weight_decay: float = 1e-4,
+) -> list[dict]:
+    """Optimiser parameter groups with one learning rate per trained module (defaults: docs/method.md)."""
+    groups = [{"params": list(mil_head.parameters()), "lr": lr_mil, "weight_decay": weight_decay, "name": "mil_head"}]
+    for name, module, lr in (("translator", translator, lr_translator), ("encoder", trainable_encoder, lr_encoder)):
+        if module is not None:
+            groups.append({"params": list(module.parameters()), "lr": lr, "weight_decay": weight_decay, "name": name})
+    return groups
+
+
+class FBTATrainer(Trainer):
+    """MONAI trainer for FBTA and its ablations (``views`` from the loss: ``["frozen"]`` is vanilla MIL).
+
+    Args:
+        device: device to train on.
+        max_epochs: epochs T (also the curriculum's T unless ``curriculum`` says otherwise).
+        train_data_loader: yields one slide per batch (see :func:`prepare_slide_batch`).
+        mil_head: the shared MIL head f_MIL, ``forward(x [B, N, D]) -> [B, C]``.
+        optimizer: optimiser over the trained modules (see :func:`fbta_param_groups`).
+        loss_function: :class:`FBTALoss`; its ``views`` are the views used.
+        views: optional; must equal ``loss_function.views`` when given.
+        translator: f_T (``forward(x, return_heads=True) -> (mean, heads [K, ...])``); needed for the
+            ``translated`` view or ``L_dist``.
+        trainable_encoder: f_TFE, ``[S, 3, H, W] -> [S, D]``; needed for the ``e2e`` view or ``L_dist``.
+        teacher_head / teacher_encoder: :class:`ModelEMA` handlers; created here (and attached) when None.
+        ema_momentum / ema_momentum_warmup / ema_warmup_steps: settings of the EMA handlers created here.
+        curriculum: :class:`CurriculumWeight` (default ``CurriculumWeight()``), sets ``state.curriculum``.
+        frozen_bag: ``"pseudo"`` (``F^FB[S]``, the method) or ``"full"`` (the whole bag, plain MIL training).
+        accumulation_steps: slides per optimiser step (loss divided by it; flushed at epoch end).
+        amp: autocast (CUDA fp16 + GradScaler on GPU, bf16 on CPU unless ``amp_dtype`` says otherwise).
+        grad_checkpointing / encoder_chunk_size: memory controls of the e2e extractor forward.
+        Other arguments are MONAI ``SupervisedTrainer``'s.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        mil_head: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: FBTALoss,
+        views: Sequence[str] | None = None,
+        translator: nn.Module | None = None,
+        trainable_encoder: nn.Module | None = None,
+        teacher_head: ModelEMA | None = None,
+        teacher_encoder: ModelEMA | None = None,
+        ema_momentum: float = 0.001,
+        ema_momentum_warmup: float | None = None,
+        ema_warmup_steps: int | None = None,
+        curriculum: CurriculumWeight | None = None,
+        frozen_bag: str = "pseudo",
+        accumulation_steps: int = 1,
+        amp: bool = False,
+        amp_dtype: torch.dtype | None = None,
+        grad_checkpointing: bool = False,
+        encoder_chunk_size: int | None = None,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = prepare_slide_batch,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        optim_set_to_none: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        self.views = validate_views(loss_function.views)
+        if views is not None and validate_views(views) != self.views:
+            raise ValueError(f"FBTATrainer: views {list(views)} differ from the loss's views {self.views}")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
+        if frozen_bag not in ("pseudo", "full"):
+            raise ValueError(f"frozen_bag must be 'pseudo' or 'full', got {frozen_bag!r}")
+        needs_translator = "translated" in self.views or loss_function.uses_distillation
+        needs_encoder = "e2e" in self.views or loss_function.uses_distillation
+        if needs_translator and translator is None:
+            raise ValueError(f"FBTATrainer: views {self.views} with lambda_dist={loss_function.lambda_dist} need a translator")
+        if needs_encoder and trainable_encoder is None:
+            raise ValueError(f"FBTATrainer: views {self.views} with lambda_dist={loss_function.lambda_dist} need a trainable_encoder")
+        events = list(event_names or []) + [FBTAEvents]
+        attrs = {FBTAEvents.OPTIMIZER_STEP_COMPLETED: OPTIMIZER_STEP_ATTR, **(event_to_attr or {})}
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=None,
+            amp=amp,
+            event_names=events,
+            event_to_attr=attrs,
+            decollate=False,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+        )
+        self.mil_head = mil_head
+        self.translator = translator
+        self.trainable_encoder = trainable_encoder if needs_encoder else None
+        self.optimizer = optimizer
+        self.loss_function = loss_function
+        self.frozen_bag = frozen_bag
+        self.accumulation_steps = accumulation_steps
+        self.amp_dtype = amp_dtype
+        self.grad_checkpointing = grad_checkpointing
+        self.encoder_chunk_size = encoder_chunk_size
+        self.optim_set_to_none = optim_set_to_none
+
+        setattr(self.state, OPTIMIZER_STEP_ATTR, 0)
+        self.state_dict_user_keys.append(OPTIMIZER_STEP_ATTR)
+        ema_kw = {"momentum": ema_momentum, "momentum_warmup": ema_momentum_warmup, "warmup_steps": ema_warmup_steps}
+        if teacher_head is None and not loss_function.vanilla:
+            teacher_head = ModelEMA(mil_head, name="ema_momentum_mil", **ema_kw)
+        if teacher_encoder is None and loss_function.uses_distillation:
+            teacher_encoder = ModelEMA(trainable_encoder, name="ema_momentum_encoder", **ema_kw)
+        self.teacher_head, self.teacher_encoder = teacher_head, teacher_encoder
+        self.curriculum = CurriculumWeight() if curriculum is None else curriculum
+        for handler in (self.curriculum, teacher_head, teacher_encoder, *(train_handlers or ())):
+            if handler is not None:
+                handler.attach(self)
+
+    @property
+    def inference_head(self) -> nn.Module:
+        """f*_MIL (the EMA teacher) when there is one, else the student head (vanilla MIL)."""
+        return self.mil_head if self.teacher_head is None else self.teacher_head.ema_model
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train; a second call, or one after ``load_state_dict``, continues from the saved epoch."""
+        on_cuda = torch.device(self.state.device).type == "cuda"
+        fp16 = self.amp and on_cuda and self.amp_dtype in (None, torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        Workflow.run(self)
+
+    def _autocast(self):
+        if not self.amp:
+            return nullcontext()
+        device_type = torch.device(self.state.device).type
+        dtype = self.amp_dtype or (torch.float16 if device_type == "cuda" else torch.bfloat16)
+        return torch.autocast(device_type, dtype=dtype, **self.amp_kwargs)
+
+    def _accumulation_flags(self) -> tuple[bool, bool]:
+        """(zero the grads before this iteration, step the optimiser after it)."""
+        acc, length = self.accumulation_steps, self.state.epoch_length
+        if acc == 1:
+            return True, True
+        local = (self.state.iteration - 1) % length if length else self.state.iteration - 1
+        last = length is not None and local + 1 == length
+        return local % acc == 0, (local + 1) % acc == 0 or last
+
+    def _set_train_mode(self) -> None:
+        for module in (self.mil_head, self.translator, self.trainable_encoder):
+            if module is not None:
+                module.train()
+
+    def compute_views(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Features of each view ``{view: [1, S, D]}`` and the translator heads ``[K, 1, S, D]`` (or None)."""
+        feats: dict[str, torch.Tensor] = {}
+        heads = None
+        slide = batch.get("slide_id", "?")
+        try:
+            if "frozen" in self.views:
+                feats["frozen"] = batch["features" if self.frozen_bag == "full" else "pb_features"]
+            if self.translator is not None and ("translated" in self.views or self.loss_function.uses_distillation):
+                mean, heads = self.translator(batch["pb_features"], return_heads=True)
+                if "translated" in self.views:
+                    feats["translated"] = mean
+            if "e2e" in self.views:
+                e2e = encode_patches(
+                    self.trainable_encoder, batch["pb_image"], self.encoder_chunk_size, self.grad_checkpointing
+                )
+                feats["e2e"] = e2e.unsqueeze(0)
+        except KeyError as err:
+            raise KeyError(f"slide {slide}: the sample has no {err} needed by views {self.views}") from None
+        return {v: feats[v] for v in self.views}, heads
+
+    def view_logits(self, head: nn.Module, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{view: head(F^v) [1, C]}``; views of one shape go through the head as one batch."""
+        tensors = list(feats.values())
+        if len(tensors) > 1 and all(t.shape == tensors[0].shape for t in tensors):
+            logits = mil_logits(head, torch.cat(tensors, 0))
+            return dict(zip(feats, logits.split(tensors[0].shape[0])))
+        return {v: mil_logits(head, t) for v, t in feats.items()}
+
+    def _forward_loss(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        loss_fn = self.loss_function
+        feats, heads = self.compute_views(batch)
+        logits = self.view_logits(self.mil_head, feats)
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        teacher_logits = target = None
+        with torch.no_grad():
+            if loss_fn.uses_teacher:
+                detached = {v: f.detach() for v, f in feats.items()}
+                teacher_logits = self.view_logits(self.teacher_head.ema_model, detached)
+            if loss_fn.uses_distillation:
+                target = encode_patches(
+                    self.teacher_encoder.ema_model, batch["pb_image_clean"], self.encoder_chunk_size
+                ).unsqueeze(0)
+        curriculum = float(getattr(self.state, self.curriculum.attr, 1.0))
+        terms = loss_fn(logits, batch["label"], teacher_logits, heads, target, curriculum)
+        self.fire_event(IterationEvents.LOSS_COMPLETED)
+        return terms, logits
+
+    def _iteration(self, engine: FBTATrainer, batchdata: Mapping[str, Any]) -> dict:  # type: ignore[override]
+        """One slide: views, loss, backward, (accumulated) optimiser step, EMA event.
+
+        ``engine.state.output``: ``loss``/``cls``/``cons``/``dist`` (floats), ``logits`` ``{view: [1, C]}``,
+        ``pred`` (logits of the first view), ``label`` ``[1]``, ``slide_id``.
+        """
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        zero_grad, step = engine._accumulation_flags()
+        engine._set_train_mode()
+        if zero_grad:
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with engine._autocast():
+            terms, logits = engine._forward_loss(batch)
+        loss = terms["loss"] / engine.accumulation_steps
+        if engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if step:
+            if engine.scaler is not None:
+                engine.scaler.step(engine.optimizer)
+                engine.scaler.update()
+            else:
+                engine.optimizer.step()
+            setattr(engine.state, OPTIMIZER_STEP_ATTR, getattr(engine.state, OPTIMIZER_STEP_ATTR) + 1)
+            engine.fire_event(FBTAEvents.OPTIMIZER_STEP_COMPLETED)
+        detached = {v: t.detach().float() for v, t in logits.items()}
+        engine.state.output = {
+            **{k: float(v.detach()) for k, v in terms.items()},
+            "logits": detached,
+            "pred": detached[engine.views[0]],
+            "label": batch["label"],
+            "slide_id": batch.get("slide_id"),
+        }
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
