@@ -22,6 +22,8 @@ from monai_fbta.transforms import (
     patches_to_tensor,
     rgb_to_hed,
 )
+from slide_factory import textured_image, write_slide
+
 from monai.transforms import Compose, EnsureTyped, RandFlipd, ScaleIntensityd
 
 torch.set_num_threads(1)
@@ -110,12 +112,9 @@ def test_patches_to_tensor_resizes():
 
 @pytest.fixture(scope="module")
 def tiny_slide(tmp_path_factory):
-    from monai_fbta.data.synthetic import write_pyramidal_tiff
-
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 255, size=(256, 384, 3), dtype=np.uint8)
+    rgb = textured_image(256, 384)
     path = tmp_path_factory.mktemp("slides") / "tiny.tif"
-    write_pyramidal_tiff(path, rgb, mpp=0.5)
+    write_slide(path, rgb, levels=2, tile=64, compression="zlib", mpp=0.5)
     return path, rgb
 
 

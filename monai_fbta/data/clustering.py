@@ -15,6 +15,8 @@ All methods are deterministic for a given ``seed`` (on one device).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -130,17 +132,24 @@ def cluster_store(
 ) -> np.ndarray:
     """Cluster the features of one slide store and cache ``"clusters"`` ``[N]`` in it.
 
-    The settings are stored as attributes (``clusters_num_clusters``, ``clusters_seed``,
-    ``clusters_method``); cached labels are reused only when they match, else recomputed
-    and the store rewritten atomically.
+    The settings and the fingerprint of the features they were computed from are stored as
+    attributes of ``clusters`` (``clusters_num_clusters``, ``clusters_seed``, ``clusters_method``,
+    ``clusters_features_fingerprint``, a hash); cached labels are reused only when all match (so new
+    features invalidate old clusters), else recomputed and the store rewritten atomically.
 
     Returns:
         ``[N]`` int64 labels.
     """
-    from monai_fbta.data.store import add_arrays, read_array, store_is_complete
+    from monai_fbta.data.store import add_arrays, read_array, read_attrs, store_is_complete
 
-    settings = {"clusters_num_clusters": int(num_clusters), "clusters_seed": int(seed), "clusters_method": method}
-    if not force and store_is_complete(h5_path, required=("features", "clusters"), expect_attrs=settings):
+    features_fp = read_attrs(h5_path, "features").get("fingerprint")
+    settings = {
+        "clusters_num_clusters": int(num_clusters),
+        "clusters_seed": int(seed),
+        "clusters_method": method,
+        "clusters_features_fingerprint": hashlib.sha1(json.dumps(features_fp, sort_keys=True, default=str).encode()).hexdigest(),
+    }
+    if not force and store_is_complete(h5_path, ("features", "clusters"), expect_dataset_attrs={"clusters": settings}):
         return read_array(h5_path, "clusters").astype(np.int64)
     labels = cluster_features(read_array(h5_path, "features"), num_clusters, seed, method)
     add_arrays(h5_path, {"clusters": labels}, settings)

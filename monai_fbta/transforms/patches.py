@@ -103,13 +103,15 @@ class ReadPatches(Transform):
         self.out_size = out_size or size
         self.cache = SlideCache(backend=backend, mpp=mpp)
 
-    def __call__(self, slide, coords, level: int | None = None, size: int | None = None) -> torch.Tensor:
-        """``slide``: path or open ``Slide``; ``level``/``size`` override the constructor's."""
+    def __call__(
+        self, slide, coords, level: int | None = None, size: int | None = None, out_size: int | None = None
+    ) -> torch.Tensor:
+        """``slide``: path or open ``Slide``; ``level``/``size``/``out_size`` override the constructor's."""
         coords = coords.cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
         handle = self.cache.get(slide)
         level = self.level if level is None else level
         size = self.size if size is None else size
-        return patches_to_tensor(handle.read_patches(coords, level, size), self.out_size)
+        return patches_to_tensor(handle.read_patches(coords, level, size), out_size or self.out_size)
 
 
 class ReadPatchesd(MapTransform):

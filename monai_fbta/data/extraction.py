@@ -1,0 +1,493 @@
+"""Frozen feature extraction over a datalist (FBTA step 1): resumable and torchrun-sharded.
+
+Per slide: tile (or reuse the coords already in its store), read every patch with a
+DataLoader over coordinate batches (each worker opens its own slide handle), run the frozen
+encoder under ``torch.inference_mode()`` with autocast and channels_last, and store
+``features`` ``fp16 [N, D]`` beside ``coords`` ``int64 [N, 2]`` in ``<out_dir>/<slide_id>.h5``.
+
+Resumable: a slide whose store opens, is complete, and whose ``fingerprint`` (encoder name and
+a hash of its weights, plus every tiling setting) matches is skipped. Every store write is
+atomic (temp file + ``os.replace``); temp files left by a killed run are removed on the rerun.
+Under ``torch.distributed`` each rank processes ``rows[rank::world_size]``; rank 0 writes
+``<out_dir>/extraction_report.csv``. CLI::
+
+    python -m monai_fbta.data.extraction --datalist slides.csv --out features/ --encoder tiny_cnn
+    torchrun --nproc_per_node=2 -m monai_fbta.data.extraction --datalist ... --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from monai_fbta.data.errors import SlideError, SlideReadError
+from monai_fbta.data.store import add_arrays, read_coords, store_is_complete, write_coords
+from monai_fbta.transforms.patches import SlideCache, patches_to_tensor
+
+__all__ = [
+    "SlideResult",
+    "ExtractionReport",
+    "extract_features",
+    "encoder_fingerprint",
+    "slide_id_of",
+    "store_path",
+    "main",
+]
+
+REPORT_NAME = "extraction_report.csv"
+_REPORT_FIELDS = ("slide_id", "status", "n_patches", "seconds", "error")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class SlideResult:
+    """One row of the extraction summary. ``status``: ``"done"``, ``"skipped"`` or ``"error"``."""
+
+    slide_id: str
+    status: str
+    n_patches: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class ExtractionReport:
+    """All slides' results (every rank's, when distributed) and where the CSV was written."""
+
+    results: list[SlideResult] = field(default_factory=list)
+    csv_path: str | None = None
+
+    @property
+    def failed(self) -> list[SlideResult]:
+        return [r for r in self.results if r.status == "error"]
+
+    def by_id(self) -> dict[str, SlideResult]:
+        return {r.slide_id: r for r in self.results}
+
+    def table(self) -> str:
+        """Fixed-width summary table (one line per slide, then totals)."""
+        rows = [("slide", "status", "n_patches", "seconds", "error")]
+        rows += [(r.slide_id, r.status, str(r.n_patches), f"{r.seconds:.2f}", r.error) for r in self.results]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+        counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "error")}
+        lines.append(f"{len(self.results)} slides: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def _write_csv_atomic(path: str, results: Sequence[SlideResult]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_REPORT_FIELDS)
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in results)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def slide_id_of(row: Mapping[str, Any] | str | os.PathLike) -> str:
+    """``row["slide_id"]`` if given, else the slide file name without its extension."""
+    if isinstance(row, Mapping) and row.get("slide_id"):
+        return str(row["slide_id"])
+    path = os.fspath(row["image"] if isinstance(row, Mapping) else row)
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def store_path(out_dir: str | os.PathLike, slide_id: str) -> str:
+    """``<out_dir>/<slide_id>.h5``."""
+    return os.path.join(os.fspath(out_dir), f"{slide_id}.h5")
+
+
+def encoder_fingerprint(encoder: torch.nn.Module) -> dict[str, str]:
+    """``{"encoder": name, "weights": sha1 of the state dict}``: identifies the frozen extractor."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        digest.update(str(t.dtype).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    name = getattr(encoder, "name", None) or type(encoder).__name__
+    return {"encoder": str(name), "weights": digest.hexdigest()}
+
+
+def _tiling_fingerprint(tiling_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: tiling_kwargs[k] for k in sorted(tiling_kwargs) if k != "mask"}
+
+
+# ----------------------------------------------------------------------------- patch batches
+
+
+class PatchBatches(Dataset):
+    """Item ``i`` = float ``[b, 3, out_size, out_size]`` patches of coordinate batch ``i``.
+
+    Each DataLoader worker opens its own slide handle (:class:`SlideCache`). A read failure
+    comes back as ``{"error": message}`` (exception types do not survive worker pickling).
+    """
+
+    def __init__(
+        self, slide_path: str, coords: np.ndarray, level: int, read_size: int, out_size: int, batch_size: int,
+        backend: str = "auto", mpp: float | None = None,
+    ) -> None:
+        self.slide_path = slide_path
+        self.coords = np.asarray(coords, dtype=np.int64)
+        self.level, self.read_size, self.out_size = level, read_size, out_size
+        self.batch_size = batch_size
+        self.cache = SlideCache(max_open=1, backend=backend, mpp=mpp)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.coords) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        coords = self.coords[i * self.batch_size : (i + 1) * self.batch_size]
+        try:
+            patches = self.cache.get(self.slide_path).read_patches(coords, self.level, self.read_size)
+        except SlideError as e:
+            return {"error": str(e)}
+        return patches_to_tensor(patches, self.out_size)
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp_dtype(device: torch.device, amp: bool, amp_dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """Autocast dtype: ``None`` (off) unless ``amp``; bf16 on CUDA when supported else fp16;
+    bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else off (it would be slower)."""
+    if not amp:
+        return None
+    if amp_dtype is not None:
+        return amp_dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
+
+
+def prepare_encoder(encoder: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """Frozen eval-mode encoder on ``device`` (channels_last when asked)."""
+    encoder = encoder.eval().requires_grad_(False).to(device)
+    return encoder.to(memory_format=torch.channels_last) if channels_last else encoder
+
+
+def encode_batch(
+    encoder: torch.nn.Module, x: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool
+) -> torch.Tensor:
+    """``x`` float ``[B, 3, H, W]`` -> float32 ``[B, D]`` on the CPU (inference mode, autocast)."""
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = encoder(x)
+    return out.float().reshape(out.shape[0], -1).cpu()
+
+
+# ----------------------------------------------------------------------------- one slide
+
+
+def _remove_stale_temps(path: str) -> None:
+    for tmp in glob.glob(os.path.join(os.path.dirname(path), f".{glob.escape(os.path.basename(path))}.*.tmp")):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
+def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, Any], tiling_fp: Mapping[str, Any], backend: str):
+    """Reuse the store's coords when their tiling fingerprint matches, else tile and write them."""
+    from monai_fbta.data.slide import open_slide
+    from monai_fbta.data.tiling import tile_slide
+
+    if store_is_complete(path, required=("coords",), expect_attrs={"fingerprint": dict(tiling_fp)}):
+        return read_coords(path)
+    with open_slide(row["image"], backend=backend, mpp=row.get("mpp")) as slide:
+        coords, attrs = tile_slide(slide, **tiling_kwargs)
+    write_coords(path, coords, attrs, fingerprint=tiling_fp)
+    return coords, attrs
+
+
+def _extract_slide(
+    row: Mapping[str, Any], path: str, encoder: torch.nn.Module, settings: Mapping[str, Any], progress: bool
+) -> int:
+    """Tile/read/encode one slide and store its features; returns N."""
+    from tqdm.auto import tqdm
+
+    coords, attrs = _coords_for(row, path, settings["tiling_kwargs"], settings["tiling_fp"], settings["backend"])
+    device: torch.device = settings["device"]
+    batches = PatchBatches(
+        os.fspath(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
+        int(attrs["patch_size"]), settings["batch_size"], settings["backend"], row.get("mpp"),
+    )
+    workers = settings["num_workers"]
+    loader = DataLoader(
+        batches, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+    )
+    feats: list[torch.Tensor] = []
+    with tqdm(total=len(coords), desc=slide_id_of(row), unit="patch", leave=False, disable=not progress) as bar:
+        for batch in loader:
+            if isinstance(batch, dict):
+                raise SlideReadError(row["image"], f"reading patches failed: {batch['error']}")
+            feats.append(encode_batch(encoder, batch, device, settings["amp_dtype"], settings["channels_last"]))
+            bar.update(len(batch))
+    features = torch.cat(feats).numpy()
+    add_arrays(path, {"features": features}, {"feature_dim": int(features.shape[1])}, settings["fingerprint"],
+               feature_dtype=settings["dtype"])
+    return len(coords)
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _normalise_rows(rows: Iterable[Mapping[str, Any] | str | os.PathLike]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        row = dict(row) if isinstance(row, Mapping) else {"image": os.fspath(row)}
+        if "image" not in row:
+            raise ValueError(f"datalist row has no 'image' (slide path): {row}")
+        row["slide_id"] = slide_id_of(row)
+        out.append(row)
+    ids = [r["slide_id"] for r in out]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"duplicate slide ids in the datalist (stores would collide): {dupes}")
+    return out
+
+
+def extract_features(
+    datalist_rows: Iterable[Mapping[str, Any] | str | os.PathLike],
+    out_dir: str | os.PathLike,
+    encoder: torch.nn.Module | str,
+    tiling_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    dtype: Any = np.float16,
+    amp: bool = True,
+    channels_last: bool = True,
+    skip_errors: bool = True,
+    progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    encoder_kwargs: Mapping[str, Any] | None = None,
+    write_report: bool = True,
+) -> ExtractionReport:
+    """Extract and store frozen features of every slide (see the module docstring).
+
+    Args:
+        datalist_rows: dicts with ``"image"`` (slide path) and optional ``"slide_id"``, ``"mpp"``
+            (override), or plain paths.
+        out_dir: folder of the per-slide ``.h5`` stores (created).
+        encoder: a frozen ``nn.Module`` (``[B, 3, H, W]`` float in ``[0, 1]`` -> ``[B, D]``) or a name
+            for :func:`monai_fbta.networks.encoder.build_encoder` (with ``encoder_kwargs``).
+        tiling_kwargs: passed to :func:`monai_fbta.data.tiling.tile_slide` (``patch_size``,
+            ``target_mpp``, ``tissue_threshold``, ...); part of the fingerprint.
+        batch_size: patches per forward pass; num_workers: DataLoader reader processes.
+        device: default CUDA when available, else CPU.
+        dtype: stored feature dtype (fp16).
+        amp, amp_dtype: autocast (see :func:`resolve_amp_dtype`); channels_last: memory format.
+        skip_errors: record :class:`SlideError` s and go on (``False``: raise).
+        progress: tqdm bars (slides, and patches of the current slide) on rank 0.
+        write_report: print the summary table and write ``extraction_report.csv`` (rank 0).
+
+    Returns:
+        :class:`ExtractionReport` with every slide of every rank.
+    """
+    rows = _normalise_rows(datalist_rows)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if isinstance(encoder, str):
+        from monai_fbta.networks.encoder import build_encoder
+
+        encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiling_kwargs = dict(tiling_kwargs or {})
+    tiling_fp = _tiling_fingerprint(tiling_kwargs)
+    settings = {
+        "tiling_kwargs": tiling_kwargs,
+        "tiling_fp": tiling_fp,
+        "fingerprint": {**tiling_fp, **encoder_fingerprint(encoder), "dtype": np.dtype(dtype).name},
+        "device": dev,
+        "amp_dtype": resolve_amp_dtype(dev, amp, amp_dtype),
+        "channels_last": channels_last,
+        "batch_size": int(batch_size),
+        "num_workers": int(num_workers),
+        "dtype": dtype,
+        "backend": backend,
+    }
+    encoder = prepare_encoder(encoder, dev, channels_last)
+    rank, world = _dist_info()
+    mine = rows[rank::world]
+    show = progress and rank == 0
+
+    from tqdm.auto import tqdm
+
+    results: list[SlideResult] = []
+    for row in tqdm(mine, desc="slides", unit="slide", disable=not show):
+        path = store_path(out_dir, row["slide_id"])
+        _remove_stale_temps(path)
+        start = time.perf_counter()
+        if store_is_complete(
+            path, expect_attrs={"fingerprint": tiling_fp},
+            expect_dataset_attrs={"features": {"fingerprint": settings["fingerprint"]}},
+        ):
+            n = int(read_coords(path)[0].shape[0])
+            results.append(SlideResult(row["slide_id"], "skipped", n, time.perf_counter() - start))
+            continue
+        try:
+            n = _extract_slide(row, path, encoder, settings, show)
+            results.append(SlideResult(row["slide_id"], "done", n, time.perf_counter() - start))
+        except SlideError as e:
+            if not skip_errors:
+                raise
+            results.append(SlideResult(row["slide_id"], "error", 0, time.perf_counter() - start, str(e)))
+
+    results = _gather(results, rows, world)
+    report = ExtractionReport(results)
+    if write_report and rank == 0:
+        report.csv_path = os.path.join(out_dir, REPORT_NAME)
+        _write_csv_atomic(report.csv_path, results)
+        print(report.table(), flush=True)
+    return report
+
+
+def _gather(results: list[SlideResult], rows: Sequence[Mapping[str, Any]], world: int) -> list[SlideResult]:
+    """Every rank's results, in datalist order."""
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, [asdict(r) for r in results])
+        results = [SlideResult(**r) for part in parts for r in part]
+    order = {row["slide_id"]: i for i, row in enumerate(rows)}
+    return sorted(results, key=lambda r: order[r.slide_id])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _read_datalist(path: str) -> list[dict[str, Any]]:
+    """Rows of a CSV (column ``image`` or ``slide_path``/``path``), a MONAI datalist JSON
+    (``{"training": [...]}`` or a list), or a text file of slide paths (one per line)."""
+    base = os.path.dirname(os.path.abspath(path))
+
+    def resolve(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(base, p)
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read the datalist ({e})") from e
+    if path.endswith(".json"):
+        data = json.loads(text)
+        items = data if isinstance(data, list) else [r for v in data.values() if isinstance(v, list) for r in v]
+        return [{**r, "image": resolve(r["image"])} for r in items]
+    if path.endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text)))
+        key = next((k for k in ("image", "slide_path", "path") if rows and k in rows[0]), None)
+        if key is None:
+            raise SystemExit(f"{path}: the CSV needs an 'image' (or 'slide_path'/'path') column")
+        return [{**r, "image": resolve(r[key])} for r in rows]
+    return [{"image": resolve(line.strip())} for line in text.splitlines() if line.strip()]
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m monai_fbta.data.extraction", description=__doc__.split("\n\n")[0])
+    p.add_argument("--datalist", required=True, help="CSV (image column), MONAI datalist JSON or text list of slides")
+    p.add_argument("--out", required=True, help="output folder of per-slide .h5 stores")
+    p.add_argument("--encoder", default="resnet50", help="encoder name for build_encoder (e.g. tiny_cnn)")
+    p.add_argument("--weights", default=None, help="local weights file for the encoder")
+    p.add_argument("--seed", type=int, default=0, help="seed for a randomly initialised encoder")
+    p.add_argument("--patch-size", type=int, default=256)
+    p.add_argument("--target-mpp", type=float, default=0.5)
+    p.add_argument("--tissue-threshold", type=float, default=0.5)
+    p.add_argument("--assume-mpp", type=float, default=None, help="pixel size for slides without one")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad slide")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry; works under ``torchrun`` (gloo on CPU, nccl on GPU). Exit 1 when a slide failed."""
+    args = _parse_args(argv)
+    import torch.distributed as dist
+
+    started = False
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and args.device in (None, "cuda")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        started = True
+        if use_cuda:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    try:
+        from monai_fbta.networks.encoder import build_encoder
+
+        torch.manual_seed(args.seed)
+        kwargs = {"weights": args.weights} if args.weights else {}
+        encoder = build_encoder(args.encoder, **kwargs)
+        tiling = {"patch_size": args.patch_size, "target_mpp": args.target_mpp, "tissue_threshold": args.tissue_threshold}
+        if args.assume_mpp is not None:
+            tiling["assume_mpp"] = args.assume_mpp
+        report = extract_features(
+            _read_datalist(args.datalist), args.out, encoder, tiling, batch_size=args.batch_size,
+            num_workers=args.num_workers, device=device, amp=not args.no_amp,
+            channels_last=not args.no_channels_last, skip_errors=not args.strict, progress=not args.no_progress,
+        )
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
