@@ -1,0 +1,123 @@
+"""FBTADataset: documented keys/shapes, cached clusters, seeds/epochs, DataLoader workers, collate_single."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from slide_factory import tissue_rect_image, write_slide
+from torch.utils.data import DataLoader
+
+from monai_fbta.data.clustering import cluster_store
+from monai_fbta.data.dataset import FBTADataset, collate_single
+from monai_fbta.data.extraction import extract_features
+from monai_fbta.data.store import StoreError, add_arrays, read_array, read_attrs
+from monai_fbta.transforms.patches import ReadPatches
+
+torch.set_num_threads(1)
+
+
+def _frozen_encoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()
+    )
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    rows = []
+    for i in range(2):
+        img = tissue_rect_image(768, 1024, (64, 64, 960, 704), seed=i)
+        img[::7] = (img[::7] * 0.6).astype(np.uint8)  # some texture so features vary
+        rows.append({"image": write_slide(root / f"s{i}.tif", img, levels=2, tile=64, mpp=0.5), "label": i})
+    extract_features(rows, root / "out", _frozen_encoder(), {"patch_size": 64, "target_mpp": 0.5}, progress=False)
+    return rows, root / "out"
+
+
+def test_item_keys_shapes_and_consistency(stores):
+    rows, out = stores
+    ds = FBTADataset(rows, out, num_per_cluster=2, num_clusters=5, seed=0)
+    d = ds[1]
+    n, dim = d["features"].shape
+    s = len(d["pb_index"])
+    assert d["slide_id"] == "s1" and d["label"] == 1 and dim == 32
+    assert d["features"].dtype == torch.float32 and d["coords"].shape == (n, 2) and d["coords"].dtype == torch.int64
+    assert s == 10 and torch.all(d["pb_index"][1:] > d["pb_index"][:-1])
+    assert torch.equal(d["pb_features"], d["features"][d["pb_index"]])
+    assert torch.equal(d["pb_coords"], d["coords"][d["pb_index"]])
+    assert d["pb_image"].shape == d["pb_image_clean"].shape == (s, 3, 64, 64)
+    clean = ReadPatches(0, 64)(rows[1]["image"], d["pb_coords"])
+    assert torch.equal(d["pb_image_clean"], clean)
+    assert not torch.equal(d["pb_image"], d["pb_image_clean"]), "e2e view is augmented"
+    assert 0 <= float(d["pb_image"].min()) and float(d["pb_image"].max()) <= 1
+    assert np.array_equal(read_array(out / "s1.h5", "clusters"), d["clusters"].numpy()), "clusters cached in the store"
+
+
+def test_frozen_only_and_lazy_bag(stores):
+    rows, out = stores
+    full = FBTADataset(rows, out, num_clusters=5, load_patches=False)[0]
+    assert "pb_image" not in full and "pb_image_clean" not in full
+    lazy = FBTADataset(rows, out, num_clusters=5, load_patches=False, load_full_bag=False)[0]
+    assert "features" not in lazy
+    assert torch.equal(lazy["pb_index"], full["pb_index"])
+    assert torch.equal(lazy["pb_features"], full["pb_features"])
+
+
+def test_seed_and_epoch(stores):
+    rows, out = stores
+    a, b = FBTADataset(rows, out, num_clusters=5, seed=3), FBTADataset(rows, out, num_clusters=5, seed=3)
+    first = a[0]
+    assert torch.equal(first["pb_index"], b[0]["pb_index"]) and torch.equal(first["pb_image"], b[0]["pb_image"])
+    assert torch.equal(a[0]["pb_index"], first["pb_index"]), "same epoch, same item"
+    draws = set()
+    for epoch in range(6):
+        a.set_epoch(epoch)
+        draws.add(tuple(a[0]["pb_index"].tolist()))
+    assert len(draws) > 1, "pseudo-bags change across epochs"
+    other = FBTADataset(rows, out, num_clusters=5, seed=4)
+    assert any(not torch.equal(other[i]["pb_index"], a[i]["pb_index"]) for i in range(2))
+
+
+def test_dataloader_workers_match_direct_indexing(stores):
+    rows, out = stores
+    ds = FBTADataset(rows, out, num_clusters=5, seed=1)
+    ds.set_epoch(2)
+    loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_single)
+    for i, batch in enumerate(loader):
+        direct = collate_single([ds[i]])
+        assert batch["slide_id"] == direct["slide_id"]
+        assert batch["features"].shape[0] == 1 and batch["pb_image"].ndim == 5
+        for key in ("pb_index", "pb_image", "pb_image_clean", "features", "label"):
+            assert torch.equal(batch[key], direct[key]), key
+
+
+def test_collate_single_refuses_several():
+    with pytest.raises(ValueError, match="one slide"):
+        collate_single([{"a": torch.zeros(1)}, {"a": torch.zeros(1)}])
+
+
+def test_missing_store_is_named(stores, tmp_path):
+    rows, _ = stores
+    with pytest.raises(StoreError, match="s0.h5"):
+        FBTADataset(rows, tmp_path)
+
+
+def test_cluster_store_cache_and_invalidation(stores, tmp_path):
+    rows, out = stores
+    import shutil
+
+    h5 = tmp_path / "s0.h5"
+    shutil.copy(out / "s0.h5", h5)
+    labels = cluster_store(h5, 4, seed=0)
+    assert labels.max() == 3
+    mtime = h5.stat().st_mtime_ns
+    assert np.array_equal(cluster_store(h5, 4, seed=0), labels) and h5.stat().st_mtime_ns == mtime
+    assert cluster_store(h5, 6, seed=0).max() == 5 and read_attrs(h5, "clusters")["clusters_num_clusters"] == 6
+    # new features (other fingerprint) invalidate the cached clusters
+    feats = read_array(h5, "features")
+    add_arrays(h5, {"features": feats[:, ::-1]}, fingerprint={"encoder": "other"})
+    mtime = h5.stat().st_mtime_ns
+    cluster_store(h5, 6, seed=0)
+    assert h5.stat().st_mtime_ns != mtime

@@ -1,0 +1,194 @@
+"""Frozen feature extraction: store contents, resume/skip, fingerprints, bad slides, kill + resume, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from slide_factory import tissue_rect_image, write_slide
+
+from monai_fbta.data.errors import SlideError
+from monai_fbta.data.extraction import encoder_fingerprint, extract_features
+from monai_fbta.data.store import read_array, read_coords, store_is_complete
+from monai_fbta.networks.encoder import build_encoder
+from monai_fbta.transforms.patches import ReadPatches
+
+torch.set_num_threads(1)
+TILING = {"patch_size": 64, "target_mpp": 0.5, "tissue_threshold": 0.5}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _encoder(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_encoder("tiny_cnn")
+
+
+def _slides(folder: Path, n: int = 3, size: tuple[int, int] = (768, 1024)) -> list[dict]:
+    """Tissue rectangles; slide 0 is single-level at 0.25 um/px (read 128 px, resized to 64)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    h, w = size
+    for i in range(n):
+        img = tissue_rect_image(h, w, (64 + 32 * i, 64, w - 64, h - 64 - 32 * i), seed=i)
+        levels, mpp = (1, 0.25) if i == 0 else (3, 0.5)
+        path = write_slide(folder / f"slide{i}.tif", img, levels=levels, tile=64, mpp=mpp)
+        rows.append({"image": path, "label": i % 2})
+    return rows
+
+
+def test_store_contents_match_direct_encoding(tmp_path):
+    rows = _slides(tmp_path / "slides")
+    enc = _encoder()
+    report = extract_features(rows, tmp_path / "out", enc, TILING, batch_size=16, amp=False, progress=False)
+    assert [r.status for r in report.results] == ["done"] * 3
+    for row, res in zip(rows, report.results):
+        h5 = tmp_path / "out" / f"{res.slide_id}.h5"
+        coords, attrs = read_coords(h5)
+        feats = read_array(h5, "features")
+        assert coords.dtype == np.int64 and coords.shape == (res.n_patches, 2) and res.n_patches > 10
+        assert feats.dtype == np.float16 and feats.shape[0] == res.n_patches and np.isfinite(feats).all()
+        # same numbers as encoding the patches read directly (through the resize path for slide 0)
+        patches = ReadPatches(attrs["patch_level"], attrs["patch_size_level"], 64)(row["image"], coords)
+        with torch.inference_mode():
+            expect = enc.eval()(patches).float().numpy()
+        np.testing.assert_allclose(feats.astype(np.float32), expect, rtol=2e-3, atol=2e-3)
+    assert read_coords(tmp_path / "out" / "slide0.h5")[1]["patch_size_level"] == 128
+    assert (tmp_path / "out" / "extraction_report.csv").is_file()
+
+
+def test_rerun_skips_and_fingerprint_change_recomputes(tmp_path):
+    rows = _slides(tmp_path / "slides", n=2)
+    out = tmp_path / "out"
+    extract_features(rows, out, _encoder(0), TILING, batch_size=32, progress=False)
+    h5 = out / "slide1.h5"
+    mtime, before = h5.stat().st_mtime_ns, read_array(h5, "features")
+    again = extract_features(rows, out, _encoder(0), TILING, batch_size=32, progress=False)
+    assert [r.status for r in again.results] == ["skipped", "skipped"]
+    assert h5.stat().st_mtime_ns == mtime
+    # other weights -> recomputed
+    other = extract_features(rows, out, _encoder(1), TILING, batch_size=32, progress=False)
+    assert [r.status for r in other.results] == ["done", "done"]
+    assert not np.array_equal(read_array(h5, "features"), before)
+    # other tiling -> recomputed with new coords
+    tiling = {**TILING, "tissue_threshold": 0.9}
+    assert [r.status for r in extract_features(rows, out, _encoder(1), tiling, progress=False).results] == ["done"] * 2
+    assert read_coords(h5)[1]["tissue_threshold"] == pytest.approx(0.9)
+    # a store that exists but is broken (not HDF5) is redone, not trusted
+    h5.write_bytes(b"not an hdf5 file")
+    assert extract_features(rows, out, _encoder(1), tiling, progress=False).by_id()["slide1"].status == "done"
+
+
+def test_encoder_fingerprint_tracks_weights():
+    assert encoder_fingerprint(_encoder(0)) == encoder_fingerprint(_encoder(0))
+    assert encoder_fingerprint(_encoder(0))["weights"] != encoder_fingerprint(_encoder(1))["weights"]
+
+
+def test_bad_slides_reported_and_others_processed(tmp_path):
+    rows = _slides(tmp_path / "slides", n=2)
+    good = Path(rows[1]["image"]).read_bytes()
+    truncated = tmp_path / "slides" / "truncated.tif"
+    truncated.write_bytes(good[: len(good) // 3])
+    text = tmp_path / "slides" / "notes.svs"
+    text.write_text("this is not a slide\n")
+    white = write_slide(tmp_path / "slides" / "white.tif", np.full((512, 512, 3), 255, np.uint8), levels=2, mpp=0.5)
+    bad = [{"image": str(truncated)}, {"image": str(text)}, {"image": white}]
+    report = extract_features(bad[:1] + rows + bad[1:], tmp_path / "out", _encoder(), TILING, progress=False)
+    status = {r.slide_id: r for r in report.results}
+    assert status["slide0"].status == status["slide1"].status == "done"
+    for name, path in (("truncated", truncated), ("notes", text), ("white", white)):
+        assert status[name].status == "error", status[name]
+        assert str(path) in status[name].error  # the message names the file
+        assert not (tmp_path / "out" / f"{name}.h5").exists() or name == "white"
+    with open(tmp_path / "out" / "extraction_report.csv") as f:
+        table = {r["slide_id"]: r for r in csv.DictReader(f)}
+    assert table["notes"]["status"] == "error" and "notes.svs" in table["notes"]["error"]
+    assert table["slide1"]["status"] == "done" and int(table["slide1"]["n_patches"]) > 0
+    with pytest.raises(SlideError, match="notes.svs"):
+        extract_features([{"image": str(text)}], tmp_path / "out2", _encoder(), TILING, skip_errors=False, progress=False)
+
+
+# ----------------------------------------------------------------------------- CLI subprocesses
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli(datalist: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "-m", "monai_fbta.data.extraction", "--datalist", str(datalist), "--out", str(out), "--encoder", "tiny_cnn",
+        "--patch-size", "64", "--target-mpp", "0.5", "--batch-size", "4", "--num-workers", "0", "--no-progress", *extra,
+    ]
+
+
+def _datalist(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _assert_same_stores(a: Path, b: Path, ids: list[str]) -> None:
+    for sid in ids:
+        for name in ("coords", "features"):
+            x, y = read_array(a / f"{sid}.h5", name), read_array(b / f"{sid}.h5", name)
+            assert np.array_equal(x, y), f"{sid}/{name} differs"
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    rows = _slides(tmp_path / "slides", n=5, size=(1024, 1024))
+    ids = [f"slide{i}" for i in range(5)]
+    datalist = _datalist(rows, tmp_path / "slides.csv")
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, *_cli(datalist, ref)], env=_env(), check=True, capture_output=True, timeout=240)
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, *_cli(datalist, out)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not store_is_complete(out / "slide0.h5") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done_at_kill = [sid for sid in ids if store_is_complete(out / f"{sid}.h5")]
+    assert "slide0" in done_at_kill and len(done_at_kill) < len(ids), done_at_kill
+    for h5 in out.glob("*.h5"):  # whatever exists is a whole, readable file (atomic writes)
+        with h5py.File(h5, "r") as f:
+            assert "coords" in f
+
+    rerun = subprocess.run([sys.executable, *_cli(datalist, out)], env=_env(), capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    with open(out / "extraction_report.csv") as f:
+        status = {r["slide_id"]: r["status"] for r in csv.DictReader(f)}
+    assert all(status[sid] == "skipped" for sid in done_at_kill) and "done" in status.values()
+    assert not list(out.glob(".*.tmp")), "stale temp files are cleaned up"
+    _assert_same_stores(out, ref, ids)
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    rows = _slides(tmp_path / "slides", n=3)
+    ids = [f"slide{i}" for i in range(3)]
+    datalist = _datalist(rows, tmp_path / "slides.csv")
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, *_cli(datalist, one)], env=_env(), check=True, capture_output=True, timeout=240)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", *_cli(datalist, two)],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    _assert_same_stores(one, two, ids)
+    with open(two / "extraction_report.csv") as f:
+        assert [r["slide_id"] for r in csv.DictReader(f)] == ids  # rank 0 gathered every rank's rows
+    assert run.stdout.count("slide1") == 1, "only rank 0 prints the summary"
