@@ -421,7 +421,7 @@ class Slide:
         if n == 0:
             return out
         workers = num_workers or self.num_workers or (1 if _in_dataloader_worker() else min(4, os.cpu_count() or 1))
-        if self.backend == "cucim" and n > 1:
+        if self.backend == "cucim" and n > 1 and workers > 1:
             ds = self.level_downsamples[level]
             lw, lh = self.level_dimensions[level]
             lxy = np.floor(coords / ds + 1e-9).astype(np.int64)
