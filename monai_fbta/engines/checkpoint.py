@@ -9,7 +9,6 @@ target folder and moved into place with ``os.replace``; everything loads with ``
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+
+from monai_fbta._io import atomic_open
 
 __all__ = [
     "TorchRNGState",
@@ -64,18 +65,9 @@ def training_objects(trainer: Any, scheduler: Any = None) -> dict[str, Any]:
 
 
 def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def _load(path: str | os.PathLike) -> dict:

@@ -1,0 +1,115 @@
+"""EMA teacher updates (exact formula, warm-up), curriculum schedule, loss logging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+
+from monai_fbta.handlers import CurriculumWeight, FBTAEvents, ModelEMA, loss_terms, training_log_handlers
+
+torch.set_num_threads(1)
+
+
+def _stepping_engine(model: nn.Module, steps_per_event: int = 1) -> Engine:
+    """An engine whose iteration perturbs ``model`` (an optimiser step stand-in) and fires the step event."""
+
+    def step(engine, _):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        if engine.state.iteration % steps_per_event == 0:
+            engine.state.optimizer_step += 1
+            engine.fire_event(FBTAEvents.OPTIMIZER_STEP_COMPLETED)
+        return {"loss": 1.0, "cls": 0.5, "cons": 0.25, "dist": 0.125}
+
+    engine = Engine(step)
+    engine.register_events(*FBTAEvents)
+    engine.state.optimizer_step = 0
+    return engine
+
+
+def test_ema_one_step_exact_formula():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    ema = ModelEMA(model, momentum=0.25)
+    before = [p.detach().clone() for p in ema.ema_model.parameters()]
+    engine = _stepping_engine(model)
+    ema.attach(engine)
+    engine.run([0], max_epochs=1)
+    for old, new, student in zip(before, ema.ema_model.parameters(), model.parameters()):
+        torch.testing.assert_close(new, 0.75 * old + 0.25 * student.detach())
+        assert not torch.equal(new, old)
+
+
+def test_ema_moves_only_on_optimizer_steps():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    ema = ModelEMA(model, momentum=0.5)
+    engine = _stepping_engine(model, steps_per_event=3)
+    ema.attach(engine)
+    snapshots = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: snapshots.append(ema.ema_model.weight.clone()))
+    engine.run(range(6), max_epochs=1)
+    changed = [not torch.equal(a, b) for a, b in zip(snapshots, snapshots[1:])]
+    # iterations 3 and 6 step the optimiser: changes between snapshots 2->3 and 5->6 only
+    assert changed == [False, True, False, False, True]
+    assert engine.state.optimizer_step == 2
+
+
+def test_ema_warmup_schedule_follows_step_count():
+    model = nn.Linear(2, 2)
+    ema = ModelEMA(model, momentum=0.01, momentum_warmup=0.5, warmup_steps=5, name="m_head")
+    values = [ema.momentum_at(s) for s in range(1, 8)]
+    assert values[0] == pytest.approx(0.5) and values[4] == pytest.approx(0.01) and values[6] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(values[:5], values[1:5]))
+    engine = _stepping_engine(model)
+    ema.attach(engine)
+    seen = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.m_head))
+    engine.run(range(3), max_epochs=1)
+    assert seen == pytest.approx(values[:3])
+    with pytest.raises(ValueError, match="both"):
+        ModelEMA(model, momentum_warmup=0.5)
+
+
+def test_two_ema_handlers_keep_separate_momenta():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    ema_a = ModelEMA(a, momentum=0.1, momentum_warmup=0.9, warmup_steps=3, name="ema_a")
+    ema_b = ModelEMA(b, momentum=0.2, name="ema_b")
+    engine = _stepping_engine(a)
+    ema_a.attach(engine)
+    ema_b.attach(engine)
+    engine.run([0], max_epochs=1)
+    assert engine.state.ema_a == pytest.approx(0.9) and engine.state.ema_b == pytest.approx(0.2)
+
+
+def test_curriculum_goes_from_zero_to_one_over_epochs():
+    engine = Engine(lambda e, b: None)
+    CurriculumWeight().attach(engine)
+    seen = []
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append(e.state.curriculum))
+    engine.run([0], max_epochs=5)
+    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert "curriculum" in engine.state_dict()
+
+
+def test_curriculum_ramp_and_scale():
+    cw = CurriculumWeight(ramp_epochs=3, max_weight=0.5)
+    assert [cw.weight(e, 10) for e in (1, 2, 3, 7)] == pytest.approx([0.0, 0.25, 0.5, 0.5])
+    assert CurriculumWeight().weight(1, 1) == 0.0
+    with pytest.raises(ValueError):
+        CurriculumWeight(ramp_epochs=0)
+
+
+def test_stats_handler_logs_every_loss_term(capsys):
+    engine = _stepping_engine(nn.Linear(2, 2))
+    for handler in training_log_handlers(name="fbta.test", progress=True):
+        handler.attach(engine)
+    engine.run(range(2), max_epochs=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "Iter:" in line]
+    assert len(lines) == 2
+    for term in ("loss", "cls", "cons", "dist"):
+        assert all(f"{term}: " in line for line in lines)
+    assert loss_terms({"loss": torch.tensor(2.0), "logits": None}) == {"loss": 2.0}
