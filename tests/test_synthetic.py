@@ -181,6 +181,11 @@ def test_cli_writes_balanced_tables(tmp_path):
         assert mask.any() and mask.shape == (32, 32)
     for slides in _by_case(items).values():  # a case never mixes labels
         assert len({s["label"] for s in slides}) == 1
+    datalist_mod = pytest.importorskip("monai_fbta.data.datalist")
+    for table_file in ("labels.csv", "datalist.json"):  # the project's loader accepts both tables
+        loaded = datalist_mod.load_datalist(out / table_file)
+        assert [r["label"] for r in loaded] == [int(r["label"]) for r in table]
+        assert all(os.path.isfile(r["image"]) for r in loaded)
     from monai.data import load_decathlon_datalist
 
     loaded = load_decathlon_datalist(str(out / "datalist.json"), data_list_key="training")

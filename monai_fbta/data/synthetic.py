@@ -17,7 +17,6 @@ and tifffile all open. CLI::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -25,13 +24,15 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.ndimage as ndi
 import tifffile
+
+from monai_fbta._io import atomic_open
 
 __all__ = [
     "CLASS_NAMES",
@@ -528,26 +529,6 @@ def _downsample2(img: np.ndarray) -> np.ndarray:
     return s.astype(np.uint8)
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; move it over ``path`` only if the block succeeds."""
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
-def _write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_pyramidal_tiff(
     path: str | os.PathLike,
     rgb: np.ndarray,
@@ -583,20 +564,22 @@ def write_pyramidal_tiff(
     thumb = levels[-1]
     while max(thumb.shape[:2]) > 768:
         thumb = _downsample2(thumb)
-    with _atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**32 - 2**28) as tw:
-            for i, level in enumerate(levels):
-                lh, lw = level.shape[:2]
-                kw = dict(common, tile=(tile, tile))
-                if i == 0:
-                    kw["description"] = description
-                    if mpp is not None:
-                        kw.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-                else:
-                    kw["description"] = f"Aperio Image Library v12.0.15 \r\n{w}x{h} -> {lw}x{lh} - ({tile}x{tile})"
-                tw.write(level, **kw)
-                if i == 0:  # Aperio keeps the thumbnail as the second page
-                    tw.write(thumb, rowsperstrip=16, description=f"Aperio Image Library v12.0.15 \r\n{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - ", **common)
+    buf = io.BytesIO()  # JPEG-compressed, so small; written out atomically below
+    with tifffile.TiffWriter(buf, bigtiff=rgb.nbytes > 2**32 - 2**28) as tw:
+        for i, level in enumerate(levels):
+            lh, lw = level.shape[:2]
+            kw = dict(common, tile=(tile, tile))
+            if i == 0:
+                kw["description"] = description
+                if mpp is not None:
+                    kw.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+            else:
+                kw["description"] = f"Aperio Image Library v12.0.15 \r\n{w}x{h} -> {lw}x{lh} - ({tile}x{tile})"
+            tw.write(level, **kw)
+            if i == 0:  # Aperio keeps the thumbnail as the second page
+                tw.write(thumb, rowsperstrip=16, description=f"Aperio Image Library v12.0.15 \r\n{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - ", **common)
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getbuffer())
     return [(lv.shape[1], lv.shape[0]) for lv in levels]
 
 
@@ -665,12 +648,6 @@ def _plan(num_slides: int, num_classes: int, seed: int) -> tuple[list[int], list
     return labels, cases
 
 
-def _save_npy_atomic(path: str, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    _write_bytes_atomic(path, buf.getvalue())
-
-
 def _load_mask(path: str, shape: tuple[int, int]) -> np.ndarray | None:
     try:
         mask = np.load(path)
@@ -720,7 +697,8 @@ def generate_dataset(
         mask = None if overwrite else _load_mask(str(out / mask_file), mask_shape)
         if mask is None or not slide_is_valid(out / image, expect, cfg.size):
             rgb, mask = render_slide(cfg, label, np.random.default_rng([seed, i]))
-            _save_npy_atomic(str(out / mask_file), mask)
+            with atomic_open(out / mask_file, "wb") as f:
+                np.save(f, mask)
             write_pyramidal_tiff(out / image, rgb, cfg.mpp, cfg.tile, cfg.jpeg_quality, cfg.smallest_level, extra=expect)
             written += 1
         rows.append({"image": image, "label": label, "slide_id": slide_id, "case_id": cases[i],
@@ -735,7 +713,8 @@ def _write_tables(out: Path, rows: list[dict], cfg: SyntheticSlideConfig) -> Non
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["slide_id", "path", "label", "case_id"])
     writer.writerows([r["slide_id"], r["image"], r["label"], r["case_id"]] for r in rows)
-    _write_bytes_atomic(out / "labels.csv", text.getvalue().encode())
+    with atomic_open(out / "labels.csv", "w", newline="") as f:
+        f.write(text.getvalue())
     datalist = {
         "description": "monai_fbta synthetic H&E-like slides; paths are relative to this file",
         "num_classes": cfg.num_classes,
@@ -744,7 +723,8 @@ def _write_tables(out: Path, rows: list[dict], cfg: SyntheticSlideConfig) -> Non
         "config": dataclasses.asdict(cfg),
         "training": rows,
     }
-    _write_bytes_atomic(out / "datalist.json", json.dumps(datalist, indent=1).encode())
+    with atomic_open(out / "datalist.json", "w") as f:
+        json.dump(datalist, f, indent=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -795,9 +775,8 @@ def save_preview(out_png: str | os.PathLike, size: int = 2048, num_classes: int 
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _write_bytes_atomic(out_png, buf.getvalue())
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
