@@ -1,0 +1,116 @@
+"""The MIL head interface shared by ABMIL, TransMIL and MambaMIL, and the pieces they reuse.
+
+Every head maps a padded batch of bags to slide logits::
+
+    logits = head(x)                                   # x [B, N, D] -> [B, num_classes]
+    logits, attention = head(x, mask, return_attention=True)   # attention [B, N]
+
+``mask`` is ``[B, N]`` bool, True for real instances (None = all real). Padded instances never
+change the output, and ``attention`` is 0 on them and sums to 1 over the real instances of
+each bag. Sequence models (TransMIL, MambaMIL) read the real instances of each bag with
+:func:`run_per_bag`, so padding cannot leak through convolutions, scans or reorderings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["MILHead", "GatedAttentionPool", "masked_softmax", "run_per_bag"]
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """Softmax of ``scores`` over ``dim`` where ``mask`` is True; exactly 0 where it is False."""
+    if mask is None:
+        return torch.softmax(scores, dim=dim)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=dim) * mask.to(scores.dtype)
+
+
+class GatedAttentionPool(nn.Module):
+    """Gated attention pooling (Ilse et al. 2018): ``a = softmax(w^T (tanh(V h) * sigmoid(U h)))``.
+
+    ``forward(h [B, N, D], mask [B, N] | None) -> (pooled [B, D], attention [B, N])``.
+    """
+
+    def __init__(self, in_features: int, attention_dim: int = 256, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.value = nn.Sequential(nn.Linear(in_features, attention_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.gate = nn.Sequential(nn.Linear(in_features, attention_dim), nn.Sigmoid(), nn.Dropout(dropout))
+        self.score = nn.Linear(attention_dim, 1)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.score(self.value(h) * self.gate(h)).squeeze(-1)  # [B, N]
+        attention = masked_softmax(scores, mask)
+        pooled = torch.einsum("bn,bnd->bd", attention, h)
+        return pooled, attention
+
+
+def run_per_bag(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``fn([1, n_b, D]) -> (logits [1, C], attention [1, n_b])`` to the real instances of each bag.
+
+    Returns ``(logits [B, C], attention [B, N])`` with attention 0 at padded positions. Without a
+    mask the whole batch goes through ``fn`` in one call.
+    """
+    if mask is None:
+        return fn(x)
+    logits, attention = [], x.new_zeros(x.shape[:2])
+    for b in range(x.shape[0]):
+        index = mask[b].nonzero().squeeze(1)
+        bag_logits, bag_attention = fn(x[b : b + 1, index])
+        logits.append(bag_logits)
+        attention = attention.index_put((torch.full_like(index, b), index), bag_attention[0].to(attention.dtype))
+    return torch.cat(logits), attention
+
+
+class MILHead(nn.Module):
+    """Base class: validates the bag and mask, subclasses implement :meth:`_forward`.
+
+    Args:
+        in_features: instance feature size D.
+        num_classes: number of slide classes.
+        hidden: width of the first projection (default 512).
+        dropout: dropout probability used by the head.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.0) -> None:
+        super().__init__()
+        if in_features < 1 or num_classes < 1 or hidden < 1:
+            raise ValueError(
+                f"{type(self).__name__}: in_features, num_classes and hidden must be >= 1, "
+                f"got {in_features}, {num_classes}, {hidden}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout}")
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.hidden = hidden
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, N, D]``, ``mask [B, N] | None`` -> ``(logits [B, C], attention [B, N])``."""
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        name = type(self).__name__
+        if x.ndim != 3 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{name}: expected x of shape [B, N, {self.in_features}], got {list(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name}: empty bag (N = 0)")
+        if mask is not None:
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"{name}: mask shape {list(mask.shape)} does not match x {list(x.shape[:2])}")
+            mask = mask.to(device=x.device, dtype=torch.bool)
+            if not bool(mask.any(dim=1).all()):
+                raise ValueError(f"{name}: every bag needs at least one real instance (a mask row is all False)")
+            if bool(mask.all()):
+                mask = None
+        logits, attention = self._forward(x, mask)
+        return (logits, attention) if return_attention else logits

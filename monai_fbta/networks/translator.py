@@ -1,0 +1,70 @@
+"""FeatureTranslator f_T: the mean of K parallel residual MLP heads (FBTA, step 5 of the method)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FeatureTranslator"]
+
+
+class FeatureTranslator(nn.Module):
+    """``head_k(x) = x + W2_k dropout(GELU(W1_k x + b1_k)) + b2_k``; output = mean over the K heads.
+
+    The K heads are stacked weights applied with one ``einsum`` each (no Python loop over heads).
+
+    Initialisation: the first layer as ``nn.Linear``; the last layer as ``nn.Linear`` times
+    ``init_scale`` (default 0.01), so f_T starts within about 1% of the identity (frozen features
+    pass through almost unchanged) while every weight still gets a gradient from the first step.
+    ``init_scale=0`` gives the exact identity at initialisation.
+
+    Args:
+        in_features: feature size D (input and output).
+        num_heads: K (default 10).
+        hidden: MLP width (default ``in_features``).
+        dropout: dropout after the GELU.
+        init_scale: scale of the last layer's initial weights and bias.
+
+    ``forward(x [..., D], return_heads=False)`` -> ``mean [..., D]``, or ``(mean, heads [K, ..., D])``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int = 10,
+        hidden: int | None = None,
+        dropout: float = 0.0,
+        init_scale: float = 0.01,
+    ) -> None:
+        super().__init__()
+        hidden = hidden or in_features
+        if in_features < 1 or num_heads < 1 or hidden < 1:
+            raise ValueError(f"FeatureTranslator: in_features, num_heads, hidden must be >= 1, got "
+                             f"{in_features}, {num_heads}, {hidden}")
+        self.in_features, self.num_heads, self.hidden = in_features, num_heads, hidden
+        self.w1 = nn.Parameter(torch.empty(num_heads, in_features, hidden))
+        self.b1 = nn.Parameter(torch.empty(num_heads, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_heads, hidden, in_features))
+        self.b2 = nn.Parameter(torch.empty(num_heads, 1, in_features))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters(init_scale)
+
+    def reset_parameters(self, init_scale: float = 0.01) -> None:
+        """``nn.Linear``'s uniform init per head; the last layer multiplied by ``init_scale``."""
+        for weight, bias, fan_in, scale in ((self.w1, self.b1, self.in_features, 1.0), (self.w2, self.b2, self.hidden, init_scale)):
+            bound = scale / math.sqrt(fan_in)
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, return_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FeatureTranslator: expected [..., {self.in_features}] features, got {list(x.shape)}")
+        flat = x.reshape(-1, self.in_features)  # [M, D]
+        h = self.dropout(F.gelu(torch.einsum("md,kdh->kmh", flat, self.w1) + self.b1))  # [K, M, hidden]
+        heads = flat + torch.einsum("kmh,khd->kmd", h, self.w2) + self.b2  # [K, M, D]
+        heads = heads.reshape(self.num_heads, *x.shape)
+        mean = heads.mean(0)
+        return (mean, heads) if return_heads else mean
