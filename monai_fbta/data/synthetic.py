@@ -130,7 +130,7 @@ class _Nuclei:
         return float(np.sum(np.pi * self.a * self.b * self.intensity * profile))
 
 
-def _make_nuclei(rng, x, y, a_um, aspect, theta, intensity, style, px_per_um) -> _Nuclei:
+def _make_nuclei(x, y, a_um, aspect, theta, intensity, style, px_per_um) -> _Nuclei:
     n = len(x)
     a = np.asarray(a_um, np.float32) * px_per_um * np.ones(n, np.float32)
     return _Nuclei(
@@ -226,7 +226,7 @@ def _stromal_nuclei(rng, x, y, fibre_angle: float, px_per_um: float) -> _Nuclei:
     a_um = np.where(spindle, rng.uniform(4.5, 6.5, n), rng.uniform(2.8, 3.6, n))
     aspect = np.where(spindle, rng.uniform(0.28, 0.4, n), rng.uniform(0.7, 0.95, n))
     theta = np.where(spindle, fibre_angle + rng.normal(0, 0.35, n), rng.uniform(0, np.pi, n))
-    return _make_nuclei(rng, x, y, a_um, aspect, theta, rng.uniform(0.8, 1.1, n), 0, px_per_um)
+    return _make_nuclei(x, y, a_um, aspect, theta, rng.uniform(0.8, 1.1, n), 0, px_per_um)
 
 
 def _region_nuclei(rng, label: int, area_px: float, in_region, lumens, fibre_angle: float, ppu: float, shape) -> _Nuclei:
@@ -249,7 +249,7 @@ def _region_nuclei(rng, label: int, area_px: float, in_region, lumens, fibre_ang
             k = int(2 * np.pi * ring / ((2 * b_um + 0.9) * ppu))
             ang = np.linspace(0, 2 * np.pi, k, endpoint=False) + rng.uniform(0, 2 * np.pi)
             rr = ring + rng.normal(0, 0.5 * ppu, k)
-            parts.append(_make_nuclei(rng, cx + rr * np.cos(ang), cy + rr * np.sin(ang), rng.uniform(4.0, 5.0, k),
+            parts.append(_make_nuclei(cx + rr * np.cos(ang), cy + rr * np.sin(ang), rng.uniform(4.0, 5.0, k),
                                       b_um / 4.5, ang, rng.uniform(1.0, 1.25, k), 0, ppu))
         rest = max(mass_target - _Nuclei.concat(parts).mass(), 0.0)
         n = int(rest / (_STROMAL_MASS_UM2 * ppu * ppu))
@@ -268,7 +268,7 @@ def _region_nuclei(rng, label: int, area_px: float, in_region, lumens, fibre_ang
             x = x0[0] + np.cumsum(np.r_[0, np.diff(step) * np.cos(heading[1:])])
             y = y0[0] + np.cumsum(np.r_[0, np.diff(step) * np.sin(heading[1:])])
             keep = free(x.astype(np.float32), y.astype(np.float32))
-            chain = _make_nuclei(rng, x[keep], y[keep], a_um[keep], rng.uniform(0.85, 1.0, keep.sum()),
+            chain = _make_nuclei(x[keep], y[keep], a_um[keep], rng.uniform(0.85, 1.0, keep.sum()),
                                  rng.uniform(0, np.pi, keep.sum()), rng.uniform(1.05, 1.3, keep.sum()), 0, ppu)
             parts.append(chain)
             mass += chain.mass() if len(chain.x) else per
@@ -282,7 +282,7 @@ def _region_nuclei(rng, label: int, area_px: float, in_region, lumens, fibre_ang
         n = int(mass_target / per)
         x, y = _sample_points(rng, n, free, shape)
         n = len(x)
-        parts.append(_make_nuclei(rng, x, y, rng.uniform(*a_um, n), rng.uniform(*aspect, n), rng.uniform(0, np.pi, n),
+        parts.append(_make_nuclei(x, y, rng.uniform(*a_um, n), rng.uniform(*aspect, n), rng.uniform(0, np.pi, n),
                                   rng.uniform(*inten, n), style, ppu))
     return _Nuclei.concat(parts)
 
