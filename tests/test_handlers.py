@@ -113,3 +113,15 @@ def test_stats_handler_logs_every_loss_term(capsys):
     for term in ("loss", "cls", "cons", "dist"):
         assert all(f"{term}: " in line for line in lines)
     assert loss_terms({"loss": torch.tensor(2.0), "logits": None}) == {"loss": 2.0}
+
+
+def test_ema_copies_buffers_by_value():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = ModelEMA(model, momentum=0.5)
+    engine = _stepping_engine(model)
+    ema.attach(engine)
+    engine.run([0], max_epochs=1)
+    student, teacher = model[1].running_mean, ema.ema_model[1].running_mean
+    model.train()(torch.randn(4, 3) + 5)  # the student's statistics move after the optimiser step...
+    assert not torch.equal(student, teacher)  # ...the teacher keeps those of the last step
+    assert teacher.data_ptr() != student.data_ptr()

@@ -54,6 +54,18 @@ class ModelEMA(EMAHandler):
         """Momentum used for the update after optimiser step ``step`` (1-based)."""
         return self.momentum if self._warmup is None else float(self._warmup(step))
 
+    def _update_ema_model(self, engine: Engine, name: str) -> None:
+        """ignite's update; in ``"copy"`` mode the buffers are then copied by value, not aliased.
+
+        ignite makes the EMA buffers share the student's tensors, so the teacher would see the student's
+        BatchNorm statistics change mid-iteration, and a resumed run (whose loaded buffers are not aliased)
+        would differ from an uninterrupted one.
+        """
+        super()._update_ema_model(engine, name)
+        if self.handle_buffers == "copy":
+            for buffer in self.ema_model.buffers():
+                buffer.data = buffer.data.clone()
+
     def update(self, engine: Engine) -> None:
         """Move the EMA weights one step toward the student (called on ``OPTIMIZER_STEP_COMPLETED``)."""
         step = getattr(engine.state, OPTIMIZER_STEP_ATTR, engine.state.iteration)

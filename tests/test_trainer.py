@@ -1,0 +1,291 @@
+"""FBTATrainer / FBTAEvaluator / checkpoints with the real networks, tiny sizes, CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from ignite.engine import Events
+from torch.utils.data import DataLoader
+
+from monai_fbta.engines import (
+    BestModelSaver,
+    FBTAEvaluator,
+    FBTALoss,
+    FBTATrainer,
+    TrainingCheckpoint,
+    fbta_param_groups,
+    load_checkpoint,
+    load_inference_model,
+    training_objects,
+    translate_bag,
+)
+from monai_fbta.networks.abmil import ABMIL
+from monai_fbta.networks.encoder import PatchEncoder, copy_frozen, copy_trainable
+from monai_fbta.networks.translator import FeatureTranslator
+
+torch.set_num_threads(1)
+D, C, S, P = 16, 2, 6, 32
+
+
+def _encoder() -> nn.Module:
+    """f_TFE: a trainable copy of the frozen extractor f_FFE (same architecture, same initial weights)."""
+    return copy_trainable(copy_frozen(PatchEncoder("tiny_cnn", out_features=D)))
+
+
+def _sample(i: int, n: int = 40, s: int = S, gen: torch.Generator | None = None) -> dict:
+    g = gen or torch.Generator().manual_seed(100 + i)
+    feats = torch.randn(n, D, generator=g)
+    index = torch.sort(torch.randperm(n, generator=g)[:s]).values
+    clean = torch.rand(s, 3, P, P, generator=g)
+    return {
+        "slide_id": f"slide{i}",
+        "label": torch.tensor(i % C),
+        "features": feats,
+        "coords": torch.zeros(n, 2, dtype=torch.int64),
+        "pb_index": index,
+        "pb_features": feats[index],
+        "pb_image": clean.flip(-1),
+        "pb_image_clean": clean,
+    }
+
+
+def _models(seed: int = 0):
+    torch.manual_seed(seed)
+    head = ABMIL(D, C, hidden=16, attention_dim=8, dropout=0.1)
+    translator = FeatureTranslator(D, num_heads=3, hidden=16)
+    encoder = _encoder()
+    return head, translator, encoder
+
+
+def _trainer(data, max_epochs=2, views=("frozen", "e2e", "translated"), seed=0, **kw):
+    head, translator, encoder = _models(seed)
+    loss = FBTALoss(views=views, lambda_dist=1.0)
+    uses_tr = "translated" in views or loss.uses_distillation
+    uses_enc = "e2e" in views or loss.uses_distillation
+    translator, encoder = (translator if uses_tr else None), (encoder if uses_enc else None)
+    opt = torch.optim.AdamW(fbta_param_groups(head, translator, encoder, 1e-2, 1e-2, 1e-2))
+    loader = DataLoader(data, batch_size=1, shuffle=False)
+    return FBTATrainer("cpu", max_epochs, loader, head, opt, loss, translator=translator, trainable_encoder=encoder, **kw)
+
+
+def _params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_one_iteration_touches_every_term_and_updates_every_group():
+    trainer = _trainer([_sample(0)], max_epochs=1, ema_momentum=0.3)
+    before = {n: _params(m) for n, m in (("head", trainer.mil_head), ("tr", trainer.translator), ("enc", trainer.trainable_encoder))}
+    ema_before = _params(trainer.teacher_head.ema_model)
+    trainer.run()
+    out = trainer.state.output
+    assert set(out["logits"]) == {"frozen", "e2e", "translated"}
+    for term in ("loss", "cls", "cons", "dist"):
+        assert isinstance(out[term], float) and torch.isfinite(torch.tensor(out[term])) and out[term] > 0
+    for name, module in (("head", trainer.mil_head), ("tr", trainer.translator), ("enc", trainer.trainable_encoder)):
+        changed = [not torch.equal(a, b) for a, b in zip(before[name], module.parameters())]
+        assert all(changed), f"{name}: {changed.count(False)} parameter tensors did not move"
+    # EMA teacher after the single optimiser step: (1 - m) * old + m * student
+    for old, new, student in zip(ema_before, trainer.teacher_head.ema_model.parameters(), trainer.mil_head.parameters()):
+        torch.testing.assert_close(new, 0.7 * old + 0.3 * student.detach())
+    assert trainer.state.optimizer_step == 1
+
+
+def test_accumulation_steps_optimizer_and_ema_every_k_slides():
+    data = [_sample(i) for i in range(5)]
+    trainer = _trainer(data, max_epochs=1, accumulation_steps=2)
+    snaps = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: snaps.append((_params(e.mil_head)[0], _params(e.teacher_head.ema_model)[0])),
+    )
+    first = _params(trainer.mil_head)[0]
+    trainer.run()
+    student_moved = [not torch.equal(a[0], b[0]) for a, b in zip([(first, None)] + snaps, snaps)]
+    teacher_moved = [not torch.equal(a[1], b[1]) for a, b in zip(snaps, snaps[1:])]
+    assert student_moved == [False, True, False, True, True]  # steps after slides 2, 4 and the epoch-end flush
+    assert teacher_moved == [True, False, True, True]
+    assert trainer.state.optimizer_step == 3
+
+
+@pytest.mark.parametrize("frozen_bag", ["full", "pseudo"])
+def test_vanilla_view_reproduces_plain_abmil_training(frozen_bag):
+    data = [_sample(i) for i in range(4)]
+    trainer = _trainer(data, max_epochs=2, views=["frozen"], frozen_bag=frozen_bag)
+    assert trainer.teacher_head is None and trainer.translator is None and trainer.trainable_encoder is None
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
+    trainer.run()
+
+    head, _, _ = _models(0)
+    opt = torch.optim.AdamW(fbta_param_groups(head, lr_mil=1e-2))
+    key = "features" if frozen_bag == "full" else "pb_features"
+    plain = []
+    for _ in range(2):
+        for batch in DataLoader(data, batch_size=1):  # a plain PyTorch loop (the loader draws a seed per epoch)
+            head.train()
+            opt.zero_grad()
+            loss = F.cross_entropy(head(batch[key]), batch["label"])
+            loss.backward()
+            opt.step()
+            plain.append(loss.item())
+    assert losses == pytest.approx(plain, abs=0, rel=0)
+    for a, b in zip(trainer.mil_head.parameters(), head.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    data = [_sample(i) for i in range(3)]
+    kw = {"ema_momentum": 0.2, "ema_momentum_warmup": 0.6, "ema_warmup_steps": 4, "accumulation_steps": 2}
+
+    torch.manual_seed(1)
+    full = _trainer(data, max_epochs=4, **kw)
+    full.run()
+
+    torch.manual_seed(1)
+    first = _trainer(data, max_epochs=4, **kw)
+    TrainingCheckpoint(tmp_path / "last.pt").attach(first)
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: e.terminate())
+    first.run()
+    assert first.state.epoch == 2 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+    torch.manual_seed(12345)  # a fresh process: other weights, other RNG state
+    second = _trainer(data, max_epochs=4, seed=7, **kw)
+    load_checkpoint(tmp_path / "last.pt", training_objects(second))
+    assert second.state.epoch == 2 and second.state.curriculum == first.state.curriculum
+    second.run()
+
+    assert second.state.epoch == 4 and second.state.optimizer_step == full.state.optimizer_step == 8
+    assert second.state.curriculum == full.state.curriculum == 1.0
+    for name in ("mil_head", "translator", "trainable_encoder", "ema_mil_head", "ema_encoder"):
+        a, b = training_objects(full)[name], training_objects(second)[name]
+        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{name}.{k}")
+
+
+def _saved_bytes(trainer: FBTATrainer, sample: dict) -> int:
+    """Bytes of the tensors autograd keeps for backward during one training forward (deterministic)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    batch = trainer.prepare_batch(DataLoader([sample], batch_size=1).__iter__().__next__(), "cpu")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer._forward_loss(batch)
+    return total
+
+
+def test_training_memory_independent_of_bag_size():
+    trainer = _trainer([_sample(0)], max_epochs=1)
+    small = _saved_bytes(trainer, _sample(0, n=1_000))
+    large = _saved_bytes(trainer, _sample(0, n=20_000))
+    more_patches = _saved_bytes(trainer, _sample(0, n=1_000, s=2 * S))
+    assert small == large
+    assert more_patches > small  # the measure is live: it grows with the pseudo-bag size S
+
+
+def test_grad_checkpointing_saves_less_and_gives_same_gradients():
+    sample = _sample(0, s=8)
+    plain = _trainer([sample], max_epochs=1, encoder_chunk_size=2)
+    ckpt = _trainer([sample], max_epochs=1, encoder_chunk_size=2, grad_checkpointing=True)
+    assert _saved_bytes(ckpt, sample) < _saved_bytes(plain, sample)
+    for tr in (plain, ckpt):
+        torch.manual_seed(0)
+        tr.run()
+    for a, b in zip(plain.trainable_encoder.parameters(), ckpt.trainable_encoder.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_configuration_and_batch_errors():
+    head, translator, encoder = _models()
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="translator"):
+        FBTATrainer("cpu", 1, [], head, opt, FBTALoss(), trainable_encoder=encoder)
+    with pytest.raises(ValueError, match="differ"):
+        FBTATrainer("cpu", 1, [], head, opt, FBTALoss(views=["frozen"]), views=["e2e"])
+    bad = _sample(0)
+    del bad["pb_image"]
+    trainer = _trainer([bad], max_epochs=1)
+    with pytest.raises(KeyError, match="slide0.*pb_image"):
+        trainer.run()
+
+
+class _MeanLogits(nn.Module):
+    """A head whose logits are the mean instance feature (D == C): predictions are known in advance."""
+
+    def forward(self, x, mask=None, return_attention=False):
+        return x.mean(1)
+
+
+class _Negate(nn.Module):
+    def forward(self, x, return_heads=False):
+        return -x
+
+
+def _known_bags(scores, labels):
+    return [
+        {"slide_id": f"s{i}", "label": torch.tensor(y), "features": torch.tensor(s, dtype=torch.float32)[None].repeat(5, 1)}
+        for i, (s, y) in enumerate(zip(scores, labels))
+    ]
+
+
+def test_evaluator_metrics_on_known_predictions():
+    # vanilla logits rank the slides perfectly; the "translator" negates them, so the FBTA path is always wrong
+    data = _known_bags([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 3.0]], [0, 0, 1, 1])
+    ev = FBTAEvaluator("cpu", DataLoader(data, batch_size=1), _MeanLogits(), _Negate())
+    ev.run()
+    m = ev.state.metrics
+    assert m["val_auc_vanilla"] == 1.0 and m["val_acc_vanilla"] == 1.0 and m["val_f1_vanilla"] == 1.0
+    assert m["val_auc"] == 0.0 and m["val_acc"] == 0.0 and m["val_bacc"] == 0.0
+    assert ev.state.confusion_matrix == [[0, 2], [2, 0]] and ev.state.confusion_matrix_vanilla == [[2, 0], [0, 2]]
+    assert ev.state.key_metric_name == "val_auc"
+    assert [p["slide_id"] for p in ev.state.predictions] == ["s0", "s1", "s2", "s3"]
+    assert ev.state.predictions[0]["pred_vanilla"] == pytest.approx(torch.tensor([2.0, 0.0]).softmax(0).tolist())
+
+
+def test_evaluator_three_classes_and_no_translator():
+    data = _known_bags([[3, 0, 0], [0, 3, 0], [0, 0, 3], [1, 2, 0], [0, 0, 1], [2, 0, 0]], [0, 1, 2, 1, 2, 1])
+    ev = FBTAEvaluator("cpu", DataLoader(data, batch_size=1), _MeanLogits(), prefix="test", key_metric="bacc")
+    ev.run()
+    m = ev.state.metrics
+    assert set(m) == {"test_auc", "test_acc", "test_bacc", "test_f1"}
+    assert m["test_acc"] == pytest.approx(5 / 6)  # slide 5 (class 1) is predicted as class 0
+    assert m["test_bacc"] == pytest.approx((1 + 2 / 3 + 1) / 3)
+    assert ev.state.confusion_matrix == [[1, 0, 0], [1, 2, 0], [0, 0, 2]]
+    assert 0.5 < m["test_auc"] < 1.0
+
+
+def test_translate_bag_chunks_are_exact():
+    translator = FeatureTranslator(D, num_heads=3)
+    bag = torch.randn(1, 50, D)
+    torch.testing.assert_close(translate_bag(translator, bag, chunk_size=7), translator(bag))
+
+
+def test_validation_best_model_and_inference_checkpoint(tmp_path):
+    from monai_fbta._quiet import quiet_import
+
+    ValidationHandler = quiet_import("monai.handlers").ValidationHandler
+    data = [_sample(i) for i in range(4)]
+    trainer = _trainer(data, max_epochs=3)
+    head, translator = trainer.inference_head, trainer.translator
+    ev = FBTAEvaluator("cpu", DataLoader(data, batch_size=1), head, translator, key_metric="acc")
+    meta = {"class_names": ["a", "b"], "views": trainer.views, "feature_dim": D, "encoder": "tiny_cnn"}
+    BestModelSaver(tmp_path / "model.pt", head, translator, meta).attach(ev)
+    ValidationHandler(interval=1, validator=ev, epoch_level=True).attach(trainer)
+    trainer.run()
+    assert ev.state.best_metric_epoch >= 1
+    fresh_head, fresh_tr = ABMIL(D, C, hidden=16, attention_dim=8), FeatureTranslator(D, num_heads=3, hidden=16)
+    blob = load_inference_model(tmp_path / "model.pt", fresh_head, fresh_tr)
+    assert blob["metadata"]["class_names"] == ["a", "b"] and blob["metadata"]["epoch"] == ev.state.best_metric_epoch
+    assert blob["metadata"]["key_metric"] == "val_acc"
+    if ev.state.best_metric_epoch == 3:  # the saved weights are the final teacher's
+        for a, b in zip(fresh_head.state_dict().values(), copy.deepcopy(head).state_dict().values()):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_inference_model(tmp_path / "nope.pt")
