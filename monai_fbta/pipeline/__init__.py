@@ -1,0 +1,1 @@
+"""Glue used by the bundle configs: data preparation, preprocessing, prediction writing."""

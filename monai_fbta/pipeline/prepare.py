@@ -1,0 +1,132 @@
+"""Data preparation used by the bundle: find (or make) the slides, preprocess them, split them.
+
+The three steps are plain functions so the bundle configs stay declarative and a script can call
+them too::
+
+    rows = find_or_make_dataset("/slides", datalist="/slides/labels.csv", classes=["a", "b"])
+    rows = preprocess(rows, cache_dir="cache", encoder=frozen_encoder, tiling={"patch_size": 256})
+    parts = split_rows(rows, "models/splits.json", fold=0)   # {"train": rows, "val": rows, "test": rows}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_fbta.data.datalist import DatalistError, load_datalist, load_splits, make_splits, save_splits, select_fold
+
+__all__ = ["SLIDE_EXTENSIONS", "find_or_make_dataset", "preprocess", "split_rows"]
+
+logger = logging.getLogger("fbta.prepare")
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+
+
+def _slides_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
+
+
+def find_or_make_dataset(
+    dataset_dir: str | os.PathLike,
+    datalist: str | os.PathLike | None = None,
+    classes: Sequence[str] | None = None,
+    synthetic: Mapping[str, Any] | None = None,
+    check_files: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows ``{"slide_id", "image", "label", "case_id"}`` of the dataset to train on.
+
+    * ``datalist`` given (CSV ``slide_id,path,label[,case_id]`` or MONAI datalist JSON): load it,
+      relative paths against ``dataset_dir``.
+    * else ``dataset_dir/labels.csv`` exists: load it.
+    * else ``dataset_dir`` holds no slide: generate the synthetic demo dataset there
+      (:func:`monai_fbta.data.synthetic.generate_dataset` with ``synthetic`` as arguments).
+    * else (slides but no labels): a :class:`DatalistError` saying what to pass.
+    """
+    folder = Path(dataset_dir)
+    if datalist:
+        return load_datalist(datalist, classes=classes, base_dir=folder, check_files=check_files)
+    labels_csv = folder / "labels.csv"
+    if not labels_csv.is_file():
+        slides = _slides_in(folder)
+        if slides:
+            raise DatalistError(
+                str(folder),
+                [f"found {len(slides)} slides but no labels.csv: pass --datalist /path/to/labels.csv "
+                 "(columns slide_id,path,label[,case_id]) or a MONAI datalist JSON"],
+            )
+        from monai_fbta.data.synthetic import generate_dataset
+
+        settings = dict(synthetic or {})
+        logger.info("no slides in %s: generating the synthetic demo dataset %s", folder, settings)
+        generate_dataset(folder, **settings)
+    return load_datalist(labels_csv, classes=classes, base_dir=folder, check_files=check_files)
+
+
+def preprocess(
+    rows: Sequence[Mapping[str, Any]],
+    cache_dir: str | os.PathLike,
+    encoder: torch.nn.Module,
+    tiling: Mapping[str, Any] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    skip_errors: bool = True,
+    min_slides: int = 1,
+) -> list[dict[str, Any]]:
+    """Tile and extract frozen features of every slide into ``cache_dir`` (resumable); rows that worked.
+
+    Slides that fail (corrupt, no tissue, ...) are listed in ``cache_dir/extraction_report.csv`` and
+    left out, loudly; with ``skip_errors=False`` the first failure raises. Fewer than ``min_slides``
+    usable slides is an error.
+    """
+    from monai_fbta.data.extraction import extract_features, slide_id_of
+
+    report = extract_features(
+        rows, cache_dir, encoder, tiling_kwargs=dict(tiling or {}), batch_size=batch_size,
+        num_workers=num_workers, device=device, skip_errors=skip_errors,
+    )
+    failed = {r.slide_id for r in report.failed}
+    kept = [dict(r) for r in rows if slide_id_of(r) not in failed]
+    if failed:
+        logger.warning("%d slide(s) skipped, see %s: %s", len(failed), os.path.join(cache_dir, "extraction_report.csv"),
+                       ", ".join(sorted(failed)))
+    if len(kept) < min_slides:
+        raise RuntimeError(f"only {len(kept)} usable slide(s) after preprocessing into {cache_dir}; need {min_slides}")
+    return kept
+
+
+def split_rows(
+    rows: Sequence[Mapping[str, Any]],
+    splits_file: str | os.PathLike,
+    fold: int = 0,
+    num_folds: int = 5,
+    seed: int = 0,
+    val_fraction: float | None = 0.2,
+    test_fraction: float | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """``{"train", "val", "test"}`` rows of ``fold``; the splits are made once and saved to ``splits_file``.
+
+    An existing splits file is reused (so every fold and every rerun sees the same split) as long as it
+    names exactly these slides; otherwise it is remade and a warning says so.
+    """
+    ids = sorted(str(r["slide_id"]) for r in rows)
+    splits = None
+    if os.path.isfile(splits_file):
+        splits = load_splits(splits_file)
+        known = sorted({s for f in splits["folds"][:1] for part in f.values() for s in part})
+        if known != ids:
+            logger.warning("%s lists other slides than the dataset: making new splits", splits_file)
+            splits = None
+    if splits is None:
+        splits = make_splits(rows, num_folds=num_folds, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+        save_splits(splits, splits_file)
+    parts = select_fold(splits, fold, rows)
+    logger.info("fold %d: %s", fold, {k: len(v) for k, v in parts.items()})
+    return parts

@@ -1,0 +1,163 @@
+"""Inference-model metadata, held-out evaluation and prediction writing (used by the bundle configs).
+
+``model.pt`` (see :func:`monai_fbta.engines.save_inference_model`) carries everything needed to
+rebuild the inference network: the EMA teacher head f*_MIL, the translator f_T and a metadata dict
+written by :func:`model_metadata`. :func:`load_inference_networks` rebuilds both from it, so
+evaluation and inference need no training config.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_fbta._io import atomic_open
+
+__all__ = [
+    "model_metadata",
+    "load_inference_networks",
+    "predict_bag",
+    "evaluate_checkpoint",
+    "write_predictions_csv",
+]
+
+logger = logging.getLogger("fbta.report")
+
+
+def model_metadata(
+    mil_name: str,
+    feature_dim: int,
+    num_classes: int,
+    class_names: Sequence[str] | None,
+    views: Sequence[str],
+    encoder_name: str,
+    encoder_weights: str | None,
+    tiling: Mapping[str, Any],
+    mil_hidden: int = 512,
+    translator_heads: int = 10,
+) -> dict[str, Any]:
+    """Plain-Python description of the inference network (stored in ``model.pt``)."""
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(int(num_classes))]
+    if len(names) != int(num_classes):
+        raise ValueError(f"{len(names)} class names {names} for num_classes={num_classes}")
+    return {
+        "mil_name": str(mil_name),
+        "mil_hidden": int(mil_hidden),
+        "feature_dim": int(feature_dim),
+        "num_classes": int(num_classes),
+        "class_names": names,
+        "views": [str(v) for v in views],
+        "translator_heads": int(translator_heads),
+        "encoder_name": str(encoder_name),
+        "encoder_weights": None if encoder_weights is None else str(encoder_weights),
+        "tiling": {str(k): v for k, v in dict(tiling).items()},
+    }
+
+
+def load_inference_networks(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``(mil_head, translator, metadata)`` rebuilt from ``model.pt`` (``weights_only`` load), in eval mode."""
+    from monai_fbta.engines import load_inference_model
+    from monai_fbta.networks import FeatureTranslator, build_mil_head
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no trained model at {path}: run the bundle's training first")
+    blob = load_inference_model(path)
+    meta = blob["metadata"]
+    head = build_mil_head(meta["mil_name"], in_features=meta["feature_dim"], num_classes=meta["num_classes"],
+                          hidden=meta["mil_hidden"])
+    head.load_state_dict(blob["mil_head"])
+    translator = None
+    if blob["translator"] is not None:
+        translator = FeatureTranslator(meta["feature_dim"], num_heads=meta["translator_heads"])
+        translator.load_state_dict(blob["translator"])
+        translator = translator.to(device).eval()
+    return head.to(device).eval(), translator, meta
+
+
+@torch.no_grad()
+def predict_bag(head: torch.nn.Module, translator: torch.nn.Module | None, features: torch.Tensor):
+    """Translation-based inference on one whole bag: ``y = f*_MIL(f_T(F^FB))``.
+
+    Args:
+        features: frozen features of every patch, ``[N, D]``.
+
+    Returns:
+        (probabilities ``[C]``, attention ``[N]``).
+    """
+    from monai_fbta.engines import translate_bag
+
+    bag = features.float().unsqueeze(0)
+    if translator is not None:
+        bag = translate_bag(translator, bag)
+    logits, attention = head(bag, return_attention=True)
+    return torch.softmax(logits.float(), -1)[0], attention[0].float()
+
+
+def write_predictions_csv(path: str | os.PathLike, records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> str:
+    """``slide_id, prob_<class>..., pred, pred_name[, label]`` per slide, written atomically."""
+    text = io.StringIO()
+    has_label = any(r.get("label") is not None and int(r["label"]) >= 0 for r in records)
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["slide_id", *[f"prob_{c}" for c in class_names], "pred", "pred_name"] + (["label"] if has_label else []))
+    for r in records:
+        probs = [float(p) for p in r["probs"]]
+        pred = int(np.argmax(probs))
+        row = [r["slide_id"], *[f"{p:.6f}" for p in probs], pred, class_names[pred]]
+        writer.writerow(row + ([r.get("label", "")] if has_label else []))
+    with atomic_open(path, "w", newline="") as f:
+        f.write(text.getvalue())
+    return str(path)
+
+
+def evaluate_checkpoint(
+    model_path: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    store_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    metrics_path: str | os.PathLike | None = None,
+    split: str = "test",
+) -> dict[str, Any]:
+    """Metrics of ``model.pt`` on ``rows`` (translated and vanilla paths), logged, printed and saved as JSON.
+
+    Also writes ``<split>_predictions.csv`` beside ``metrics_path``.
+    """
+    from monai_fbta.data.dataset import FBTADataset, collate_single
+    from monai_fbta.engines import FBTAEvaluator
+
+    if not rows:
+        logger.warning("no %s slides: nothing to evaluate", split)
+        return {}
+    head, translator, meta = load_inference_networks(model_path, device)
+    dataset = FBTADataset(rows, store_dir, num_clusters=1, load_patches=False, cluster_on_init=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_single)
+    evaluator = FBTAEvaluator(device, loader, head, translator, prefix=split)
+    evaluator.run()
+    metrics = {k: float(v) for k, v in evaluator.state.metrics.items()}
+    result = {
+        "split": split,
+        "num_slides": len(rows),
+        "model": os.fspath(model_path),
+        "class_names": meta["class_names"],
+        "metrics": metrics,
+        "confusion_matrix": getattr(evaluator.state, "confusion_matrix", None),
+        "confusion_matrix_vanilla": getattr(evaluator.state, "confusion_matrix_vanilla", None),
+    }
+    lines = [f"held-out {split} set ({len(rows)} slides), model {model_path}:"]
+    lines += [f"  {k:<28s} {v:.4f}" for k, v in sorted(metrics.items())]
+    print("\n".join(lines), flush=True)
+    if metrics_path is not None:
+        with atomic_open(metrics_path, "w") as f:
+            json.dump(result, f, indent=1)
+        records = [{"slide_id": p["slide_id"][0] if isinstance(p["slide_id"], list) else p["slide_id"],
+                    "probs": p["pred"], "label": p["label"]} for p in evaluator.state.predictions]
+        write_predictions_csv(os.path.join(os.path.dirname(os.fspath(metrics_path)), f"{split}_predictions.csv"),
+                              records, meta["class_names"])
+    return result
