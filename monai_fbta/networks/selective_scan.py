@@ -92,7 +92,7 @@ def _scan_chunk(
         decay = torch.cat([decay[:, :, :offset], decay[:, :, offset:] * decay[:, :, :-offset]], 2)
         offset *= 2
     h = decay * h0[:, :, None] + drive
-    return torch.einsum("bdts,bst->bdt", h, C), h[:, :, -1]
+    return torch.einsum("bdts,bst->bdt", h, C), h[:, :, -1].clone()  # clone: do not keep the chunk alive
 
 
 def selective_scan(

@@ -19,7 +19,7 @@ class FeatureTranslator(nn.Module):
     Initialisation: the first layer as ``nn.Linear``; the last layer as ``nn.Linear`` times
     ``init_scale`` (default 0.01), so f_T starts within about 1% of the identity (frozen features
     pass through almost unchanged) while every weight still gets a gradient from the first step.
-    ``init_scale=0`` gives the exact identity at initialisation.
+    ``init_scale=0`` gives the identity at initialisation (up to rounding in the mean).
 
     Args:
         in_features: feature size D (input and output).

@@ -1,0 +1,175 @@
+"""FeatureTranslator, PatchEncoder and the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monai_fbta.networks import (
+    FeatureTranslator,
+    PatchEncoder,
+    build_encoder,
+    build_mil_head,
+    build_translator,
+    copy_frozen,
+    copy_trainable,
+    list_encoders,
+    list_mil_heads,
+)
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- translator
+def test_translator_heads_and_shapes():
+    torch.manual_seed(0)
+    translator = FeatureTranslator(24, num_heads=10, hidden=16)
+    x = torch.randn(2, 7, 24)
+    mean, heads = translator(x, return_heads=True)
+    assert mean.shape == (2, 7, 24) and heads.shape == (10, 2, 7, 24)
+    assert torch.allclose(mean, heads.mean(0), atol=1e-6)
+    assert torch.allclose(translator(x), mean)
+    assert not torch.allclose(heads[0], heads[1])  # independent heads
+    # head k is x + MLP_k(x), computed here with plain Linear algebra
+    k = 3
+    manual = x + torch.nn.functional.gelu(x @ translator.w1[k] + translator.b1[k]) @ translator.w2[k] + translator.b2[k]
+    assert torch.allclose(heads[k], manual, atol=1e-5)
+
+
+def test_translator_near_identity_at_init_and_trainable():
+    torch.manual_seed(0)
+    x = torch.randn(100, 64)
+    translator = FeatureTranslator(64)
+    out = translator(x)
+    relative = (out - x).norm() / x.norm()
+    assert 0 < relative < 0.05
+    assert torch.allclose(FeatureTranslator(64, init_scale=0.0)(x), x, rtol=0, atol=1e-6)  # mean of K copies
+    out.pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in translator.parameters())
+    with pytest.raises(ValueError, match=r"\[\.\.\., 64\]"):
+        translator(torch.randn(3, 65))
+
+
+# ---------------------------------------------------------------- encoder
+def test_tiny_cnn_shapes_and_size():
+    encoder = PatchEncoder("tiny_cnn", out_features=48)
+    assert encoder.out_features == 48
+    assert 20_000 < sum(p.numel() for p in encoder.parameters()) < 100_000
+    assert encoder(torch.rand(3, 3, 64, 64)).shape == (3, 48)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        encoder(torch.rand(3, 64, 64))
+
+
+@pytest.mark.parametrize("name,dim", [("resnet50_trunc", 1024), ("resnet18", 512), ("vit_small", 384)])
+def test_backbone_dims(name, dim):
+    encoder = build_encoder(name).eval()
+    with torch.no_grad():
+        assert encoder(torch.rand(1, 3, 64, 64)).shape == (1, dim)
+    assert encoder.out_features == dim
+
+
+def test_local_weights_round_trip(tmp_path):
+    torch.manual_seed(0)
+    source = PatchEncoder("tiny_cnn").eval()
+    x = torch.rand(2, 3, 32, 32)
+    for i, state in enumerate((source.backbone.state_dict(), source.state_dict())):  # plain and "backbone." keys
+        path = tmp_path / f"w{i}.pth"
+        torch.save(state, path)
+        torch.manual_seed(1)
+        loaded = PatchEncoder("tiny_cnn", weights=str(path)).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), source(x))
+
+
+def test_full_resnet50_checkpoint_loads_into_truncated(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    full = torchvision.models.resnet50()
+    torch.save(full.state_dict(), tmp_path / "resnet50.pth")
+    encoder = PatchEncoder("resnet50_trunc", weights=tmp_path / "resnet50.pth")
+    assert torch.equal(encoder.backbone.layer3[0].conv1.weight, full.layer3[0].conv1.weight)
+
+
+def test_weights_errors_name_the_file(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(PatchEncoder("tiny_cnn", out_features=32).backbone.state_dict(), path)
+    with pytest.raises(RuntimeError, match=r"other\.pth.*does not match.*shape mismatches"):
+        PatchEncoder("tiny_cnn", out_features=64, weights=path)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        PatchEncoder("tiny_cnn", weights=tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        PatchEncoder("tiny_cnn", weights=tmp_path / "junk.pth")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        PatchEncoder("tiny_cnn", weights="imagenet")
+
+
+def test_pretrained_download_offline_gives_clear_error():
+    try:
+        PatchEncoder("resnet18", weights="imagenet")
+    except RuntimeError as err:
+        message = str(err)
+        assert "resnet18" in message and "local file" in message and "weights=" in message
+    else:
+        pytest.skip("pretrained weights were available (network or cache): nothing to check")
+
+
+def test_copy_frozen_and_trainable():
+    encoder = PatchEncoder("tiny_cnn")
+    frozen, trainable = copy_frozen(encoder), copy_trainable(encoder)
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    torch.nn.Sequential(frozen).train()  # a parent switching to train mode must not unfreeze BN statistics
+    assert not frozen.training
+    assert trainable.training and all(p.requires_grad for p in trainable.parameters())
+    assert trainable.backbone.fc.weight.data_ptr() != encoder.backbone.fc.weight.data_ptr()
+    x = torch.rand(4, 3, 32, 32)
+    before = frozen.backbone.block1[1].running_mean.clone()
+    frozen(x)
+    assert torch.equal(frozen.backbone.block1[1].running_mean, before)
+
+
+def test_grad_checkpointing_same_gradients():
+    x = torch.rand(2, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        encoder = PatchEncoder("tiny_cnn", grad_checkpointing=checkpointing)
+        encoder(x).sum().backward()
+        grads.append(encoder.backbone.block1[0].weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_channels_last_and_autocast():
+    encoder = PatchEncoder("tiny_cnn").eval().to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = encoder(x)
+    assert y.shape == (2, 64) and torch.isfinite(y.float()).all()
+
+
+# ---------------------------------------------------------------- registry
+def test_registry_builds_and_rejects_unknown_names():
+    assert list_mil_heads() == ["abmil", "mambamil", "transmil"]
+    assert {"tiny_cnn", "resnet50_trunc", "vit_b_32"} <= set(list_encoders())
+    head = build_mil_head("ABMIL", in_features=8, num_classes=2, hidden=16)
+    assert head(torch.randn(1, 5, 8)).shape == (1, 2)
+    assert build_translator(in_features=8, num_heads=3).num_heads == 3
+    with pytest.raises(ValueError, match="abmil.*mambamil.*transmil"):
+        build_mil_head("clam", in_features=8, num_classes=2)
+    with pytest.raises(ValueError, match="tiny_cnn"):
+        build_encoder("resnet1000")
+
+
+def test_target_dotted_paths():
+    from monai.bundle import ConfigParser
+
+    config = {
+        "head": {"_target_": "monai_fbta.networks.TransMIL", "in_features": 8, "num_classes": 2, "hidden": 16, "heads": 2},
+        "translator": {"_target_": "monai_fbta.networks.FeatureTranslator", "in_features": 8},
+        "encoder": {"_target_": "monai_fbta.networks.PatchEncoder", "name": "tiny_cnn"},
+    }
+    parser = ConfigParser(config)
+    assert parser.get_parsed_content("head")(torch.randn(1, 4, 8)).shape == (1, 2)
+    assert parser.get_parsed_content("translator").num_heads == 10
+    assert parser.get_parsed_content("encoder").out_features == 64
