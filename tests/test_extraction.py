@@ -132,11 +132,24 @@ def _cli(datalist: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``python args`` in its own process group; the whole group is killed on timeout."""
+    proc = subprocess.Popen([sys.executable, *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {args}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
 def _datalist(rows: list[dict], path: Path) -> Path:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "label"])
+        writer = csv.DictWriter(f, fieldnames=["slide_id", "path", "label"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({"slide_id": Path(r["image"]).stem, "path": r["image"], "label": r["label"]} for r in rows)
     return path
 
 
@@ -152,7 +165,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     ids = [f"slide{i}" for i in range(5)]
     datalist = _datalist(rows, tmp_path / "slides.csv")
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, *_cli(datalist, ref)], env=_env(), check=True, capture_output=True, timeout=240)
+    assert _run(_cli(datalist, ref)).returncode == 0
 
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, *_cli(datalist, out)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -168,7 +181,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
         with h5py.File(h5, "r") as f:
             assert "coords" in f
 
-    rerun = subprocess.run([sys.executable, *_cli(datalist, out)], env=_env(), capture_output=True, text=True, timeout=240)
+    rerun = _run(_cli(datalist, out))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     with open(out / "extraction_report.csv") as f:
         status = {r["slide_id"]: r["status"] for r in csv.DictReader(f)}
@@ -182,11 +195,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     ids = [f"slide{i}" for i in range(3)]
     datalist = _datalist(rows, tmp_path / "slides.csv")
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, *_cli(datalist, one)], env=_env(), check=True, capture_output=True, timeout=240)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", *_cli(datalist, two)],
-        env=_env(), capture_output=True, text=True, timeout=300,
-    )
+    assert _run(_cli(datalist, one)).returncode == 0
+    run = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *_cli(datalist, two)])
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     _assert_same_stores(one, two, ids)
     with open(two / "extraction_report.csv") as f:

@@ -21,12 +21,9 @@ import argparse
 import csv
 import glob
 import hashlib
-import io
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from monai_fbta._io import atomic_open
 from monai_fbta.data.errors import SlideError, SlideReadError
 from monai_fbta.data.store import add_arrays, read_coords, store_is_complete, write_coords
 from monai_fbta.transforms.patches import SlideCache, patches_to_tensor
@@ -94,20 +92,10 @@ class ExtractionReport:
 
 
 def _write_csv_atomic(path: str, results: Sequence[SlideResult]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_REPORT_FIELDS)
-            writer.writeheader()
-            writer.writerows(asdict(r) for r in results)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_REPORT_FIELDS)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
 
 
 # ----------------------------------------------------------------------------- identity
@@ -133,7 +121,7 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> dict[str, str]:
         digest.update(name.encode())
         t = tensor.detach().cpu().contiguous()
         digest.update(str(t.dtype).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     name = getattr(encoder, "name", None) or type(encoder).__name__
     return {"encoder": str(name), "weights": digest.hexdigest()}
 
@@ -339,6 +327,7 @@ def extract_features(
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(encoder, str):
+        from monai_fbta.data.datalist import load_datalist
         from monai_fbta.networks.encoder import build_encoder
 
         encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))
@@ -408,35 +397,10 @@ def _gather(results: list[SlideResult], rows: Sequence[Mapping[str, Any]], world
 # ----------------------------------------------------------------------------- CLI
 
 
-def _read_datalist(path: str) -> list[dict[str, Any]]:
-    """Rows of a CSV (column ``image`` or ``slide_path``/``path``), a MONAI datalist JSON
-    (``{"training": [...]}`` or a list), or a text file of slide paths (one per line)."""
-    base = os.path.dirname(os.path.abspath(path))
-
-    def resolve(p: str) -> str:
-        return p if os.path.isabs(p) else os.path.join(base, p)
-
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise SystemExit(f"{path}: cannot read the datalist ({e})") from e
-    if path.endswith(".json"):
-        data = json.loads(text)
-        items = data if isinstance(data, list) else [r for v in data.values() if isinstance(v, list) for r in v]
-        return [{**r, "image": resolve(r["image"])} for r in items]
-    if path.endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(text)))
-        key = next((k for k in ("image", "slide_path", "path") if rows and k in rows[0]), None)
-        if key is None:
-            raise SystemExit(f"{path}: the CSV needs an 'image' (or 'slide_path'/'path') column")
-        return [{**r, "image": resolve(r[key])} for r in rows]
-    return [{"image": resolve(line.strip())} for line in text.splitlines() if line.strip()]
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m monai_fbta.data.extraction", description=__doc__.split("\n\n")[0])
-    p.add_argument("--datalist", required=True, help="CSV (image column), MONAI datalist JSON or text list of slides")
+    p.add_argument("--datalist", required=True, help="slide_id,path,label CSV or MONAI datalist JSON (see load_datalist)")
+    p.add_argument("--classes", default=None, help="comma-separated class names when labels are names")
     p.add_argument("--out", required=True, help="output folder of per-slide .h5 stores")
     p.add_argument("--encoder", default="resnet50", help="encoder name for build_encoder (e.g. tiny_cnn)")
     p.add_argument("--weights", default=None, help="local weights file for the encoder")
@@ -470,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
     try:
+        from monai_fbta.data.datalist import load_datalist
         from monai_fbta.networks.encoder import build_encoder
 
         torch.manual_seed(args.seed)
@@ -479,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.assume_mpp is not None:
             tiling["assume_mpp"] = args.assume_mpp
         report = extract_features(
-            _read_datalist(args.datalist), args.out, encoder, tiling, batch_size=args.batch_size,
+            load_datalist(args.datalist, classes=args.classes.split(",") if args.classes else None, check_files=False),
+            args.out, encoder, tiling, batch_size=args.batch_size,
             num_workers=args.num_workers, device=device, amp=not args.no_amp,
             channels_last=not args.no_channels_last, skip_errors=not args.strict, progress=not args.no_progress,
         )
