@@ -289,3 +289,43 @@ def test_validation_best_model_and_inference_checkpoint(tmp_path):
             torch.testing.assert_close(a, b)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_inference_model(tmp_path / "nope.pt")
+
+
+def test_end_to_end_on_synthetic_slides_with_fbta_dataset(tmp_path):
+    """Real pipeline: pyramidal TIFFs -> frozen tiny_cnn features -> FBTADataset -> trainer + evaluator."""
+    import numpy as np
+    from slide_factory import tissue_rect_image, write_slide
+
+    from monai_fbta.data.dataset import FBTADataset, collate_single
+    from monai_fbta.data.extraction import extract_features
+
+    rows = []
+    for i in range(2):
+        img = tissue_rect_image(512, 512, (32, 32, 480, 480), seed=i)
+        img[::5] = (img[::5] * (0.5 + 0.3 * i)).astype(np.uint8)
+        rows.append({"image": write_slide(tmp_path / f"s{i}.tif", img, levels=1, tile=64, mpp=0.5), "label": i})
+    torch.manual_seed(0)
+    frozen = copy_frozen(PatchEncoder("tiny_cnn", out_features=D))
+    extract_features(rows, tmp_path / "feats", frozen, {"patch_size": 32, "target_mpp": 0.5}, progress=False)
+
+    train_ds = FBTADataset(rows, tmp_path / "feats", num_per_cluster=1, num_clusters=4, seed=0)
+    val_ds = FBTADataset(rows, tmp_path / "feats", num_clusters=4, load_patches=False)
+    head = ABMIL(D, C, hidden=16, attention_dim=8)
+    translator = FeatureTranslator(D, num_heads=3, hidden=16)
+    encoder = copy_trainable(frozen)
+    opt = torch.optim.AdamW(fbta_param_groups(head, translator, encoder))
+    trainer = FBTATrainer(
+        "cpu", 2, DataLoader(train_ds, batch_size=1, collate_fn=collate_single), head, opt, FBTALoss(),
+        translator=translator, trainable_encoder=encoder,
+    )
+    pb_per_epoch = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: pb_per_epoch.append(e.state.batch["pb_index"]))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: pb_per_epoch.append(e.state.batch["pb_index"]))
+    trainer.run()
+    assert trainer.state.optimizer_step == 4 and all(np.isfinite(trainer.state.output[k]) for k in ("cls", "cons", "dist"))
+    assert train_ds.epoch == 1, f"dataset epoch {train_ds.epoch} after {trainer.state.epoch} epochs"
+    assert not torch.equal(*pb_per_epoch), "a new pseudo-bag each epoch"
+    ev = FBTAEvaluator("cpu", DataLoader(val_ds, batch_size=1, collate_fn=collate_single), trainer.inference_head, translator)
+    ev.run()
+    assert [p["slide_id"] for p in ev.state.predictions] == ["s0", "s1"]
+    assert {"val_auc", "val_auc_vanilla", "val_acc", "val_f1_vanilla"} <= set(ev.state.metrics)

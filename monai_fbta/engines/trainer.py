@@ -7,6 +7,7 @@ Per iteration (batch size 1, the sample dict of :class:`monai_fbta.data.dataset.
   (views of equal shape are stacked into one batch ``[V, S, D]``);
 * teacher logits ``f*_MIL(F^v)`` and the distillation target ``f*_TFE(pb_image_clean)`` without gradient;
 * :class:`~monai_fbta.engines.losses.FBTALoss` with ``engine.state.curriculum`` = t/T;
+* ``dataset.set_epoch(epoch - 1)`` at each epoch start when the dataset has it (new pseudo-bags);
 * backward, optimiser step every ``accumulation_steps`` slides, then :data:`FBTAEvents.OPTIMIZER_STEP_COMPLETED`
   (the EMA handlers listen to it).
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from ignite.engine import Events
 from torch.utils.checkpoint import checkpoint
 
 from monai_fbta._quiet import quiet_import
@@ -45,6 +47,8 @@ def prepare_slide_batch(
     """
     out: dict[str, Any] = {}
     for key, value in batchdata.items():
+        if key == "label" and isinstance(value, int):
+            value = torch.tensor([value])
         if not isinstance(value, torch.Tensor):
             collated_str = isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str)
             out[key] = value[0] if collated_str else value
@@ -219,9 +223,17 @@ class FBTATrainer(Trainer):
             teacher_encoder = ModelEMA(trainable_encoder, name="ema_momentum_encoder", **ema_kw)
         self.teacher_head, self.teacher_encoder = teacher_head, teacher_encoder
         self.curriculum = CurriculumWeight() if curriculum is None else curriculum
+        self.add_event_handler(Events.EPOCH_STARTED, self._set_dataset_epoch)
         for handler in (self.curriculum, teacher_head, teacher_encoder, *(train_handlers or ())):
             if handler is not None:
                 handler.attach(self)
+
+    @staticmethod
+    def _set_dataset_epoch(engine: FBTATrainer) -> None:
+        """New pseudo-bags each epoch: ``dataset.set_epoch(epoch - 1)`` when the dataset has it (FBTADataset)."""
+        dataset = getattr(engine.data_loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(engine.state.epoch - 1)
 
     @property
     def inference_head(self) -> nn.Module:
