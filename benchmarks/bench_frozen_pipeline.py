@@ -90,7 +90,7 @@ def main() -> None:
     from monai_fbta.data.dataset import FBTADataset
     from monai_fbta.data.extraction import extract_features, prepare_encoder, resolve_amp_dtype
     from monai_fbta.data.store import read_array, read_coords
-    from monai_fbta.networks.encoder import build_encoder
+    from monai_fbta.networks.registry import build_encoder
     from monai_fbta.transforms.augment import make_e2e_augmentation
     from monai_fbta.transforms.patches import ReadPatches
     from monai_fbta.transforms.pseudobag import PseudoBagSample

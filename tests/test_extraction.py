@@ -19,7 +19,7 @@ from slide_factory import tissue_rect_image, write_slide
 from monai_fbta.data.errors import SlideError
 from monai_fbta.data.extraction import encoder_fingerprint, extract_features
 from monai_fbta.data.store import read_array, read_coords, store_is_complete
-from monai_fbta.networks.encoder import build_encoder
+from monai_fbta.networks.registry import build_encoder
 from monai_fbta.transforms.patches import ReadPatches
 
 torch.set_num_threads(1)

@@ -309,7 +309,7 @@ def extract_features(
             (override), or plain paths.
         out_dir: folder of the per-slide ``.h5`` stores (created).
         encoder: a frozen ``nn.Module`` (``[B, 3, H, W]`` float in ``[0, 1]`` -> ``[B, D]``) or a name
-            for :func:`monai_fbta.networks.encoder.build_encoder` (with ``encoder_kwargs``).
+            for :func:`monai_fbta.networks.registry.build_encoder` (with ``encoder_kwargs``).
         tiling_kwargs: passed to :func:`monai_fbta.data.tiling.tile_slide` (``patch_size``,
             ``target_mpp``, ``tissue_threshold``, ...); part of the fingerprint.
         batch_size: patches per forward pass; num_workers: DataLoader reader processes.
@@ -328,7 +328,7 @@ def extract_features(
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(encoder, str):
         from monai_fbta.data.datalist import load_datalist
-        from monai_fbta.networks.encoder import build_encoder
+        from monai_fbta.networks.registry import build_encoder
 
         encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -435,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.cuda.set_device(device)
     try:
         from monai_fbta.data.datalist import load_datalist
-        from monai_fbta.networks.encoder import build_encoder
+        from monai_fbta.networks.registry import build_encoder
 
         torch.manual_seed(args.seed)
         kwargs = {"weights": args.weights} if args.weights else {}
