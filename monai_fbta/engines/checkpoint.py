@@ -105,23 +105,35 @@ def save_inference_model(
     translator: nn.Module | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model.pt``: the (EMA teacher) head, the translator and metadata (class names, views, feature dim...).
+    """Write ``model.pt``: ``{"network": state dict of TranslatedMIL(head, translator), "metadata": {...}}``.
 
-    Metadata values must be plain Python (str, int, float, bool, lists/dicts of them) to stay weights_only-loadable.
+    The ``network`` entry uses :class:`~monai_fbta.networks.TranslatedMIL`'s keys (``mil_head.*``,
+    ``translator.*``), so MONAI's ``ckpt_export --key_in_ckpt network`` loads it as is. Metadata values must
+    be plain Python (str, int, float, bool, lists/dicts of them) to stay weights_only-loadable.
     """
-    blob = {
-        "mil_head": mil_head.state_dict(),
-        "translator": None if translator is None else translator.state_dict(),
-        "metadata": dict(metadata or {}),
-    }
+    network = {f"mil_head.{k}": v for k, v in mil_head.state_dict().items()}
+    if translator is not None:
+        network.update({f"translator.{k}": v for k, v in translator.state_dict().items()})
+    blob = {"network": network, "has_translator": translator is not None, "metadata": dict(metadata or {})}
     return _atomic_torch_save(blob, path)
+
+
+def _part(network: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in network.items() if k.startswith(prefix)}
 
 
 def load_inference_model(
     path: str | os.PathLike, mil_head: nn.Module | None = None, translator: nn.Module | None = None
 ) -> dict[str, Any]:
-    """Read ``model.pt``; load its weights into the given modules; return the raw dict (``metadata`` included)."""
+    """Read ``model.pt``; load its weights into the given modules.
+
+    Returns ``{"mil_head": state dict, "translator": state dict or None, "metadata": dict, "network": ...}``.
+    """
     blob = _load(path)
+    if "network" not in blob:
+        raise KeyError(f"{path} is not an inference model written by save_inference_model (no 'network' entry)")
+    blob["mil_head"] = _part(blob["network"], "mil_head.")
+    blob["translator"] = _part(blob["network"], "translator.") if blob.get("has_translator") else None
     if mil_head is not None:
         mil_head.load_state_dict(blob["mil_head"])
     if translator is not None:

@@ -20,7 +20,7 @@ import torch
 
 from monai_fbta.data.datalist import DatalistError, load_datalist, load_splits, make_splits, save_splits, select_fold
 
-__all__ = ["SLIDE_EXTENSIONS", "find_or_make_dataset", "preprocess", "split_rows"]
+__all__ = ["SLIDE_EXTENSIONS", "frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
 
 logger = logging.getLogger("fbta.prepare")
 
@@ -31,6 +31,33 @@ def _slides_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
+
+
+def frozen_encoder(name: str, weights: str | os.PathLike | None, ckpt_dir: str | os.PathLike) -> torch.nn.Module:
+    """The frozen extractor f_FFE, with weights that later runs (resume, inference) can find again.
+
+    ``weights=None`` (random initialisation, for demos and tests: no pretrained weights can be
+    downloaded offline) would give other features at every run; the first run therefore saves its
+    random weights to ``ckpt_dir/frozen_encoder_<name>.pt`` and every later run loads them.
+    Returns ``copy_frozen(encoder)``; its ``weights_file`` attribute names the file used.
+    """
+    from monai_fbta._io import atomic_open
+    from monai_fbta.networks.encoder import PatchEncoder, copy_frozen
+
+    if weights is None:
+        saved = Path(ckpt_dir) / f"frozen_encoder_{name}.pt"
+        if saved.is_file():
+            weights = saved
+        else:
+            encoder = PatchEncoder(name)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(saved, "wb") as f:
+                torch.save(encoder.backbone.state_dict(), f)
+            logger.warning("no encoder weights given: %s starts from random weights, saved to %s", name, saved)
+            weights = saved
+    encoder = copy_frozen(PatchEncoder(name, weights=weights))
+    encoder.weights_file = os.fspath(weights)
+    return encoder
 
 
 def find_or_make_dataset(

@@ -24,6 +24,7 @@ from monai_fbta._io import atomic_open
 __all__ = [
     "model_metadata",
     "load_inference_networks",
+    "build_inference_network",
     "predict_bag",
     "evaluate_checkpoint",
     "write_predictions_csv",
@@ -80,6 +81,14 @@ def load_inference_networks(path: str | os.PathLike, device: str | torch.device 
         translator.load_state_dict(blob["translator"])
         translator = translator.to(device).eval()
     return head.to(device).eval(), translator, meta
+
+
+def build_inference_network(model_path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """:class:`~monai_fbta.networks.TranslatedMIL` with the weights of ``model.pt`` (the bundle's ``network_def``)."""
+    from monai_fbta.networks import TranslatedMIL
+
+    head, translator, _ = load_inference_networks(model_path, device)
+    return TranslatedMIL(head, translator).eval()
 
 
 @torch.no_grad()

@@ -1,0 +1,111 @@
+"""Slide-level inference with a trained bundle: ``y = f*_MIL(f_T(F^FB))`` plus attention heatmaps.
+
+No patch is pushed through the trainable extractor: the frozen features of every tissue patch are
+read from the cache (or extracted once, with the frozen encoder named in ``model.pt``), translated
+by f_T and classified by the EMA teacher head. Outputs, all inside ``output_dir``:
+
+* ``predictions.csv``: slide id, one probability per class, predicted index and class name;
+* ``heatmaps/<slide_id>_heatmap.png``: attention over the slide thumbnail;
+* ``cache/``: the per-slide feature stores (reused by the next run) and ``extraction_report.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_fbta.data.datalist import load_datalist
+from monai_fbta.data.extraction import extract_features, slide_id_of, store_path
+from monai_fbta.data.store import read_array, read_coords
+from monai_fbta.pipeline.paths import inside, safe_name
+from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, frozen_encoder
+from monai_fbta.pipeline.report import load_inference_networks, predict_bag, write_predictions_csv
+
+__all__ = ["inference_rows", "run_inference"]
+
+logger = logging.getLogger("fbta.inference")
+
+
+def inference_rows(inputs: str | os.PathLike | Sequence[str], mpp: float | None = None) -> list[dict[str, Any]]:
+    """Rows to predict from a slide file, a folder of slides, a list of slide paths, or a labelled datalist."""
+    if isinstance(inputs, (list, tuple)):
+        paths = [Path(p) for p in inputs]
+    else:
+        path = Path(inputs)
+        if path.suffix.lower() in (".csv", ".json"):
+            rows = load_datalist(path)
+            return [dict(r, mpp=mpp) if mpp else r for r in rows]
+        if path.is_dir():
+            paths = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
+            if not paths:
+                raise FileNotFoundError(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) in {path}")
+        else:
+            paths = [path]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"slide file(s) not found: {missing}")
+    rows = [{"slide_id": safe_name(p.stem), "image": str(p.resolve())} for p in paths]
+    ids = [r["slide_id"] for r in rows]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"several input slides share the slide id(s) {dupes}: rename them or use a datalist")
+    return [dict(r, mpp=mpp) if mpp else r for r in rows]
+
+
+def run_inference(
+    model_path: str | os.PathLike,
+    inputs: str | os.PathLike | Sequence[str],
+    output_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    heatmaps: bool = True,
+    mpp: float | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    skip_errors: bool = True,
+) -> list[dict[str, Any]]:
+    """Predict every input slide; returns one record per slide (``slide_id``, ``probs``, ``pred_name``...)."""
+    head, translator, meta = load_inference_networks(model_path, device)
+    output_dir = os.fspath(output_dir)
+    cache_dir = os.fspath(cache_dir) if cache_dir else inside(output_dir, "cache")
+    rows = inference_rows(inputs, mpp)
+    encoder = frozen_encoder(meta["encoder_name"], meta["encoder_weights"], os.path.dirname(os.fspath(model_path)))
+    report = extract_features(rows, cache_dir, encoder, tiling_kwargs=meta["tiling"], batch_size=batch_size,
+                              num_workers=num_workers, device=device, skip_errors=skip_errors)
+    failed = {r.slide_id: r.error for r in report.failed}
+    names = meta["class_names"]
+    records, writer = [], None
+    if heatmaps:
+        from monai_fbta.handlers.heatmap import HeatmapWriter
+
+        writer = HeatmapWriter(inside(output_dir, "heatmaps"))
+    for row in rows:
+        sid = slide_id_of(row)
+        if sid in failed:
+            logger.error("slide %s skipped: %s", sid, failed[sid])
+            continue
+        store = store_path(cache_dir, sid)
+        coords, attrs = read_coords(store)
+        features = torch.as_tensor(read_array(store, "features")).to(device)
+        probs, attention = predict_bag(head, translator, features)
+        probs = probs.cpu().tolist()
+        pred = int(max(range(len(probs)), key=probs.__getitem__))
+        record = {"slide_id": sid, "image": row["image"], "probs": probs, "pred": pred, "pred_name": names[pred],
+                  "label": row.get("label"), "num_patches": len(coords)}
+        if writer is not None:
+            record["heatmap"] = writer.write_one(
+                safe_name(sid), row["image"], coords, attention.cpu().numpy(), float(attrs["patch_size_level0"]),
+                title=f"{sid}: {names[pred]} (p={probs[pred]:.2f})",
+            )
+        records.append(record)
+        logger.info("%s: %s (p=%.3f)", sid, names[pred], probs[pred])
+    path = write_predictions_csv(inside(output_dir, "predictions.csv"), records, names)
+    print(f"{len(records)} slide(s) predicted -> {path}" + (f"; {len(failed)} failed (see {report.csv_path})" if failed else ""),
+          flush=True)
+    return records
+
