@@ -80,6 +80,8 @@ def _label_index(value: Any, classes: Sequence[str] | None) -> int | None:
     text = str(value)
     if text in classes:
         return list(classes).index(text)
+    if text.isdigit():  # an index into the class list (range checked by the caller)
+        return int(text)
     return None
 
 

@@ -20,7 +20,7 @@ import torch
 
 from monai_fbta.data.datalist import DatalistError, load_datalist, load_splits, make_splits, save_splits, select_fold
 
-__all__ = ["SLIDE_EXTENSIONS", "frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
+__all__ = ["SLIDE_EXTENSIONS", "default_class_names", "frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
 
 logger = logging.getLogger("fbta.prepare")
 
@@ -58,6 +58,30 @@ def frozen_encoder(name: str, weights: str | os.PathLike | None, ckpt_dir: str |
     encoder = copy_frozen(PatchEncoder(name, weights=weights))
     encoder.weights_file = os.fspath(weights)
     return encoder
+
+
+def default_class_names(
+    dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None, num_classes: int
+) -> list[str] | None:
+    """Class names when the user gave none: those of a synthetic dataset (made now or earlier), else None.
+
+    ``None`` means the datalist's labels must be integer class indices (names are then ``class_<i>``).
+    """
+    if datalist:
+        return None
+    folder = Path(dataset_dir)
+    marker = folder / "datalist.json"
+    if marker.is_file():
+        import json
+
+        with open(marker) as f:
+            names = json.load(f).get("class_names")
+        return list(names) if names else None
+    if not _slides_in(folder) and not (folder / "labels.csv").is_file():
+        from monai_fbta.data.synthetic import CLASS_NAMES
+
+        return list(CLASS_NAMES[:num_classes])
+    return None
 
 
 def find_or_make_dataset(
