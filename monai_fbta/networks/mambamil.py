@@ -65,7 +65,7 @@ class SRMamba(nn.Module):
     """Sequence-reordering Mamba mixer: ``[B, L, dim] -> [B, L, dim]`` (see the module docstring)."""
 
     def __init__(
-        self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, rate: int = 10, chunk_size: int = 64
+        self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, rate: int = 10, chunk_size: int = 256
     ) -> None:
         super().__init__()
         d_inner, dt_rank = expand * dim, math.ceil(dim / 16)
@@ -116,7 +116,7 @@ class MambaMIL(MILHead):
         expand: int = 2,
         rate: int = 10,
         attention_dim: int = 128,
-        chunk_size: int = 64,
+        chunk_size: int = 256,
     ) -> None:
         super().__init__(in_features, num_classes, hidden, dropout)
         self.projection = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout))

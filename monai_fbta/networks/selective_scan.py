@@ -10,9 +10,10 @@ Shapes follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``: ``u,
 ``A [Dm, S]``, ``B, C [B, S, L]``, ``D, delta_bias [Dm]``; returns ``y [B, Dm, L]``.
 
 :func:`selective_scan` (the PyTorch path) cuts the sequence into chunks of ``chunk_size`` steps.
-Inside a chunk the linear recurrence is an associative scan done in log2(chunk) parallel steps
-(Hillis-Steele, products of decays in (0, 1], so it cannot overflow); the state is carried from
-chunk to chunk. With gradients on, each chunk runs under activation checkpointing, so memory is
+The decays ``exp(dt * A)`` (in (0, 1], so nothing can overflow) and inputs ``dt * B * u`` of a
+chunk are computed in one vectorised pass, then the state is stepped through the chunk (one
+multiply-add per step; on CPU this beat a log-depth Hillis-Steele scan ~3x) and carried to the
+next chunk. With gradients on, each chunk runs under activation checkpointing, so memory is
 O(L * Dm) for inputs/outputs plus O(chunk * Dm * S) for one chunk, never O(L * Dm * S) or O(L^2).
 :func:`selective_scan_naive` is the step-by-step reference used by the tests.
 """
@@ -84,15 +85,15 @@ def _scan_chunk(
     h0: torch.Tensor, u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: ``h0 [B, Dm, S]``, ``u, dt [B, Dm, T]``, ``B, C [B, S, T]`` -> ``(y [B, Dm, T], h_T [B, Dm, S])``."""
-    decay = torch.exp(dt[..., None] * A[:, None, :])  # [B, Dm, T, S]
+    decay = torch.exp(dt[..., None] * A[:, None, :])  # [B, Dm, T, S], in (0, 1]
     drive = (dt * u)[..., None] * B.transpose(1, 2)[:, None]  # [B, Dm, T, S]
-    steps, offset = decay.shape[2], 1
-    while offset < steps:  # inclusive scan of (decay, drive) pairs: (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2)
-        drive = torch.cat([drive[:, :, :offset], decay[:, :, offset:] * drive[:, :, :-offset] + drive[:, :, offset:]], 2)
-        decay = torch.cat([decay[:, :, :offset], decay[:, :, offset:] * decay[:, :, :-offset]], 2)
-        offset *= 2
-    h = decay * h0[:, :, None] + drive
-    return torch.einsum("bdts,bst->bdt", h, C), h[:, :, -1].clone()  # clone: do not keep the chunk alive
+    states, state = [], h0
+    for decay_t, drive_t in zip(decay.unbind(2), drive.unbind(2)):  # unbind: one backward for all steps
+        state = decay_t * state + drive_t  # a multiply-add per step; the heavy work is vectorised above
+        states.append(state)
+    h = torch.stack(states, dim=2)  # [B, Dm, T, S]
+    y = (h * C.transpose(1, 2)[:, None]).sum(-1)
+    return y, h[:, :, -1].clone()  # clone: the carried state must not keep the whole chunk alive
 
 
 def selective_scan(
@@ -106,7 +107,7 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     backend: str = "auto",
-    chunk_size: int = 64,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
     """Selective scan; shapes in the module docstring.
 
@@ -129,9 +130,9 @@ def selective_scan(
     h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
     ys = []
-    for start in range(0, u.shape[2], chunk_size):
-        part = slice(start, start + chunk_size)
-        args = (h, u32[:, :, part], dt[:, :, part], A32, B32[:, :, part], C32[:, :, part])
+    chunks = (t.split(chunk_size, dim=2) for t in (u32, dt, B32, C32))  # views; one SplitBackward each
+    for u_c, dt_c, B_c, C_c in zip(*chunks):
+        args = (h, u_c, dt_c, A32, B_c, C_c)
         y, h = checkpoint(_scan_chunk, *args, use_reentrant=False) if use_checkpoint else _scan_chunk(*args)
         ys.append(y)
     return _finish(torch.cat(ys, dim=-1), u, D, z)
