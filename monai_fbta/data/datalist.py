@@ -27,6 +27,8 @@ __all__ = [
     "save_splits",
     "load_splits",
     "select_fold",
+    "check_slide_headers",
+    "check_splits",
 ]
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -91,14 +93,18 @@ def load_datalist(
     base_dir: str | os.PathLike | None = None,
     data_list_key: str = "training",
     check_files: bool = True,
+    check_slides: bool = False,
 ) -> list[dict[str, Any]]:
-    """Load ``slide_id,path,label[,case_id]`` CSV or a MONAI datalist JSON (``{"training": [{"image", "label"}]}``).
+    """Load ``slide_id,path,label[,case_id][,mpp]`` CSV or a MONAI datalist JSON (``{"training": [{"image", "label"}]}``).
 
     Args:
         classes: class names in index order; labels are mapped through it. ``None``: labels must be integers.
         base_dir: folder relative paths are resolved against (default: the datalist's folder).
         data_list_key: list key in a JSON datalist.
         check_files: report slides whose file does not exist.
+        check_slides: also open each existing slide's header (:func:`check_slide_headers`).
+
+    An ``mpp`` column (um/px at level 0) overrides the pixel size of slides whose metadata lacks it.
 
     Raises:
         DatalistError: listing every problem (missing files, unknown labels, duplicates, empty list...).
@@ -127,8 +133,18 @@ def load_datalist(
         if check_files and image and not os.path.exists(resolved):
             problems.append(f"{tag}: file not found: {resolved}")
         case_id = str(entry.get("case_id") or slide_id)
-        rows.append({"slide_id": slide_id, "image": resolved, "label": label, "case_id": case_id, "_where": where})
+        row = {"slide_id": slide_id, "image": resolved, "label": label, "case_id": case_id, "_where": where}
+        if str(entry.get("mpp") or "").strip():
+            try:
+                row["mpp"] = float(entry["mpp"])
+            except ValueError:
+                row["mpp"] = float("nan")
+            if not row["mpp"] > 0:
+                problems.append(f"{tag}: mpp {entry['mpp']!r} is not a positive number (um/px)")
+        rows.append(row)
     problems += validate_rows(rows, classes, raise_error=False)
+    if check_slides:
+        problems += check_slide_headers([r for r in rows if os.path.exists(r["image"])])
     if problems:
         raise DatalistError(str(path), problems)
     for row in rows:
@@ -163,6 +179,46 @@ def validate_rows(
             problems.append(f"case {case!r}: slides with inconsistent labels {names}")
     if problems and raise_error:
         raise DatalistError("datalist", problems)
+    return problems
+
+
+def check_slide_headers(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Open each slide (header and one pixel only, no tiling) and return one problem per unreadable slide."""
+    from monai_fbta.data.errors import SlideError
+    from monai_fbta.data.slide import open_slide
+
+    problems = []
+    for i, row in enumerate(rows):
+        where = f"{row.get('_where', f'row {i}')} (slide {row['slide_id']})"
+        try:
+            with open_slide(row["image"]):
+                pass
+        except SlideError as e:
+            problems.append(f"{where}: unreadable slide: {e}")
+    return problems
+
+
+def check_splits(splits: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] | None = None, raise_error: bool = True) -> list[str]:
+    """Problems of a splits file: a slide in two parts of a fold, or a patient (``case_id`` of ``rows``) whose
+    slides fall in different parts (train/val/test leakage). Raises :class:`DatalistError` when ``raise_error``."""
+    case_of = {r["slide_id"]: r.get("case_id") or r["slide_id"] for r in rows or ()}
+    problems = []
+    for k, fold in enumerate(splits.get("folds", [])):
+        part_of: dict[str, str] = {}
+        for name in SPLIT_NAMES:
+            for sid in fold.get(name, []):
+                if sid in part_of:
+                    problems.append(f"fold {k}: slide {sid!r} is in both {part_of[sid]} and {name}")
+                part_of[sid] = name
+        parts_of_case: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for sid, name in part_of.items():
+            parts_of_case[case_of.get(sid, sid)][name].append(sid)
+        for case, parts in sorted(parts_of_case.items()):
+            if len(parts) > 1:
+                where = "; ".join(f"{n}: {sorted(s)}" for n, s in parts.items())
+                problems.append(f"fold {k}: patient {case!r} is split across {sorted(parts)} ({where})")
+    if problems and raise_error:
+        raise DatalistError("splits", problems)
     return problems
 
 
@@ -247,4 +303,5 @@ def select_fold(
     unknown = [s for name in SPLIT_NAMES for s in chosen[name] if s not in by_id]
     if unknown:
         raise KeyError(f"fold {fold} names slides not in the datalist: {unknown[:10]}")
+    check_splits({"folds": [chosen]}, rows)  # no patient in two parts (a hand-made splits file may leak)
     return {name: [dict(by_id[s]) for s in chosen[name]] for name in SPLIT_NAMES}

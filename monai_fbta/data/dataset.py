@@ -85,6 +85,8 @@ class FBTADataset(torch.utils.data.Dataset):
             path = self.store_of(row)
             if not store_is_complete(path, required=("coords", "features")):
                 raise StoreError(path, f"no complete feature store for slide {row.get('image')!r}; run extract_features first")
+            if not store_is_complete(path, required=("features",), check_finite=True):
+                raise StoreError(path, f"features of slide {slide_id_of(row)!r} contain NaN/inf: delete this store to re-extract it")
             if cluster_on_init:
                 self._clusters(path)
 

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -110,8 +111,10 @@ def slide_id_of(row: Mapping[str, Any] | str | os.PathLike) -> str:
 
 
 def store_path(out_dir: str | os.PathLike, slide_id: str) -> str:
-    """``<out_dir>/<slide_id>.h5``."""
-    return os.path.join(os.fspath(out_dir), f"{slide_id}.h5")
+    """``<out_dir>/<safe slide_id>.h5``: ids like ``../../x`` or ``a/b`` cannot leave ``out_dir``."""
+    from monai_fbta.pipeline.paths import inside, safe_name
+
+    return inside(os.fspath(out_dir), f"{safe_name(slide_id)}.h5")
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> dict[str, str]:
@@ -253,6 +256,10 @@ def _extract_slide(
             feats.append(encode_batch(encoder, batch, device, settings["amp_dtype"], settings["channels_last"]))
             bar.update(len(batch))
     features = torch.cat(feats).numpy()
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise SlideError(row["image"], f"the encoder produced NaN/inf features for {int(bad.sum())} of {len(bad)} "
+                         f"patches (first at level-0 {tuple(int(v) for v in coords[np.argmax(bad)])}); nothing stored")
     add_arrays(path, {"features": features}, {"feature_dim": int(features.shape[1])}, settings["fingerprint"],
                feature_dtype=settings["dtype"])
     return len(coords)
@@ -277,8 +284,10 @@ def _normalise_rows(rows: Iterable[Mapping[str, Any] | str | os.PathLike]) -> li
             raise ValueError(f"datalist row has no 'image' (slide path): {row}")
         row["slide_id"] = slide_id_of(row)
         out.append(row)
-    ids = [r["slide_id"] for r in out]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    from monai_fbta.pipeline.paths import safe_name
+
+    counts = Counter(safe_name(r["slide_id"]) for r in out)
+    dupes = sorted({r["slide_id"] for r in out if counts[safe_name(r["slide_id"])] > 1})
     if dupes:
         raise ValueError(f"duplicate slide ids in the datalist (stores would collide): {dupes}")
     return out
@@ -316,7 +325,7 @@ def extract_features(
         device: default CUDA when available, else CPU.
         dtype: stored feature dtype (fp16).
         amp, amp_dtype: autocast (see :func:`resolve_amp_dtype`); channels_last: memory format.
-        skip_errors: record :class:`SlideError` s and go on (``False``: raise).
+        skip_errors: record a failing slide (any error, e.g. :class:`SlideError`) in the report and go on (``False``: raise).
         progress: tqdm bars (slides, and patches of the current slide) on rank 0.
         write_report: print the summary table and write ``extraction_report.csv`` (rank 0).
 
@@ -368,10 +377,12 @@ def extract_features(
         try:
             n = _extract_slide(row, path, encoder, settings, show)
             results.append(SlideResult(row["slide_id"], "done", n, time.perf_counter() - start))
-        except SlideError as e:
+        except Exception as e:  # one bad slide must not stop a long run: recorded in the report, unless fail-fast
             if not skip_errors:
                 raise
-            results.append(SlideResult(row["slide_id"], "error", 0, time.perf_counter() - start, str(e)))
+            message = str(e) if isinstance(e, SlideError) else f"{row['image']}: {type(e).__name__}: {e}"
+            print(f"slide {row['slide_id']} skipped: {message}", file=sys.stderr, flush=True)
+            results.append(SlideResult(row["slide_id"], "error", 0, time.perf_counter() - start, message))
 
     results = _gather(results, rows, world)
     report = ExtractionReport(results)

@@ -288,6 +288,17 @@ def _candidates(path: str, backend: str, info: TiffInfo | None) -> list[str]:
     return names
 
 
+def _check_decodable(path: str, info: TiffInfo | None) -> None:
+    """Raise :class:`SlideFormatError` for a TIFF compression no installed backend can decode."""
+    import tifffile
+
+    if info is not None and info.compression not in _CUCIM_COMPRESSIONS and info.compression not in tifffile.TIFF.DECOMPRESSORS:
+        raise SlideFormatError(
+            path, f"unsupported TIFF compression {info.compression}: no installed decoder (cuCIM, OpenSlide, "
+            "tifffile/imagecodecs) can read it; convert the slide (e.g. to JPEG-compressed tiled TIFF)"
+        )
+
+
 def _in_dataloader_worker() -> bool:
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.utils.data.get_worker_info() is not None)
@@ -309,6 +320,7 @@ class Slide:
         if not os.path.isfile(self.path):
             raise SlideNotFoundError(self.path, "file not found")
         info = read_tiff_info(self.path)
+        _check_decodable(self.path, info)
         self._candidates = _candidates(self.path, backend, info)
         self.num_workers = num_workers
         self._lock = threading.Lock()

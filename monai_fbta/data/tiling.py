@@ -77,7 +77,8 @@ def tile_slide(
     if mpp is None:
         if assume_mpp is None:
             raise MissingMPPError(
-                slide.path, f"no pixel size in the metadata ({slide.mpp_note}); pass mpp= to open_slide or assume_mpp= to tile_slide"
+                slide.path, f"no pixel size in the metadata ({slide.mpp_note}); give it: an mpp column in the datalist, the bundle's "
+                "--assume_mpp, or mpp= to open_slide / assume_mpp= to tile_slide"
             )
         warnings.warn(
             f"{slide.path}: no pixel size in the metadata; ASSUMING {assume_mpp} um/px. Tiles will be at the wrong "

@@ -331,6 +331,12 @@ class FBTATrainer(Trainer):
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
             terms, logits = engine._forward_loss(batch)
+        if not torch.isfinite(terms["loss"]):
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            raise FloatingPointError(
+                f"slide {batch.get('slide_id', '?')}: non-finite loss {values} at epoch {engine.state.epoch}, "
+                f"iteration {engine.state.iteration}; no step was taken (check its features, or lower the learning rate)"
+            )
         loss = terms["loss"] / engine.accumulation_steps
         if engine.scaler is not None:
             engine.scaler.scale(loss).backward()

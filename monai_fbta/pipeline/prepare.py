@@ -90,8 +90,12 @@ def find_or_make_dataset(
     classes: Sequence[str] | None = None,
     synthetic: Mapping[str, Any] | None = None,
     check_files: bool = True,
+    check_slides: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows ``{"slide_id", "image", "label", "case_id"}`` of the dataset to train on.
+
+    Validated before any long work (:func:`~monai_fbta.data.datalist.load_datalist`; ``check_slides``
+    also opens each slide's header), so every problem of the table is reported at once.
 
     * ``datalist`` given (CSV ``slide_id,path,label[,case_id]`` or MONAI datalist JSON): load it,
       relative paths against ``dataset_dir``.
@@ -102,7 +106,7 @@ def find_or_make_dataset(
     """
     folder = Path(dataset_dir)
     if datalist:
-        return load_datalist(datalist, classes=classes, base_dir=folder, check_files=check_files)
+        return load_datalist(datalist, classes=classes, base_dir=folder, check_files=check_files, check_slides=check_slides)
     labels_csv = folder / "labels.csv"
     if not labels_csv.is_file():
         slides = _slides_in(folder)
@@ -117,7 +121,7 @@ def find_or_make_dataset(
         settings = dict(synthetic or {})
         logger.info("no slides in %s: generating the synthetic demo dataset %s", folder, settings)
         generate_dataset(folder, **settings)
-    return load_datalist(labels_csv, classes=classes, base_dir=folder, check_files=check_files)
+    return load_datalist(labels_csv, classes=classes, base_dir=folder, check_files=check_files, check_slides=check_slides)
 
 
 def preprocess(
