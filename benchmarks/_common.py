@@ -1,0 +1,306 @@
+"""Shared helpers of the benchmark scripts: device choice, machine facts, peak-memory meters,
+fresh-subprocess runs, linear fits, tables, and atomic JSON/plot output.
+
+Peak memory on the CPU is the growth of the process's peak resident set (``VmHWM``) over its
+resident set just before the measured step; the peak is reset first through
+``/proc/self/clear_refs`` (Linux >= 4.0) so a warm-up does not hide it. On CUDA it is
+``torch.cuda.max_memory_allocated`` over ``memory_allocated`` before the step.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_fbta._io import atomic_open
+
+__all__ = [
+    "add_common_args", "resolve_device", "start_run", "machine_info", "rss_mb", "PeakMemory", "SavedTensorMeter",
+    "run_child", "child_main", "linear_fit", "timed", "format_table", "print_table", "write_json", "save_plot",
+    "mem_available_mb", "print_ratios", "finish", "ratio",
+]
+
+
+def add_common_args(parser, threads: int | None = None) -> None:
+    """``--device``, ``--threads``, ``--json PATH``, ``--plot PATH`` (every benchmark has them)."""
+    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (cuda when available)")
+    parser.add_argument("--threads", type=int, default=threads, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--plot", metavar="PATH", help="also draw a PNG plot here")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def start_run(args, title: str) -> tuple[torch.device, dict[str, Any]]:
+    """Apply ``--threads``, resolve ``--device`` and print ``title`` with the device and CPU load.
+
+    Returns ``(device, machine_info)``.
+    """
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    info = machine_info(device)
+    print(f"{title} on {device}, load {info['load_avg_1m']:.2f} on {info['cpu_count']} CPUs", flush=True)
+    return device, info
+
+
+def mem_available_mb() -> float:
+    """``MemAvailable`` of ``/proc/meminfo`` in MiB (inf where unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    """Date, host facts and the load average when the run started (other jobs skew timings)."""
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": str(device) if device is not None else None,
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "mem_total_gb": round(_meminfo_kb("MemTotal") / 2**20, 1),
+    }
+    return info
+
+
+def _meminfo_kb(key: str) -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def rss_mb() -> float:
+    """Current resident set of this process (MiB)."""
+    return _status_mb("VmRSS")
+
+
+class PeakMemory:
+    """Peak extra memory of the code run inside ``with PeakMemory(device) as m:`` -> ``m.peak_mb``.
+
+    CPU: ``VmHWM - VmRSS`` at entry, after resetting ``VmHWM`` (``m.method`` says ``"rss"``; where the
+    reset is not allowed it falls back to ``ru_maxrss``, which is only right if nothing before
+    peaked higher: ``"rss-noreset"``). CUDA: ``max_memory_allocated - memory_allocated`` at entry.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.peak_mb = float("nan")
+        self.method = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) / 2**20
+            self.method = "cuda_max_memory_allocated"
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "rss"
+        except OSError:
+            self.method = "rss-noreset"
+        self._base = rss_mb()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._base
+        else:
+            self.peak_mb = max(0.0, _status_mb("VmHWM") - self._base)
+
+
+class SavedTensorMeter:
+    """Bytes autograd keeps for backward: unique storages packed by ``saved_tensors_hooks`` inside the
+    ``with`` block, excluding ``exclude`` tensors (parameters, input patches: they exist anyway).
+
+    This is the activation memory at the end of the forward pass, the quantity that grows with the
+    bag; it does not include transient buffers, gradients or optimiser state.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._skip = {t.untyped_storage().data_ptr() for t in exclude}
+        self._seen: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._skip:
+            self._seen[ptr] = storage.nbytes()
+        return t
+
+    @property
+    def mb(self) -> float:
+        return sum(self._seen.values()) / 2**20
+
+    @contextmanager
+    def __call__(self) -> Iterator[SavedTensorMeter]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+
+def run_child(script: str, args: Sequence[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``python script --child ... args`` in a fresh process; its last stdout line is a JSON dict.
+
+    A failure (non-zero exit, e.g. killed for memory) returns ``{"error": ...}`` instead of raising.
+    """
+    cmd = [sys.executable, script, *args]
+    env = dict(os.environ, MONAI_FBTA_QUIET="1")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"error": f"no JSON result from {' '.join(cmd)}"}
+    return json.loads(lines[-1])
+
+
+def child_main(fn: Callable[..., Mapping[str, Any]], **kwargs: Any) -> None:
+    """Print ``fn(**kwargs)`` as one JSON line (the child side of :func:`run_child`)."""
+    print(json.dumps(dict(fn(**kwargs))), flush=True)
+
+
+def linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b * x`` -> ``(a, b)`` (needs two distinct x)."""
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    if len(set(xs.tolist())) < 2:
+        raise ValueError("a linear fit needs at least two distinct sizes")
+    b, a = np.polyfit(xs, ys, 1)
+    return float(a), float(b)
+
+
+def timed(fn: Callable[[], Any], device: torch.device | None = None) -> tuple[float, Any]:
+    """``(seconds, fn())`` with CUDA synchronised around the call."""
+    sync = device is not None and torch.device(device).type == "cuda"
+    if sync:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if sync:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return "-" if value is None else str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, markdown: bool = False) -> str:
+    """Rows of dicts as an aligned text table (or a Markdown table)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*columns), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in cells)])
+
+
+def print_table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
+    print(f"\n{title}\n{format_table(rows, columns)}")
+
+
+def print_ratios(ratios: Mapping[str, Mapping[str, Any]]) -> None:
+    """``{name: {"value": x, "target": "...", "met": bool}}`` as lines."""
+    print("\nRatios (measured in this run):")
+    for name, r in ratios.items():
+        met = r.get("met")
+        flag = "" if met is None else ("  [target met]" if met else "  [target MISSED]")
+        print(f"  {name}: {r['value']:.3g}  (target {r.get('target', '-')}){flag}")
+
+
+def ratio(value: float, target: str, met: bool | None) -> dict[str, Any]:
+    """One entry of the ``ratios`` dict printed by :func:`print_ratios` and stored in the JSON."""
+    return {"value": float(value), "target": target, "met": None if met is None else bool(met)}
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` as JSON atomically (:func:`monai_fbta._io.atomic_open`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+        f.write("\n")
+
+
+def save_plot(path: str | os.PathLike, draw: Callable[[Any], None], figsize=(6.4, 4.2)) -> None:
+    """Draw with ``draw(ax)`` and save a PNG atomically (matplotlib Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        draw(ax)
+        fig.tight_layout()
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+
+
+def finish(args, name: str, payload: dict[str, Any], draw: Callable[[Any], None] | None = None) -> None:
+    """Write ``--json`` / ``--plot`` outputs when asked (payload gains ``benchmark`` and ``command``)."""
+    payload.setdefault("benchmark", name)
+    payload.setdefault("command", " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]]))
+    if getattr(args, "json", None):
+        write_json(args.json, payload)
+        print(f"\nwrote {args.json}")
+    if getattr(args, "plot", None) and draw is not None:
+        save_plot(args.plot, draw)
+        print(f"wrote {args.plot}")

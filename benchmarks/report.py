@@ -1,0 +1,131 @@
+"""Render ``docs/benchmarks.md`` from ``benchmarks/results/*.json`` (every number comes from the JSON).
+
+Each section gives the command that produced it, the date, the machine (CPUs, GPU or none, load
+average when it started), the table, the measured ratios with their targets, and the plot when
+``docs/images/bench_<name>.png`` exists.
+
+    python benchmarks/report.py [--results-dir benchmarks/results] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from _common import format_table  # noqa: E402
+
+from monai_fbta._io import atomic_open  # noqa: E402
+
+ORDER = ["memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "mil_heads"]
+TITLES = {
+    "memory": "Peak memory of one training iteration vs bag size",
+    "epoch_time": "Time per training epoch",
+    "inference": "Slide inference: translation vs re-extraction",
+    "read_patches": "Patch-read throughput",
+    "frozen_pipeline": "Frozen-bag pipeline (extraction, KMeans, per-iteration costs)",
+    "mil_heads": "MIL heads: forward+backward time and memory",
+}
+COLUMNS = {
+    "memory": ["config", "n", "source", "peak_gb", "saved_mb", "seconds"],
+    "epoch_time": ["method", "s_per_epoch", "patches_through_extractor_per_epoch"],
+    "inference": ["method", "patches", "seconds", "source"],
+}
+
+
+def _scalars(d: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [{"key": k, "value": v} for k, v in d.items() if not isinstance(v, (dict, list))]
+
+
+def _results_tables(results: Any) -> list[str]:
+    """Tables for the results of a script we only wrap (list of rows, flat dict, or dict of dicts)."""
+    if isinstance(results, list) and results and isinstance(results[0], Mapping):
+        return [format_table(results, markdown=True)]
+    if isinstance(results, Mapping):
+        nested = {k: v for k, v in results.items() if isinstance(v, Mapping)}
+        out = [format_table(_scalars(results), markdown=True)] if _scalars(results) else []
+        for key, sub in nested.items():
+            out.append(f"**{key}**\n\n" + format_table(_scalars(sub), markdown=True))
+        return out
+    return [f"```\n{json.dumps(results, indent=2)}\n```"]
+
+
+def _machine(m: Mapping[str, Any]) -> str:
+    gpu = m.get("gpu") or "no GPU"
+    load = m.get("load_avg_1m")
+    load_txt = f", load average {load:.2f} at start" if isinstance(load, (int, float)) else ""
+    return (f"{m.get('cpu_count')} CPUs ({m.get('cpu')}), {gpu}, {m.get('mem_total_gb')} GB RAM, "
+            f"torch {m.get('torch')}, device `{m.get('device') or '-'}`{load_txt}")
+
+
+def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_dir: str) -> str:
+    machine = payload.get("machine", {})
+    lines = [f"## {TITLES.get(name, name)}", "",
+             f"- command: `{payload.get('command', '?')}`",
+             f"- date: {machine.get('date', '?')}",
+             f"- machine: {_machine(machine)}"]
+    if payload.get("memory_metric"):
+        lines.append(f"- memory metric: `{payload['memory_metric']}` (peak growth over the memory held after setup)")
+    lines.append("")
+    if "rows" in payload:
+        lines.append(format_table(payload["rows"], COLUMNS.get(name), markdown=True))
+    elif "results" in payload:
+        lines.append("\n\n".join(_results_tables(payload["results"])))
+    for config, fit in payload.get("fits", {}).items():
+        if "n_exceeding_limit" in fit:
+            lines.append(f"\n{config}: {fit['peak_mb_per_patch']:.2f} MB per patch; exceeds "
+                         f"{payload['settings'].get('limit_gb', 24)} GB at N ~ {fit['n_exceeding_limit']:,} "
+                         "(linear fit, extrapolated on paper)")
+    ratios: Mapping[str, Mapping[str, Any]] = payload.get("ratios", {})
+    if ratios:
+        lines += ["", "| ratio (this run) | value | target | met |", "|---|---|---|---|"]
+        for key, r in ratios.items():
+            met = "-" if r.get("met") is None else ("yes" if r["met"] else "**no**")
+            lines.append(f"| {key} | {r['value']:.3g} | {r.get('target', '-')} | {met} |")
+    image = os.path.join(images_dir, f"bench_{name}.png")
+    if os.path.isfile(image):
+        lines += ["", f"![{name}]({os.path.relpath(image, out_dir)})"]
+    return "\n".join(lines) + "\n"
+
+
+def render(results_dir: str, images_dir: str, out_path: str) -> str:
+    files = {os.path.splitext(os.path.basename(f))[0]: f for f in glob.glob(os.path.join(results_dir, "*.json"))}
+    if not files:
+        raise SystemExit(f"no benchmark results in {results_dir}: run python benchmarks/run_all.py first")
+    names = [n for n in ORDER if n in files] + sorted(set(files) - set(ORDER))
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    parts = ["# Benchmarks", "",
+             "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json` "
+             "(written by `python benchmarks/run_all.py`); do not edit by hand. Timings on a shared CPU "
+             "depend on its load, which each section records.", ""]
+    for name in names:
+        with open(files[name]) as f:
+            try:
+                payload = json.load(f)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{files[name]}: not valid JSON ({err})") from None
+        parts.append(render_section(name, payload, images_dir, out_dir))
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--images-dir", default=os.path.join(ROOT, "docs", "images"))
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    args = p.parse_args(argv)
+    text = render(args.results_dir, args.images_dir, args.out)
+    with atomic_open(args.out, "w") as f:
+        f.write(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Smoke tests of the benchmark scripts: argument parsing, the meters, the smallest configs, the report.
+
+Tiny models and sizes only; the figures themselves come from running the scripts (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+common = importlib.import_module("_common")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_linear_fit_and_table():
+    assert common.linear_fit([1, 2, 4], [3, 5, 9]) == pytest.approx((1.0, 2.0))
+    with pytest.raises(ValueError):
+        common.linear_fit([2, 2], [1, 3])
+    text = common.format_table([{"a": 1, "b": 2.5}, {"a": 10, "b": float("nan")}])
+    assert text.splitlines()[0].split() == ["a", "b"] and "2.5" in text and "-" in text.splitlines()[-1]
+    md = common.format_table([{"a": 1}], markdown=True)
+    assert md.splitlines()[:2] == ["| a |", "|---|"]
+
+
+def test_saved_tensor_meter_counts_activations_not_excluded():
+    w = torch.randn(256, 256, requires_grad=True)
+    x = torch.randn(1024, 256)
+    meter = common.SavedTensorMeter(exclude=[w])
+    with meter():
+        (x @ w).relu().sum()
+    # matmul saves x (1 MiB, w excluded); relu saves its output (1 MiB)
+    assert meter.mb == pytest.approx(2.0, rel=0.01)
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    with common.PeakMemory(torch.device("cpu")) as peak:
+        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del t
+    assert peak.method.startswith("rss")
+    assert 48 <= peak.peak_mb < 512
+
+
+def _child_json(capsys, module, argv):
+    module.main(argv)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_memory_children_fbta_and_checkpointing(capsys):
+    bench = importlib.import_module("bench_memory")
+    common_args = ["--encoder", "tiny_cnn", "--patch", "32", "--chunk", "8", "--threads", "1", "--device", "cpu"]
+    fbta = _child_json(capsys, bench, ["--child", "fbta", "300", "--pseudo-bag", "12", *common_args])
+    assert fbta["patches_through_encoder"] == 12 and fbta["saved_mb"] > 0 and fbta["peak_mb"] >= 0
+    direct = _child_json(capsys, bench, ["--child", "direct", "64", *common_args])
+    ckpt = _child_json(capsys, bench, ["--child", "direct_ckpt", "64", *common_args])
+    assert direct["patches_through_encoder"] == 64
+    assert ckpt["saved_mb"] < 0.5 * direct["saved_mb"]  # checkpointing keeps only chunk outputs
+
+
+def test_memory_rejects_unknown_config():
+    bench = importlib.import_module("bench_memory")
+    with pytest.raises(SystemExit, match="unknown config"):
+        bench.main(["--configs", "nope", "--n", "10", "--device", "cpu"])
+
+
+def test_epoch_time_and_inference_tiny_then_report(tmp_path, capsys):
+    epoch = importlib.import_module("bench_epoch_time")
+    infer = importlib.import_module("bench_inference")
+    report = importlib.import_module("report")
+    results, images = tmp_path / "results", tmp_path / "images"
+    out = epoch.main(["--slides", "2", "--slide-size", "320", "--patch", "32", "--encoder", "tiny_cnn", "--clusters", "4",
+                      "--epochs", "1", "--device", "cpu", "--json", str(results / "epoch_time.json"),
+                      "--plot", str(images / "bench_epoch_time.png")])
+    assert [r["method"] for r in out["rows"]] == ["vanilla", "fbta", "direct_e2e_ckpt"]
+    assert all(r["s_per_epoch"] > 0 for r in out["rows"])
+    n = sum(out["patches_per_slide"])
+    assert out["rows"][2]["patches_through_extractor_per_epoch"] == n
+    assert out["rows"][1]["patches_through_extractor_per_epoch"] <= 2 * 4
+    assert (images / "bench_epoch_time.png").stat().st_size > 1000
+
+    inf = infer.main(["--n", "400", "--subset", "16", "--patch", "32", "--encoder", "tiny_cnn", "--workers", "0",
+                      "--repeats", "1", "--device", "cpu", "--json", str(results / "inference.json")])
+    assert inf["rows"][2]["source"] == "scaled from 16"
+    assert inf["rows"][2]["seconds"] == pytest.approx(inf["rows"][1]["seconds"] * 400 / 16)
+
+    md = tmp_path / "benchmarks.md"
+    report.main(["--results-dir", str(results), "--images-dir", str(images), "--out", str(md)])
+    text = md.read_text()
+    saved = json.loads((results / "epoch_time.json").read_text())
+    assert saved["command"] in text and saved["machine"]["date"] in text
+    assert f"{saved['rows'][0]['s_per_epoch']:.3g}" in text
+    assert "images/bench_epoch_time.png" in text and "Slide inference" in text
+
+
+def test_run_all_parses_printed_json():
+    run_all = importlib.import_module("run_all")
+    assert run_all._parse_json_stdout("noise\n[\n {\"a\": 1}\n]\n") == [{"a": 1}]
+    with pytest.raises(ValueError):
+        run_all._parse_json_stdout("no json here")
