@@ -74,6 +74,8 @@ def read_tiff_info(path: str) -> TiffInfo | None:
             len(tif.pages)  # walks the IFD chain; tifffile logs (not raises) offsets past the end
             size = os.path.getsize(path)
             end = max((o + n for p in tif.pages for o, n in zip(p.dataoffsets, p.databytecounts)), default=0)
+            for i, p in enumerate(tif.pages):
+                _check_layout(path, i, p)
             if end > size or problems:
                 detail = "; ".join(problems) or f"image data runs to byte {end} but the file has {size} bytes"
                 raise SlideFormatError(path, f"truncated or corrupt TIFF ({detail})")
@@ -95,6 +97,24 @@ def read_tiff_info(path: str) -> TiffInfo | None:
         raise SlideFormatError(path, f"not a readable TIFF ({type(e).__name__}: {e})") from e
     finally:
         tifffile_logger.removeHandler(handler)
+
+
+_MAX_TILE = 1 << 16  # px per tile side; larger values are corrupt tags (and make decoders allocate terabytes)
+_MAX_PIXELS = 1 << 38  # per level (a 500k x 500k slide)
+
+
+def _check_layout(path: str, index: int, page) -> None:
+    """Raise :class:`SlideFormatError` for a page whose geometry tags are impossible (corrupt header)."""
+    width, height = int(page.imagewidth), int(page.imagelength)
+    problem = None
+    if not 0 < width * height <= _MAX_PIXELS:
+        problem = f"image size {width}x{height}"
+    elif page.is_tiled and not (0 < page.tilewidth <= _MAX_TILE and 0 < page.tilelength <= _MAX_TILE):
+        problem = f"tile size {page.tilewidth}x{page.tilelength}"
+    elif math.prod(page.chunked) != len(page.dataoffsets):
+        problem = f"{len(page.dataoffsets)} tiles/strips where the geometry needs {math.prod(page.chunked)}"
+    if problem:
+        raise SlideFormatError(path, f"corrupt TIFF header: page {index} has an impossible {problem}")
 
 
 class _ListHandler(logging.Handler):
