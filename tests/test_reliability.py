@@ -245,6 +245,8 @@ def test_hostile_slide_id_is_written_inside_the_cache(tmp_path):
     assert report.results[0].status == "done"
     assert sorted(p.name for p in (tmp_path / "a" / "cache").iterdir()) == ["_.._.._escaped.h5", "extraction_report.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "s.tif"]
+    with pytest.raises(ValueError, match=r"stores would collide\): \['a b', 'a/b'\]"):
+        extract_features([dict(row, slide_id="a/b"), dict(row, slide_id="a b")], tmp_path / "b", _encoder(), TILING)
 
 
 def test_no_pickle_loads_and_no_shell_strings_in_the_package():
