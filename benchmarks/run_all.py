@@ -82,8 +82,9 @@ def run_one(name: str, quick: bool, device: str | None, results_dir: str, images
             else:
                 results = _parse_json_stdout(done.stdout)
                 print(json.dumps(results, indent=2))
-            write_json(out_json, {"benchmark": name, "command": " ".join(["python", os.path.relpath(path, ROOT),
-                                                                          *extra, "--json"]),
+            json_arg = ["--json", "OUT.json"] if kind == "json_path" else ["--json"]
+            command = " ".join(["python", os.path.relpath(path, ROOT), *extra, *json_arg])
+            write_json(out_json, {"benchmark": name, "command": command,
                                   "machine": machine, "wall_s": time.perf_counter() - start, "results": results})
             print(f"wrote {out_json}")
         return 0
