@@ -60,6 +60,17 @@ def test_tiny_cnn_shapes_and_size():
         encoder(torch.rand(3, 64, 64))
 
 
+def test_tiny_cnn_random_init_features_are_not_degenerate():
+    """Random-init features (demo/CPU profile) must vary between images: PyTorch's default conv init shrank
+    them ~6x per block, so every patch got nearly the same vector (std across images ~0.005) and MIL could not learn."""
+    x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.2, 1, 8).view(8, 1, 1, 1)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            feats = copy_frozen(PatchEncoder("tiny_cnn"))(x)
+        assert feats.std(0).mean() > 0.05
+
+
 @pytest.mark.parametrize("name,dim", [("resnet50_trunc", 1024), ("resnet18", 512), ("vit_small", 384)])
 def test_backbone_dims(name, dim):
     encoder = build_encoder(name).eval()

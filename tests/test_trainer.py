@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from torch.utils.data import DataLoader
 
+from monai.engines.utils import IterationEvents
+
 from monai_fbta.engines import (
     BestModelSaver,
     FBTAEvaluator,
@@ -329,3 +331,23 @@ def test_end_to_end_on_synthetic_slides_with_fbta_dataset(tmp_path):
     ev.run()
     assert [p["slide_id"] for p in ev.state.predictions] == ["s0", "s1"]
     assert {"val_auc", "val_auc_vanilla", "val_acc", "val_f1_vanilla"} <= set(ev.state.metrics)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_encoder_batchnorm_frozen_keeps_e2e_view_in_the_frozen_feature_space(freeze):
+    """At step 0 f_TFE(x) must equal f_FFE(x): one slide's batch statistics would move the e2e view elsewhere."""
+    trainer = _trainer([_sample(0)], max_epochs=1, freeze_encoder_bn=freeze)
+    frozen = copy_frozen(trainer.trainable_encoder)
+    stats = [b.clone() for b in trainer.trainable_encoder.buffers()]
+    seen = {}
+
+    def grab(engine):  # f_TFE in the mode the trainer put it in, before the first optimiser step
+        x = _sample(0)["pb_image"]
+        with torch.no_grad():
+            seen["e2e"], seen["frozen"] = engine.trainable_encoder(x), frozen(x)
+    trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, grab)
+    trainer.run()
+    same = torch.allclose(seen["e2e"], seen["frozen"], atol=1e-6)
+    unchanged = all(torch.equal(a, b) for a, b in zip(stats, trainer.trainable_encoder.buffers()))
+    assert same == freeze and unchanged == freeze
+    assert trainer.trainable_encoder.training  # the rest of f_TFE (dropout, ...) is in train mode

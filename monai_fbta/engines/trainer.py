@@ -127,6 +127,9 @@ class FBTATrainer(Trainer):
         ema_momentum / ema_momentum_warmup / ema_warmup_steps: settings of the EMA handlers created here.
         curriculum: :class:`CurriculumWeight` (default ``CurriculumWeight()``), sets ``state.curriculum``.
         frozen_bag: ``"pseudo"`` (``F^FB[S]``, the method) or ``"full"`` (the whole bag, plain MIL training).
+        freeze_encoder_bn: keep f_TFE's BatchNorm layers in eval mode (running statistics of f_FFE) while
+            training (default True): batch statistics of one slide's ``S`` patches would put the ``e2e`` view
+            in another feature space than ``F^FB`` from the first step (f_TFE(x) != f_FFE(x) at initialisation).
         accumulation_steps: slides per optimiser step (loss divided by it; flushed at epoch end).
         amp: autocast (CUDA fp16 + GradScaler on GPU, bf16 on CPU unless ``amp_dtype`` says otherwise).
         grad_checkpointing / encoder_chunk_size: memory controls of the e2e extractor forward.
@@ -151,6 +154,7 @@ class FBTATrainer(Trainer):
         ema_warmup_steps: int | None = None,
         curriculum: CurriculumWeight | None = None,
         frozen_bag: str = "pseudo",
+        freeze_encoder_bn: bool = True,
         accumulation_steps: int = 1,
         amp: bool = False,
         amp_dtype: torch.dtype | None = None,
@@ -208,6 +212,7 @@ class FBTATrainer(Trainer):
         self.optimizer = optimizer
         self.loss_function = loss_function
         self.frozen_bag = frozen_bag
+        self.freeze_encoder_bn = freeze_encoder_bn
         self.accumulation_steps = accumulation_steps
         self.amp_dtype = amp_dtype
         self.grad_checkpointing = grad_checkpointing
@@ -267,6 +272,10 @@ class FBTATrainer(Trainer):
         for module in (self.mil_head, self.translator, self.trainable_encoder):
             if module is not None:
                 module.train()
+        if self.freeze_encoder_bn and self.trainable_encoder is not None:
+            for module in self.trainable_encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def compute_views(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Features of each view ``{view: [1, S, D]}`` and the translator heads ``[K, 1, S, D]`` (or None)."""

@@ -62,6 +62,9 @@ class TinyCNN(nn.Module):
             )
             setattr(self, name, block)
         self.fc = nn.Linear(widths[-1], out_features)
+        for m in self.modules():  # He init keeps activations O(1) through the 4 blocks when randomly initialised
+            if isinstance(m, nn.Conv2d):  # (PyTorch's default shrinks them ~6x per block: near-constant features)
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.stages:
