@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
@@ -152,7 +153,8 @@ class TrainingCheckpoint:
         self.every = every
 
     def __call__(self, engine: Engine) -> None:
-        save_checkpoint(self.path, self.objects or training_objects(engine))
+        if idist.get_rank() == 0:  # one writer under torchrun; every rank holds the same weights
+            save_checkpoint(self.path, self.objects or training_objects(engine))
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
@@ -172,7 +174,7 @@ class BestModelSaver:
         self.mil_head, self.translator, self.metadata = mil_head, translator, dict(metadata or {})
 
     def __call__(self, engine: Engine) -> None:
-        if engine.state.best_metric_epoch == engine.state.epoch:
+        if idist.get_rank() == 0 and engine.state.best_metric_epoch == engine.state.epoch:
             meta = {**self.metadata, "key_metric": engine.state.key_metric_name}
             meta.update(best_metric=float(engine.state.best_metric), epoch=int(engine.state.epoch))
             save_inference_model(self.path, self.mil_head, self.translator, meta)

@@ -134,8 +134,12 @@ def preprocess(
     device: str | torch.device | None = None,
     skip_errors: bool = True,
     min_slides: int = 1,
+    num_clusters: int | None = None,
+    cluster_seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Tile and extract frozen features of every slide into ``cache_dir`` (resumable); rows that worked.
+    """Tile, extract frozen features and (with ``num_clusters``) cluster every slide into ``cache_dir``.
+
+    Everything is cached and resumable; returns the rows that worked.
 
     Slides that fail (corrupt, no tissue, ...) are listed in ``cache_dir/extraction_report.csv`` and
     left out, loudly; with ``skip_errors=False`` the first failure raises. Fewer than ``min_slides``
@@ -154,6 +158,12 @@ def preprocess(
                        ", ".join(sorted(failed)))
     if len(kept) < min_slides:
         raise RuntimeError(f"only {len(kept)} usable slide(s) after preprocessing into {cache_dir}; need {min_slides}")
+    if num_clusters:
+        from monai_fbta.data.clustering import cluster_store
+        from monai_fbta.data.extraction import store_path
+
+        for row in kept:
+            cluster_store(store_path(cache_dir, slide_id_of(row)), num_clusters, cluster_seed)
     return kept
 
 
