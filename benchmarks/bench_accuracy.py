@@ -8,8 +8,9 @@ The held-out metric is the bundle's test report (``<run>/eval/test_metrics.json`
   so ``--seeds`` changes only the training seed (initialisation, pseudo-bags, augmentation, KMeans seed).
 * Frozen extractor and feature cache are shared: the first run saves the random-init extractor; later runs
   load it (``--encoder_weights``), so all rows see the same ``F^FB``.
-* Rows with the ``translated`` view report the FBTA path ``f*_MIL(f_T(F^FB))`` (``test_*``); rows without a
-  translator the vanilla path ``f*_MIL(F^FB)`` (``test_*_vanilla``), as in docs/method.md.
+* Every row reports ``test_*``: the FBTA path ``f*_MIL(f_T(F^FB))`` wherever a translator was trained (the
+  ``translated`` view or ``L_dist``), and the vanilla path ``f*_MIL(F^FB)`` for ``views=["frozen"]``, which
+  the bundle evaluates without a translator.
 
     python benchmarks/bench_accuracy.py --workdir /tmp/acc --json acc.json --plot acc.png
     python benchmarks/bench_accuracy.py --quick            # 1 seed, 2 epochs, ABMIL only: a smoke run
@@ -113,8 +114,7 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
             if not (shared / name).exists():
                 shutil.copy2(run_dir / name, shared / name)
     report = json.loads(metrics_file.read_text())["metrics"]
-    suffix = "" if "translated" in run["views"] else "_vanilla"
-    return {"bacc": report[f"test_bacc{suffix}"], "auc": report[f"test_auc{suffix}"], "seconds": run.get("seconds")}
+    return {"bacc": report["test_bacc"], "auc": report["test_auc"], "seconds": run.get("seconds")}
 
 
 def mean_std(values: list[float]) -> str:

@@ -1,0 +1,133 @@
+"""The bundle commands, run for real (subprocesses of ``python -m monai.bundle``), at tiny settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REAL_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "fbta_stad" / "configs"
+TRAIN, INFER, EVALUATE, MULTI = (str(CONFIGS / n) for n in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json"))
+TINY = [
+    "--synthetic#num_slides", "12", "--synthetic#size", "1024", "--num_epochs", "2", "--encoder_name", "tiny_cnn",
+    "--num_workers", "0", "--num_folds", "3", "--val_fraction", "0.5", "--patch_size", "64", "--num_clusters", "8",
+]
+
+
+def bundle(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["-m", "monai.bundle", *args]
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{cmd}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
+    return out
+
+
+def run_dirs(root: Path) -> list[str]:
+    return ["--dataset_dir", str(root / "data"), "--ckpt_dir", str(root / "models"),
+            "--cache_dir", str(root / "cache"), "--output_dir", str(root / "eval")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny training run from an empty dataset folder (the no-argument path, shrunk)."""
+    root = tmp_path_factory.mktemp("bundle")
+    out = bundle(["run", "training", "--config_file", TRAIN, *run_dirs(root), *TINY], cwd=root)
+    (root / "train_stdout.txt").write_text(out.stdout)
+    return root
+
+
+def test_training_from_empty_dataset_dir(trained):
+    data = trained / "data"
+    assert len(list(data.glob("*.tiff"))) == 12 and (data / "labels.csv").is_file()  # generated
+    stores = list((trained / "cache").glob("*.h5"))
+    assert len(stores) == 12
+    for name in ("model.pt", "last.pt", "splits.json"):
+        assert (trained / "models" / name).is_file()
+    metrics = json.loads((trained / "eval" / "test_metrics.json").read_text())
+    assert metrics["num_slides"] == 4 and set(metrics["class_names"]) == {"inflammation", "pleomorphic", "glandular"}
+    assert {"test_auc", "test_bacc", "test_auc_vanilla"} <= set(metrics["metrics"])
+    assert "held-out test set (4 slides)" in (trained / "train_stdout.txt").read_text()
+    blob = torch.load(trained / "models" / "model.pt", weights_only=True)
+    assert blob["metadata"]["encoder_name"] == "tiny_cnn" and blob["metadata"]["views"] == ["frozen", "e2e", "translated"]
+    assert not list(trained.glob("cufile.log"))
+
+
+def test_inference_writes_predictions_and_heatmaps(trained, tmp_path):
+    slides = sorted((trained / "data").glob("*.tiff"))[:2]
+    inputs = [str(s) for s in slides]
+    out = tmp_path / "pred"
+    bundle(["run", "--config_file", INFER, "--model_path", str(trained / "models" / "model.pt"),
+            "--input", repr(inputs), "--output_dir", str(out), "--num_workers", "0"], cwd=tmp_path)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["slide_id"] for r in rows] == [s.stem for s in slides]
+    for r in rows:
+        probs = [float(r[f"prob_{c}"]) for c in ("inflammation", "pleomorphic", "glandular")]
+        assert abs(sum(probs) - 1) < 1e-4 and r["pred_name"] in ("inflammation", "pleomorphic", "glandular")
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == [f"{s.stem}_heatmap.png" for s in slides]
+
+
+@pytest.mark.skipif(not (REAL_DIR / "cmu-1-small-region.svs").is_file(), reason="real test slides not found")
+def test_inference_on_a_real_aperio_slide(trained, tmp_path):
+    bundle(["run", "--config_file", INFER, "--model_path", str(trained / "models" / "model.pt"),
+            "--input", str(REAL_DIR / "cmu-1-small-region.svs"), "--output_dir", str(tmp_path / "out"),
+            "--num_workers", "0"], cwd=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert [r["slide_id"] for r in rows] == ["cmu-1-small-region"]
+    assert (tmp_path / "out" / "heatmaps" / "cmu-1-small-region_heatmap.png").stat().st_size > 10_000
+
+
+def test_evaluate_config(trained):
+    (trained / "eval" / "test_metrics.json").unlink()
+    bundle(["run", "evaluating", "--config_file", repr([TRAIN, EVALUATE]), *run_dirs(trained), *TINY], cwd=trained)
+    metrics = json.loads((trained / "eval" / "test_metrics.json").read_text())
+    assert metrics["split"] == "test" and 0.0 <= metrics["metrics"]["test_acc"] <= 1.0
+
+
+def test_verify_metadata_offline(tmp_path):
+    out = bundle(["verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+                  "--filepath", str(CONFIGS / "schema" / "metadata_schema.json")], cwd=tmp_path)
+    assert "metadata is verified with no error" in out.stdout + out.stderr
+
+
+def test_metadata_schema_rejects_incomplete_metadata(tmp_path):
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    del meta["network_data_format"]
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    out = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(tmp_path / "metadata.json"),
+                          "--filepath", str(CONFIGS / "schema" / "metadata_schema.json")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "network_data_format" in out.stdout + out.stderr
+
+
+def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):
+    model_pt = trained / "models" / "model.pt"
+    ts = tmp_path / "model.ts"
+    bundle(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model_pt), "--key_in_ckpt", "network",
+            "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", INFER, "--model_path", str(model_pt),
+            "--use_trace", "True", "--input_shape", "[1, 50, 64]"], cwd=tmp_path)
+    from monai_fbta.pipeline.report import build_inference_network
+
+    eager = build_inference_network(model_pt)
+    scripted = torch.jit.load(str(ts))
+    x = torch.randn(1, 137, 64)  # another bag size than the one traced with
+    assert torch.allclose(scripted(x), eager(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_training(trained, tmp_path):
+    """DDP over gloo on CPU: both ranks train, rank 0 writes the checkpoints and the test report."""
+    root = tmp_path
+    os.symlink(trained / "data", root / "data")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = bundle(["run", "training", "--config_file", repr([TRAIN, MULTI]), *run_dirs(root), *TINY], cwd=root,
+                 launcher=launcher)
+    assert (root / "models" / "model.pt").is_file() and (root / "eval" / "test_metrics.json").is_file()
+    assert out.stdout.count("held-out test set") == 1  # only rank 0 reports
