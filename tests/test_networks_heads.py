@@ -161,3 +161,21 @@ def test_trains_to_100_percent_on_toy_bags(name):
         if accuracy() == 1.0:
             break
     assert accuracy() == 1.0
+
+
+@pytest.mark.parametrize("name", ["abmil", "transmil", "mambamil"])
+def test_feature_stats_standardise_the_input_and_travel_with_the_state_dict(name):
+    torch.manual_seed(0)
+    head = build_mil_head(name, in_features=8, num_classes=2, hidden=16).eval()
+    x = torch.randn(1, 12, 8) * 0.1 + 5.0  # large common offset, little spread (random-init extractor)
+    mean, std = x[0].mean(0), x[0].std(0)
+    plain = head(((x - mean) / std).float())
+    head.set_feature_stats(mean, std)
+    assert torch.allclose(head(x), plain, atol=1e-5)
+    copy = build_mil_head(name, in_features=8, num_classes=2, hidden=16).eval()
+    copy.load_state_dict(head.state_dict())
+    assert torch.equal(copy.feature_mean, mean) and torch.allclose(copy(x), plain, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        head.set_feature_stats(mean[:3], std)
+    with pytest.raises(ValueError, match="NaN"):
+        head.set_feature_stats(mean * float("nan"), std)

@@ -70,7 +70,13 @@ def run_per_bag(
 
 
 class MILHead(nn.Module):
-    """Base class: validates the bag and mask, subclasses implement :meth:`_forward`.
+    """Base class: validates the bag and mask, standardises the features, subclasses implement :meth:`_forward`.
+
+    Every head first maps ``x -> (x - feature_mean) / feature_std`` with two buffers of shape ``[D]``
+    (identity until :meth:`set_feature_stats` is called; saved in the state dict, so exported and EMA
+    models apply the same map). Features of a randomly initialised or domain-shifted extractor often
+    share a large common offset with little spread between patches; without standardisation
+    attention MIL cannot even fit its training set on them (see docs/method.md).
 
     Args:
         in_features: instance feature size D.
@@ -91,6 +97,21 @@ class MILHead(nn.Module):
         self.in_features = in_features
         self.num_classes = num_classes
         self.hidden = hidden
+        self.register_buffer("feature_mean", torch.zeros(in_features))
+        self.register_buffer("feature_std", torch.ones(in_features))
+
+    @torch.no_grad()
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> MILHead:
+        """Standardise inputs with per-feature ``mean [D]`` and ``std [D]`` (e.g. over the training patches)."""
+        mean, std = torch.as_tensor(mean).float().reshape(-1), torch.as_tensor(std).float().reshape(-1)
+        if mean.shape != (self.in_features,) or std.shape != (self.in_features,):
+            raise ValueError(f"{type(self).__name__}: feature stats must have shape [{self.in_features}], "
+                             f"got {list(mean.shape)} and {list(std.shape)}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError(f"{type(self).__name__}: feature stats contain NaN or inf")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp_min(eps))
+        return self
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, N, D]``, ``mask [B, N] | None`` -> ``(logits [B, C], attention [B, N])``."""
@@ -112,5 +133,6 @@ class MILHead(nn.Module):
                 raise ValueError(f"{name}: every bag needs at least one real instance (a mask row is all False)")
             if bool(mask.all()):
                 mask = None
+        x = (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
         logits, attention = self._forward(x, mask)
         return (logits, attention) if return_attention else logits

@@ -20,7 +20,7 @@ import torch
 
 from monai_fbta.data.datalist import DatalistError, load_datalist, load_splits, make_splits, save_splits, select_fold
 
-__all__ = ["SLIDE_EXTENSIONS", "default_class_names", "frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
+__all__ = ["SLIDE_EXTENSIONS", "feature_stats", "default_class_names", "frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
 
 logger = logging.getLogger("fbta.prepare")
 
@@ -165,6 +165,27 @@ def preprocess(
         for row in kept:
             cluster_store(store_path(cache_dir, slide_id_of(row)), num_clusters, cluster_seed)
     return kept
+
+
+def feature_stats(rows: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std ``[D]`` over every patch of ``rows`` (the training slides), from their stores.
+
+    Used to standardise the MIL head's input (:meth:`monai_fbta.networks.MILHead.set_feature_stats`).
+    """
+    from monai_fbta.data.extraction import slide_id_of, store_path
+    from monai_fbta.data.store import read_array
+
+    total, total_sq, count = None, None, 0
+    for row in rows:
+        feats = torch.as_tensor(read_array(store_path(cache_dir, slide_id_of(row)), "features")).double()
+        total = feats.sum(0) if total is None else total + feats.sum(0)
+        total_sq = (feats**2).sum(0) if total_sq is None else total_sq + (feats**2).sum(0)
+        count += feats.shape[0]
+    if not count:
+        raise ValueError(f"no features to compute statistics from ({len(rows)} slides in {cache_dir})")
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp_min(0).sqrt()
+    return mean.float(), std.float()
 
 
 def split_rows(
