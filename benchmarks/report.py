@@ -24,8 +24,9 @@ from _common import format_table  # noqa: E402
 
 from monai_fbta._io import atomic_open  # noqa: E402
 
-ORDER = ["memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "mil_heads"]
+ORDER = ["accuracy", "memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "mil_heads"]
 TITLES = {
+    "accuracy": "Accuracy on the synthetic benchmark: vanilla MIL vs +FBTA, and the view ablation",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
@@ -78,6 +79,12 @@ def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_d
         lines.append(format_table(payload["rows"], COLUMNS.get(name), markdown=True))
     elif "results" in payload:
         lines.append("\n\n".join(_results_tables(payload["results"])))
+    elif "main" in payload:  # accuracy study
+        lines.append(f"Held-out test split ({payload.get('split')}), {payload.get('epochs') or 'bundle default'} epochs, "
+                     f"mean ± std over training seeds {payload.get('seeds')}.\n")
+        lines.append(format_table(payload["main"], markdown=True))
+        if payload.get("ablation"):
+            lines += ["", "View ablation (ABMIL):", "", format_table(payload["ablation"], markdown=True)]
     for config, fit in payload.get("fits", {}).items():
         if "n_exceeding_limit" in fit:
             lines.append(f"\n{config}: {fit['peak_mb_per_patch']:.2f} MB per patch; exceeds "

@@ -27,6 +27,7 @@ from _common import machine_info, write_json  # noqa: E402
 
 # name -> (script, kind, full args, quick args); kind: "own" (--json/--plot PATH), "json_path", "json_stdout"
 BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
+    "accuracy": ("bench_accuracy.py", "own", [], ["--quick"]),
     "memory": ("bench_memory.py", "own", [], [
         "--encoder", "tiny_cnn", "--patch", "32", "--n", "200", "400", "--calib-n", "8", "16", "--pseudo-bag", "20"]),
     "epoch_time": ("bench_epoch_time.py", "own", [], [
