@@ -107,13 +107,12 @@ def write_heatmap(
     fig, axes = plt.subplots(1, 2, figsize=(fig_w, fig_h), constrained_layout=True)
     axes[0].imshow(np.asarray(thumbnail)[..., :3])
     axes[0].set_title("slide")
-    im = axes[1].imshow(overlay)
+    axes[1].imshow(overlay)
     axes[1].set_title("attention (rank-normalised)")
     for ax in axes:
         ax.axis("off")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=axes[1], fraction=0.046, pad=0.02, label="low → high attention")
-    del im
     if title:
         fig.suptitle(title)
     directory = os.path.dirname(os.path.abspath(path))
