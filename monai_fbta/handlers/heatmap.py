@@ -9,10 +9,11 @@ uncoloured. A colour bar and the predicted class are drawn beside the map.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from monai_fbta._io import atomic_open
 
 __all__ = ["attention_to_grid", "render_heatmap", "write_heatmap", "HeatmapWriter"]
 
@@ -115,17 +116,11 @@ def write_heatmap(
     fig.colorbar(sm, ax=axes[1], fraction=0.046, pad=0.02, label="low → high attention")
     if title:
         fig.suptitle(title)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".heatmap-", suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
