@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--n", nargs="+", type=int, default=[1000, 10000, 50000])
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--max-n", nargs="*", default=[], metavar="HEAD=N",
+                        help="skip bags larger than N for HEAD (e.g. mambamil=10000: its CPU scan needs ~30 GB at 50k)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--child", nargs=2, metavar=("HEAD", "N"), help=argparse.SUPPRESS)
@@ -71,9 +73,13 @@ def main() -> None:
         print(json.dumps(_child(args.child[0], int(args.child[1]), args.dim, args.repeats, args.threads)))
         return
 
+    max_n = {k: int(v) for k, v in (item.split("=", 1) for item in args.max_n)}
     rows = []
     for head in args.heads:
         for n in args.n:
+            if n > max_n.get(head, n):
+                rows.append({"head": head, "n": n, "dim": args.dim, "error": [f"skipped: N > --max-n {head}={max_n[head]}"]})
+                continue
             cmd = [sys.executable, __file__, "--child", head, str(n), "--dim", str(args.dim),
                    "--repeats", str(args.repeats), "--threads", str(args.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True)

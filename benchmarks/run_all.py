@@ -38,7 +38,8 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "frozen_pipeline": ("bench_frozen_pipeline.py", "json_stdout", [], [
         "--encoder", "tiny_cnn", "--slide-size", "2048", "--kmeans-n", "2000", "--kmeans-d", "64", "--clusters", "8",
         "--iterations", "3"]),
-    "mil_heads": ("bench_mil_heads.py", "json_stdout", [], ["--n", "500", "--dim", "64", "--heads", "abmil"]),
+    "mil_heads": ("bench_mil_heads.py", "json_stdout", ["--max-n", "mambamil=10000"],
+                  ["--n", "500", "--dim", "64", "--heads", "abmil"]),
 }
 
 
