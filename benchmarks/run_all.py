@@ -30,7 +30,7 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "accuracy": ("bench_accuracy.py", "own", [], ["--quick"]),
     "memory": ("bench_memory.py", "own", [], [
         "--encoder", "tiny_cnn", "--patch", "32", "--n", "200", "400", "--calib-n", "8", "16", "--pseudo-bag", "20"]),
-    "epoch_time": ("bench_epoch_time.py", "own", [], [
+    "epoch_time": ("bench_epoch_time.py", "own", ["--encoder", "tiny_cnn", "--patch", "128", "--slide-size", "6144"], [
         "--slides", "2", "--slide-size", "512", "--encoder", "tiny_cnn", "--clusters", "8"]),
     "inference": ("bench_inference.py", "own", [], [
         "--n", "2000", "--subset", "64", "--encoder", "tiny_cnn", "--patch", "64", "--workers", "0"]),
