@@ -188,7 +188,7 @@ def run_child(script: str, args: Sequence[str], timeout: float | None = None) ->
     A failure (non-zero exit, e.g. killed for memory) returns ``{"error": ...}`` instead of raising.
     """
     cmd = [sys.executable, script, *args]
-    env = dict(os.environ, MONAI_FBTA_QUIET="1")
+    env = dict(os.environ)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

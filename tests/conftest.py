@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("MONAI_FBTA_QUIET", "1")
-
 REPO = Path(__file__).resolve().parents[1]
 REAL_DIR = Path(os.environ.get("FBTA_REAL_SLIDES", REPO.parent / "shared" / "testdata" / "real"))
 

@@ -91,7 +91,7 @@ def _corpus(folder: Path) -> list[str]:
 
 def _run_child(files: list[str], timeout: float) -> tuple[dict[str, dict], str | None, str]:
     """Results per file; the file being processed when the child crashed or hung (or None)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MONAI_FBTA_QUIET="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *files], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
