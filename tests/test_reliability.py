@@ -160,7 +160,7 @@ def test_bundle_exposes_fail_fast_resume_assume_mpp_and_slide_check():
     assert train["tiling"]["assume_mpp"] == "@assume_mpp" and train["assume_mpp"] is None
     assert "skip_errors=not @fail_fast" in train["prepared_rows"] and "check_slides=@check_slides" in train["prepared_rows"]
     assert "skip_errors=not @fail_fast" in infer["inference"]
-    assert "ResumeTraining(@ckpt_dir + '/last.pt', enabled=@resume)" in train["train"]["handlers"]
+    assert "ResumeTraining(@ckpt_dir + '/last.pt', enabled=@resume" in train["train"]["handlers"]
 
 
 # ----------------------------------------------------------------------------- 4. numerics
@@ -327,3 +327,20 @@ def test_inference_killed_then_rerun_reuses_features_and_writes_whole_files(tmp_
     run_inference(other, slides, out, heatmaps=False, batch_size=8)
     with open(out / "cache" / "extraction_report.csv") as f:
         assert {r["status"] for r in csv.DictReader(f)} == {"done"}
+
+
+def test_resume_restores_the_best_validation_metric(tmp_path):
+    """After a resume, model.pt is only replaced by a model better than the one saved before the kill."""
+    from ignite.engine import Engine
+
+    from monai_fbta.engines.checkpoint import save_checkpoint, save_inference_model
+    from monai_fbta.networks import ABMIL
+    from monai_fbta.pipeline.resume import ResumeTraining
+
+    head = ABMIL(8, 2, hidden=8)
+    save_checkpoint(tmp_path / "last.pt", {"head": head})
+    save_inference_model(tmp_path / "model.pt", head, None, {"best_metric": 0.8, "epoch": 3})
+    trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    trainer.state.max_epochs, evaluator.state.best_metric = 5, -1
+    ResumeTraining(tmp_path / "last.pt", objects={"head": head}, evaluator=evaluator, best_model=tmp_path / "model.pt")(trainer)
+    assert evaluator.state.best_metric == 0.8 and evaluator.state.best_metric_epoch == 3
