@@ -32,20 +32,27 @@ logger = logging.getLogger("fbta.inference")
 
 
 def inference_rows(inputs: str | os.PathLike | Sequence[str], mpp: float | None = None) -> list[dict[str, Any]]:
-    """Rows to predict from a slide file, a folder of slides, a list of slide paths, or a labelled datalist."""
+    """Rows to predict from a slide file, a folder of slides, a list of slide paths, or a labelled datalist.
+
+    ``mpp`` (um/px) overrides the pixel size of every slide (for slides without one in their metadata).
+    """
+    if not isinstance(inputs, (list, tuple)) and Path(inputs).suffix.lower() in (".csv", ".json"):
+        rows = load_datalist(inputs)
+    else:
+        rows = _slide_rows(inputs)
+    return [dict(r, mpp=mpp) if mpp else r for r in rows]
+
+
+def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any]]:
+    """``{"slide_id", "image"}`` for a slide file, a folder of slides or a list of slide paths."""
     if isinstance(inputs, (list, tuple)):
         paths = [Path(p) for p in inputs]
+    elif Path(inputs).is_dir():
+        paths = sorted(p for p in Path(inputs).iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
+        if not paths:
+            raise FileNotFoundError(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) in {inputs}")
     else:
-        path = Path(inputs)
-        if path.suffix.lower() in (".csv", ".json"):
-            rows = load_datalist(path)
-            return [dict(r, mpp=mpp) if mpp else r for r in rows]
-        if path.is_dir():
-            paths = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
-            if not paths:
-                raise FileNotFoundError(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) in {path}")
-        else:
-            paths = [path]
+        paths = [Path(inputs)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"slide file(s) not found: {missing}")
@@ -54,7 +61,7 @@ def inference_rows(inputs: str | os.PathLike | Sequence[str], mpp: float | None 
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise ValueError(f"several input slides share the slide id(s) {dupes}: rename them or use a datalist")
-    return [dict(r, mpp=mpp) if mpp else r for r in rows]
+    return rows
 
 
 def run_inference(
