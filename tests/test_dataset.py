@@ -121,3 +121,32 @@ def test_cluster_store_cache_and_invalidation(stores, tmp_path):
     mtime = h5.stat().st_mtime_ns
     cluster_store(h5, 6, seed=0)
     assert h5.stat().st_mtime_ns != mtime
+
+
+def _pseudo_bags_per_epoch(rows, out, seed: int, epochs: int = 3) -> list[tuple[tuple[str, tuple[int, ...]], ...]]:
+    """Train FBTA (vanilla views, tiny head) with a persistent-worker DataLoader; the pb_index of every slide, per epoch."""
+    from ignite.engine import Events
+
+    from monai_fbta.engines import FBTALoss, FBTATrainer
+    from monai_fbta.networks import ABMIL
+
+    ds = FBTADataset(rows, out, num_clusters=5, num_per_cluster=1, load_patches=False, seed=seed)
+    loader = DataLoader(ds, batch_size=1, num_workers=2, persistent_workers=True, collate_fn=collate_single)
+    head = ABMIL(32, 2, hidden=8, attention_dim=4)
+    trainer = FBTATrainer("cpu", epochs, loader, head, torch.optim.SGD(head.parameters(), lr=0.0), FBTALoss(views=["frozen"]))
+    seen: dict[int, list] = {}
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: seen.setdefault(e.state.epoch, []).append((e.state.batch["slide_id"][0], tuple(e.state.batch["pb_index"][0].tolist()))),
+    )
+    trainer.run()
+    return [tuple(sorted(seen[epoch])) for epoch in range(1, epochs + 1)]
+
+
+def test_new_pseudo_bags_every_epoch_with_persistent_workers(stores):
+    """Persistent DataLoader workers keep their own dataset copy: set_epoch in the main process must still reach them."""
+    rows, out = stores
+    epochs = _pseudo_bags_per_epoch(rows, out, seed=5)
+    assert len(set(epochs)) == len(epochs), f"the same pseudo-bags in several epochs: {epochs}"
+    assert _pseudo_bags_per_epoch(rows, out, seed=5) == epochs, "the same seed gives the same sequence"
+    assert _pseudo_bags_per_epoch(rows, out, seed=6) != epochs

@@ -12,6 +12,9 @@ from monai_fbta.transforms import (
     ClusterFeatures,
     ClusterFeaturesd,
     PerPatchd,
+    RandContrastNoise,
+    RandFlipRotate90,
+    RandFlipRotate90d,
     PseudoBagSampled,
     RandHEDJitter,
     RandHEDJitterd,
@@ -70,6 +73,34 @@ def test_e2e_augmentation_per_patch_reproducible():
     again = make_e2e_augmentation(keys="pb_image").set_random_state(5)({"pb_image": x})["pb_image"]
     assert torch.equal(out, again)
     assert not torch.equal(out, aug({"pb_image": x})["pb_image"])
+
+
+def test_flip_rotate90_matches_monai_per_patch():
+    """Each patch gets exactly MONAI's Flip(axis 0) / Flip(axis 1) / Rotate90(k) as drawn; all 16 codes occur."""
+    from monai.transforms import AdjustContrast, Flip, Rotate90
+
+    x = torch.rand(200, 3, 8, 8)
+    aug = RandFlipRotate90(prob_flip=0.5, prob_rot90=0.5).set_random_state(3)
+    out = aug(x)
+    codes = aug._code
+    assert set(codes.tolist()) == set(range(16))
+    for i, code in enumerate(codes.tolist()):
+        ref = x[i]
+        for axis, bit in ((0, 1), (1, 2)):
+            if code & bit:
+                ref = Flip(spatial_axis=axis)(ref)
+        ref = Rotate90(k=code // 4, spatial_axes=(0, 1))(ref) if code >= 4 else ref
+        assert torch.equal(out[i], torch.as_tensor(ref).as_subclass(torch.Tensor)), code
+    d = RandFlipRotate90d(["a", "b"]).set_random_state(0)({"a": x, "b": x.clone()})
+    assert torch.equal(d["a"], d["b"]), "the same draw for every key"
+
+    contrast = RandContrastNoise(prob_contrast=1.0, gamma=(0.5, 2.0), prob_noise=0.0).set_random_state(1)
+    y = contrast(x[:4])
+    for i in range(4):
+        ref = AdjustContrast(float(contrast._gamma[i]))(x[i])
+        torch.testing.assert_close(y[i], torch.as_tensor(ref).as_subclass(torch.Tensor).clamp(0, 1), rtol=1e-5, atol=1e-5)
+    noisy = RandContrastNoise(prob_contrast=0.0, prob_noise=1.0, noise_std=0.1).set_random_state(2)(x[:4] * 0.5 + 0.25)
+    assert 0 < float((noisy - (x[:4] * 0.5 + 0.25)).abs().mean()) < 0.1
 
 
 def test_per_patch_flip_keys_stay_aligned():

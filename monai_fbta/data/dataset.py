@@ -12,7 +12,9 @@ Item (see docs/architecture.md)::
     pb_image       float32 [S, 3, P, P] in [0, 1]   augmented patches (same as clean if augment=False)
 
 Randomness is a function of ``(seed, epoch, index)`` only: call :meth:`FBTADataset.set_epoch`
-every epoch for new pseudo-bags; the same seed gives the same items in any worker layout.
+every epoch for new pseudo-bags; the same seed gives the same items in any worker layout. The epoch
+lives in shared memory, so ``set_epoch`` in the main process reaches DataLoader workers too, persistent
+ones included (they hold a copy of the dataset made when they started).
 Batch with :func:`collate_single` (batch size 1).
 """
 
@@ -77,7 +79,9 @@ class FBTADataset(torch.utils.data.Dataset):
         self.num_clusters, self.cluster_seed, self.cluster_method = num_clusters, cluster_seed, cluster_method
         self.patch_size = patch_size
         self.load_patches, self.load_full_bag = load_patches, load_full_bag
-        self.seed, self.epoch = int(seed), 0
+        self.seed = int(seed)
+        # one int64 in shared memory: workers (forked or spawned, persistent or not) see set_epoch's value
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.sampler = PseudoBagSample(num_per_cluster)
         self.reader = ReadPatches(backend=backend)
         self.augment = make_e2e_augmentation(keys="pb_image") if augment is True else (augment or None)
@@ -93,9 +97,17 @@ class FBTADataset(torch.utils.data.Dataset):
     def store_of(self, row: Mapping[str, Any]) -> str:
         return store_path(self.store_dir, slide_id_of(row))
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the pseudo-bags and augmentations are drawn for (see :meth:`set_epoch`)."""
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """New pseudo-bags (and augmentations) for ``epoch``."""
-        self.epoch = int(epoch)
+        """New pseudo-bags (and augmentations) for ``epoch``; visible to running DataLoader workers.
+
+        Call it before iterating the DataLoader for that epoch (``FBTATrainer`` does, on ``EPOCH_STARTED``).
+        """
+        self._epoch.fill_(int(epoch))
 
     def set_random_state(self, seed: int | None = None, state: Any = None) -> FBTADataset:
         """MONAI-style: set the base ``seed`` (``state`` is not supported: items are seeded per index)."""

@@ -2,9 +2,9 @@
 
 Per iteration (batch size 1, the sample dict of :class:`monai_fbta.data.dataset.FBTADataset`):
 
-* views: ``frozen = F^FB[S]`` (``pb_features``; ``frozen_bag="full"`` uses the whole bag ``features``),
-  ``e2e = f_TFE(pb_image)``, ``translated = f_T(F^FB[S])``; one shared MIL head predicts each view
-  (views of equal shape are stacked into one batch ``[V, S, D]``);
+* views: ``frozen = F^FB`` (the whole cached bag ``features [1, N, D]``, as in the paper; ``frozen_bag="pseudo"``
+  is a deviation that uses ``F^FB[S]``), ``e2e = f_TFE(pb_image)``, ``translated = f_T(F^FB[S])``; one shared
+  MIL head predicts each view (views of equal shape are stacked into one batch ``[V, S, D]``);
 * teacher logits ``f*_MIL(F^v)`` and the distillation target ``f*_TFE(pb_image_clean)`` without gradient;
 * :class:`~monai_fbta.engines.losses.FBTALoss` with ``engine.state.curriculum`` = t/T;
 * ``dataset.set_epoch(epoch - 1)`` at each epoch start when the dataset has it (new pseudo-bags);
@@ -123,10 +123,12 @@ class FBTATrainer(Trainer):
         translator: f_T (``forward(x, return_heads=True) -> (mean, heads [K, ...])``); needed for the
             ``translated`` view or ``L_dist``.
         trainable_encoder: f_TFE, ``[S, 3, H, W] -> [S, D]``; needed for the ``e2e`` view or ``L_dist``.
-        teacher_head / teacher_encoder: :class:`ModelEMA` handlers; created here (and attached) when None.
+        teacher_head / teacher_encoder: :class:`ModelEMA` handlers; created here (and attached) when None. Every
+            run has a head teacher, vanilla MIL too (its loss ignores it), so both are evaluated the same way.
         ema_momentum / ema_momentum_warmup / ema_warmup_steps: settings of the EMA handlers created here.
         curriculum: :class:`CurriculumWeight` (default ``CurriculumWeight()``), sets ``state.curriculum``.
-        frozen_bag: ``"pseudo"`` (``F^FB[S]``, the method) or ``"full"`` (the whole bag, plain MIL training).
+        frozen_bag: ``"full"`` (default: the whole bag ``F^FB``, the paper's frozen view and plain two-stage MIL
+            for ``views=["frozen"]``) or ``"pseudo"`` (``F^FB[S]`` only; a deviation, see docs/method.md).
         freeze_encoder_bn: keep f_TFE's BatchNorm layers in eval mode (running statistics of f_FFE) while
             training (default True): batch statistics of one slide's ``S`` patches would put the ``e2e`` view
             in another feature space than ``F^FB`` from the first step (f_TFE(x) != f_FFE(x) at initialisation).
@@ -153,7 +155,7 @@ class FBTATrainer(Trainer):
         ema_momentum_warmup: float | None = None,
         ema_warmup_steps: int | None = None,
         curriculum: CurriculumWeight | None = None,
-        frozen_bag: str = "pseudo",
+        frozen_bag: str = "full",
         freeze_encoder_bn: bool = True,
         accumulation_steps: int = 1,
         amp: bool = False,
@@ -222,7 +224,7 @@ class FBTATrainer(Trainer):
         setattr(self.state, OPTIMIZER_STEP_ATTR, 0)
         self.state_dict_user_keys.append(OPTIMIZER_STEP_ATTR)
         ema_kw = {"momentum": ema_momentum, "momentum_warmup": ema_momentum_warmup, "warmup_steps": ema_warmup_steps}
-        if teacher_head is None and not loss_function.vanilla:
+        if teacher_head is None:  # vanilla MIL gets the same EMA teacher (unused by its loss, used for evaluation)
             teacher_head = ModelEMA(mil_head, name="ema_momentum_mil", **ema_kw)
         if teacher_encoder is None and loss_function.uses_distillation:
             teacher_encoder = ModelEMA(trainable_encoder, name="ema_momentum_encoder", **ema_kw)
@@ -242,8 +244,8 @@ class FBTATrainer(Trainer):
 
     @property
     def inference_head(self) -> nn.Module:
-        """f*_MIL (the EMA teacher) when there is one, else the student head (vanilla MIL)."""
-        return self.mil_head if self.teacher_head is None else self.teacher_head.ema_model
+        """f*_MIL, the EMA teacher of the MIL head (vanilla MIL has one too)."""
+        return self.teacher_head.ema_model
 
     def run(self) -> None:  # type: ignore[override]
         """Train; a second call, or one after ``load_state_dict``, continues from the saved epoch."""
