@@ -126,3 +126,22 @@ def test_read_trident_and_clam(tmp_path):
     write_coords(other, coords, {"foo": 1})
     with pytest.raises(StoreError, match="other.h5.*neither TRIDENT nor CLAM"):
         read_trident_coords(other)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_store_files_get_umask_permissions_like_other_outputs(tmp_path, umask):
+    from monai_fbta._io import atomic_open
+
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "perm.h5"
+        write_coords(path, np.zeros((2, 2)), {})
+        created = path.stat().st_mode & 0o777
+        add_arrays(path, {"features": np.ones((2, 3))})
+        rewritten = path.stat().st_mode & 0o777
+        with atomic_open(tmp_path / "report.csv", "w") as f:
+            f.write("x\n")
+        other = (tmp_path / "report.csv").stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert created == rewritten == other == 0o666 & ~umask  # was 0600 for stores (mkstemp)

@@ -17,14 +17,13 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import h5py
 import numpy as np
 
+from monai_fbta._io import atomic_path
 from monai_fbta.data.errors import SlideError
 
 __all__ = [
@@ -95,23 +94,9 @@ def _same(stored: Any, expected: Any) -> bool:
 
 @contextlib.contextmanager
 def _atomic_h5(path: str, copy_existing: bool) -> Iterator[h5py.File]:
-    """Yield an open temp HDF5 file next to ``path``; on success fsync + ``os.replace`` it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if copy_existing:
-            shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a" if copy_existing else "w") as f:
-            yield f
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """Yield an open temp HDF5 file next to ``path``, moved over ``path`` on success (:func:`atomic_path`)."""
+    with atomic_path(path, copy_existing=copy_existing) as tmp, h5py.File(tmp, "a" if copy_existing else "w") as f:
+        yield f
 
 
 def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None) -> None:
