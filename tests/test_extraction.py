@@ -18,7 +18,7 @@ from slide_factory import tissue_rect_image, write_slide
 
 from monai_fbta.data.errors import SlideError
 from monai_fbta.data.extraction import encoder_fingerprint, extract_features
-from monai_fbta.data.store import read_array, read_coords, store_is_complete
+from monai_fbta.data.store import StoreError, read_array, read_coords, store_is_complete
 from monai_fbta.networks.registry import build_encoder
 from monai_fbta.transforms.patches import ReadPatches
 
@@ -82,9 +82,25 @@ def test_rerun_skips_and_fingerprint_change_recomputes(tmp_path):
     tiling = {**TILING, "tissue_threshold": 0.9}
     assert [r.status for r in extract_features(rows, out, _encoder(1), tiling, progress=False).results] == ["done"] * 2
     assert read_coords(h5)[1]["tissue_threshold"] == pytest.approx(0.9)
-    # a store that exists but is broken (not HDF5) is redone, not trusted
+    # a file that is not HDF5 is neither trusted nor overwritten (we did not write it)
     h5.write_bytes(b"not an hdf5 file")
-    assert extract_features(rows, out, _encoder(1), tiling, progress=False).by_id()["slide1"].status == "done"
+    with pytest.raises(StoreError, match="slide1.h5: exists but is not a readable HDF5 file"):
+        extract_features(rows, out, _encoder(1), tiling, progress=False)
+    assert h5.read_bytes() == b"not an hdf5 file"
+
+
+def test_clam_features_in_the_cache_folder_are_refused_before_any_work(tmp_path):
+    rows = _slides(tmp_path / "slides", n=2)
+    out = tmp_path / "clam_feats"
+    out.mkdir()
+    with h5py.File(out / "slide1.h5", "w") as f:  # CLAM's extract_features_fp output for this slide id
+        f.create_dataset("coords", data=np.zeros((4, 2), np.int64)).attrs.update(patch_size=256, patch_level=0)
+        f.create_dataset("features", data=np.ones((4, 1024), np.float32))
+    before = (out / "slide1.h5").read_bytes()
+    with pytest.raises(StoreError, match=r"1 file\(s\) in the feature cache were not written by monai_fbta(.|\n)*slide1.h5: not a monai_fbta store"):
+        extract_features(rows, out, _encoder(), TILING, progress=False)
+    assert (out / "slide1.h5").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["slide1.h5"]  # slide0 was not started either
 
 
 def test_encoder_fingerprint_tracks_weights():

@@ -5,6 +5,8 @@ DataLoader over coordinate batches (each worker opens its own slide handle), run
 encoder under ``torch.inference_mode()`` with autocast and channels_last, and store
 ``features`` ``fp16 [N, D]`` beside ``coords`` ``int64 [N, 2]`` in ``<out_dir>/<slide_id>.h5``.
 
+Files in ``out_dir`` that monai_fbta did not write (e.g. CLAM features named ``<slide_id>.h5``)
+are never overwritten: :class:`~monai_fbta.data.store.StoreError` before any work.
 Resumable: a slide whose store opens, is complete, and whose ``fingerprint`` (encoder name and
 a hash of its weights, plus every tiling setting) matches is skipped. Every store write is
 atomic (temp file + ``os.replace``); temp files left by a killed run are removed on the rerun.
@@ -36,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from monai_fbta._io import atomic_open
 from monai_fbta.data.errors import SlideError, SlideReadError
-from monai_fbta.data.store import add_arrays, read_coords, store_is_complete, write_coords
+from monai_fbta.data.store import StoreError, add_arrays, check_ours, read_coords, store_is_complete, write_coords
 from monai_fbta.transforms.patches import SlideCache, patches_to_tensor
 
 __all__ = [
@@ -355,6 +357,7 @@ def extract_features(
         "dtype": dtype,
         "backend": backend,
     }
+    _refuse_foreign_files(out_dir, rows)
     encoder = prepare_encoder(encoder, dev, channels_last)
     rank, world = _dist_info()
     mine = rows[rank::world]
@@ -391,6 +394,19 @@ def extract_features(
         _write_csv_atomic(report.csv_path, results)
         print(report.table(), flush=True)
     return report
+
+
+def _refuse_foreign_files(out_dir: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Before any work: raise :class:`StoreError` naming every store path that holds a file we did not write."""
+    problems = []
+    for row in rows:
+        try:
+            check_ours(store_path(out_dir, row["slide_id"]))
+        except StoreError as e:
+            problems.append(str(e))
+    if problems:
+        raise StoreError(out_dir, f"{len(problems)} file(s) in the feature cache were not written by monai_fbta, "
+                         "nothing was changed:\n  " + "\n  ".join(problems))
 
 
 def _gather(results: list[SlideResult], rows: Sequence[Mapping[str, Any]], world: int) -> list[SlideResult]:

@@ -7,7 +7,11 @@ Layout of ``<slide_id>.h5``::
     clusters  int [N]
 
 A ``fingerprint`` attr (JSON of the settings that produced a dataset) lets later stages detect a
-cache made with other settings. Writes go to a temporary file in the same folder which is fsynced
+cache made with other settings. The root attr ``monai_fbta_store`` (the format version) marks a file
+as ours: we never overwrite or extend an ``.h5`` without it (e.g. CLAM/TRIDENT features in the same
+folder): :func:`check_ours` raises :class:`StoreError` instead. Stores written before the marker
+existed are recognised by their ``coords`` attrs ``fingerprint`` and ``patch_size_level`` and get the
+marker on their next write. Writes go to a temporary file in the same folder which is fsynced
 and ``os.replace``d over the target, so readers never see a half-written store.
 """
 
@@ -37,7 +41,13 @@ __all__ = [
     "read_array",
     "store_is_complete",
     "read_trident_coords",
+    "check_ours",
+    "STORE_MARKER",
+    "STORE_FORMAT",
 ]
+
+STORE_MARKER = "monai_fbta_store"  # root attr: the store format version
+STORE_FORMAT = 1
 
 
 class StoreError(SlideError):
@@ -99,6 +109,37 @@ def _atomic_h5(path: str, copy_existing: bool) -> Iterator[h5py.File]:
         yield f
 
 
+def _foreign_reason(path: str) -> str | None:
+    """Why the existing file at ``path`` is not one of our stores (``None``: ours, or absent)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get(STORE_MARKER)
+            if version is not None:
+                if int(version) > STORE_FORMAT:
+                    return f"written by a newer monai_fbta (store format {int(version)}, this one reads {STORE_FORMAT})"
+                return None
+            coords = f.get("coords")
+            if isinstance(coords, h5py.Dataset) and {"fingerprint", "patch_size_level"} <= set(coords.attrs):
+                return None  # our layout from before the marker
+            return f"not a monai_fbta store (no {STORE_MARKER!r} attribute; datasets {sorted(f.keys())})"
+    except OSError as e:
+        return f"exists but is not a readable HDF5 file ({e})"
+
+
+def check_ours(path: str | os.PathLike) -> None:
+    """Raise :class:`StoreError` when a file exists at ``path`` that monai_fbta did not write.
+
+    We never overwrite or delete such a file (e.g. CLAM/TRIDENT features in ``cache_dir``).
+    """
+    path = os.fspath(path)
+    reason = _foreign_reason(path)
+    if reason:
+        raise StoreError(path, f"{reason}; monai_fbta never overwrites files it did not write: move it, use another "
+                         "cache folder, or bring CLAM/TRIDENT features in with monai_fbta.data.importing")
+
+
 def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None) -> None:
     for k, v in (attrs or {}).items():
         obj.attrs[k] = _encode_attr(v)
@@ -109,12 +150,16 @@ def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any] | None, fingerprint:
 def write_coords(
     path: str | os.PathLike, coords: np.ndarray, attrs: Mapping[str, Any] | None = None, fingerprint: Mapping[str, Any] | None = None
 ) -> None:
-    """Create (or replace) the store at ``path`` with ``coords`` ``int64 [N, 2]`` and its attrs."""
+    """Create (or replace) the store at ``path`` with ``coords`` ``int64 [N, 2]`` and its attrs.
+
+    Raises :class:`StoreError` when ``path`` holds a file we did not write (see :func:`check_ours`)."""
     path = os.fspath(path)
     coords = np.asarray(coords)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise StoreError(path, f"coords must be [N, 2], got shape {coords.shape}")
+    check_ours(path)
     with _atomic_h5(path, copy_existing=False) as f:
+        f.attrs[STORE_MARKER] = STORE_FORMAT
         ds = f.create_dataset("coords", data=coords.astype(np.int64))
         _set_attrs(ds, attrs, fingerprint)
 
@@ -135,6 +180,7 @@ def add_arrays(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise StoreError(path, "store not found; write_coords() first")
+    check_ours(path)
     n = _num_coords(path)
     prepared = {}
     for name, arr in arrays.items():
@@ -145,6 +191,7 @@ def add_arrays(
             arr = arr.astype(feature_dtype)
         prepared[name] = arr
     with _atomic_h5(path, copy_existing=True) as f:
+        f.attrs[STORE_MARKER] = STORE_FORMAT
         for name, arr in prepared.items():
             if name in f:
                 del f[name]
