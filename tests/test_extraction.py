@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -101,6 +102,45 @@ def test_clam_features_in_the_cache_folder_are_refused_before_any_work(tmp_path)
         extract_features(rows, out, _encoder(), TILING, progress=False)
     assert (out / "slide1.h5").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["slide1.h5"]  # slide0 was not started either
+
+
+def test_a_changed_slide_file_is_recomputed_and_the_report_says_why(tmp_path):
+    rows = _slides(tmp_path / "slides", n=3)
+    out = tmp_path / "out"
+    enc = _encoder(0)
+    first = [dict(rows[1], slide_id="s")]
+    extract_features(first, out, enc, TILING, progress=False)
+    h5 = out / "s.h5"
+    old = read_array(h5, "features")
+    # the same slide id now points at another file: before, its old features were reused ("skipped")
+    other = [dict(rows[2], slide_id="s")]
+    report = extract_features(other, out, enc, TILING, progress=False)
+    res = report.by_id()["s"]
+    assert res.status == "done" and res.note.startswith("slide file changed (size"), res
+    assert read_coords(h5)[1]["slide_path"] == rows[2]["image"]
+    fresh = extract_features([rows[2]], tmp_path / "fresh", enc, TILING, progress=False)
+    assert fresh.results[0].status == "done"
+    np.testing.assert_array_equal(read_array(h5, "features"), read_array(tmp_path / "fresh" / "slide2.h5", "features"))
+    assert read_array(h5, "features").shape != old.shape or not np.array_equal(read_array(h5, "features"), old)
+    with open(out / "extraction_report.csv") as f:
+        assert next(csv.DictReader(f))["note"].startswith("slide file changed")
+    # rewritten in place with the same bytes at both ends: the modification time gives it away
+    path = Path(rows[2]["image"])
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert "modification time" in extract_features(other, out, enc, TILING, progress=False).results[0].note
+    # moved with its times kept: the same file, reused
+    moved = path.rename(tmp_path / "moved.tif")
+    again = extract_features([{"image": str(moved), "slide_id": "s"}], out, enc, TILING, progress=False)
+    assert again.results[0].status == "skipped"
+    # a store written before slide fingerprints existed is recomputed once, saying so
+    with h5py.File(h5, "a") as f:
+        for name in ("coords", "features"):
+            fp = json.loads(f[name].attrs["fingerprint"])
+            del fp["slide"]
+            f[name].attrs["fingerprint"] = json.dumps(fp)
+    res = extract_features([{"image": str(moved), "slide_id": "s"}], out, enc, TILING, progress=False).results[0]
+    assert res.status == "done" and "predates slide fingerprints" in res.note
 
 
 def test_encoder_fingerprint_tracks_weights():

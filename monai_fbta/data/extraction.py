@@ -8,8 +8,10 @@ encoder under ``torch.inference_mode()`` with autocast and channels_last, and st
 Files in ``out_dir`` that monai_fbta did not write (e.g. CLAM features named ``<slide_id>.h5``)
 are never overwritten: :class:`~monai_fbta.data.store.StoreError` before any work.
 Resumable: a slide whose store opens, is complete, and whose ``fingerprint`` (encoder name and
-a hash of its weights, plus every tiling setting) matches is skipped. Every store write is
-atomic (temp file + ``os.replace``); temp files left by a killed run are removed on the rerun.
+a hash of its weights, every tiling setting, and the slide file itself: size, modification time,
+a hash of its first and last MiB, the mpp override) matches is skipped; otherwise it is recomputed
+and the ``note`` column of the report says why (e.g. ``slide file changed (size, content)``). Every
+store write is atomic (temp file + ``os.replace``); temp files left by a killed run are removed on the rerun.
 Under ``torch.distributed`` each rank processes ``rows[rank::world_size]``; rank 0 writes
 ``<out_dir>/extraction_report.csv``. CLI::
 
@@ -23,6 +25,7 @@ import argparse
 import csv
 import glob
 import hashlib
+import json
 import math
 import os
 import sys
@@ -37,8 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from monai_fbta._io import atomic_open
-from monai_fbta.data.errors import SlideError, SlideReadError
-from monai_fbta.data.store import StoreError, add_arrays, check_ours, read_coords, store_is_complete, write_coords
+from monai_fbta.data.errors import SlideError, SlideNotFoundError, SlideReadError
+from monai_fbta.data.store import StoreError, add_arrays, check_ours, read_attrs, read_coords, store_is_complete, write_coords
 from monai_fbta.transforms.patches import SlideCache, patches_to_tensor
 
 __all__ = [
@@ -46,13 +49,15 @@ __all__ = [
     "ExtractionReport",
     "extract_features",
     "encoder_fingerprint",
+    "slide_fingerprint",
     "slide_id_of",
     "store_path",
     "main",
 ]
 
 REPORT_NAME = "extraction_report.csv"
-_REPORT_FIELDS = ("slide_id", "status", "n_patches", "seconds", "error")
+_REPORT_FIELDS = ("slide_id", "status", "n_patches", "seconds", "error", "note")
+_MIB = 1 << 20
 
 
 # ----------------------------------------------------------------------------- results
@@ -60,13 +65,15 @@ _REPORT_FIELDS = ("slide_id", "status", "n_patches", "seconds", "error")
 
 @dataclass
 class SlideResult:
-    """One row of the extraction summary. ``status``: ``"done"``, ``"skipped"`` or ``"error"``."""
+    """One row of the extraction summary. ``status``: ``"done"``, ``"skipped"`` or ``"error"``;
+    ``note``: why a cached store was recomputed (e.g. ``slide file changed (...)``), or what was dropped."""
 
     slide_id: str
     status: str
     n_patches: int = 0
     seconds: float = 0.0
     error: str = ""
+    note: str = ""
 
 
 @dataclass
@@ -85,8 +92,8 @@ class ExtractionReport:
 
     def table(self) -> str:
         """Fixed-width summary table (one line per slide, then totals)."""
-        rows = [("slide", "status", "n_patches", "seconds", "error")]
-        rows += [(r.slide_id, r.status, str(r.n_patches), f"{r.seconds:.2f}", r.error) for r in self.results]
+        rows = [("slide", "status", "n_patches", "seconds", "error / note")]
+        rows += [(r.slide_id, r.status, str(r.n_patches), f"{r.seconds:.2f}", r.error or r.note) for r in self.results]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
         counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "error")}
@@ -129,6 +136,49 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> dict[str, str]:
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     name = getattr(encoder, "name", None) or type(encoder).__name__
     return {"encoder": str(name), "weights": digest.hexdigest()}
+
+
+def slide_fingerprint(path: str | os.PathLike, mpp: float | None = None) -> dict[str, Any]:
+    """Identity of a slide file: ``size``, ``mtime_ns``, ``head_tail_sha1`` (sha1 of its first and
+    last MiB, 2 MiB read at most) and the ``mpp`` override (``None``: the file's own).
+
+    The path is not part of it: a slide moved with its times kept keeps its features; a different or
+    rewritten file (other size, content at either end, or modification time) does not.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SlideNotFoundError(path, "file not found")
+    st = os.stat(path)
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        digest.update(f.read(_MIB))
+        if st.st_size > _MIB:
+            f.seek(max(_MIB, st.st_size - _MIB))
+            digest.update(f.read(_MIB))
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "head_tail_sha1": digest.hexdigest(),
+            "mpp": None if mpp is None else float(mpp)}
+
+
+def _describe_change(stored: Mapping[str, Any] | None, expected: Mapping[str, Any]) -> str | None:
+    """Why a store made with fingerprint ``stored`` is stale for ``expected`` (``None``: it is not)."""
+    if not isinstance(stored, Mapping):
+        return "the store has no fingerprint"
+    if "slide" not in stored:
+        return "the store predates slide fingerprints (which slide file made it is unknown)"
+    reasons = []
+    slide_diff = [k for k in expected["slide"] if stored["slide"].get(k) != expected["slide"][k]]
+    if slide_diff:
+        names = {"size": "size", "mtime_ns": "modification time", "head_tail_sha1": "content", "mpp": "mpp override"}
+        reasons.append("slide file changed (" + ", ".join(names.get(k, k) for k in slide_diff) + ")")
+    other = [k for k in sorted(set(stored) | set(expected)) if k != "slide" and not _same_value(stored.get(k), expected.get(k))]
+    if other:
+        reasons.append("settings changed (" + ", ".join(f"{k}: {stored.get(k)!r} -> {expected.get(k)!r}"
+                                                         if k != "weights" else "encoder weights" for k in other) + ")")
+    return "; ".join(reasons) or None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def _tiling_fingerprint(tiling_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -220,26 +270,27 @@ def _remove_stale_temps(path: str) -> None:
             pass
 
 
-def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, Any], tiling_fp: Mapping[str, Any], backend: str):
-    """Reuse the store's coords when their tiling fingerprint matches, else tile and write them."""
+def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, Any], coords_fp: Mapping[str, Any], backend: str):
+    """Reuse the store's coords when their fingerprint (tiling settings and slide file) matches, else tile and write them."""
     from monai_fbta.data.slide import open_slide
     from monai_fbta.data.tiling import tile_slide
 
-    if store_is_complete(path, required=("coords",), expect_attrs={"fingerprint": dict(tiling_fp)}):
+    if store_is_complete(path, required=("coords",), expect_attrs={"fingerprint": dict(coords_fp)}):
         return read_coords(path)
     with open_slide(row["image"], backend=backend, mpp=row.get("mpp")) as slide:
         coords, attrs = tile_slide(slide, **tiling_kwargs)
-    write_coords(path, coords, attrs, fingerprint=tiling_fp)
+    write_coords(path, coords, attrs, fingerprint=coords_fp)
     return coords, attrs
 
 
 def _extract_slide(
-    row: Mapping[str, Any], path: str, encoder: torch.nn.Module, settings: Mapping[str, Any], progress: bool
+    row: Mapping[str, Any], path: str, encoder: torch.nn.Module, settings: Mapping[str, Any],
+    fingerprints: tuple[Mapping[str, Any], Mapping[str, Any]], progress: bool,
 ) -> int:
-    """Tile/read/encode one slide and store its features; returns N."""
+    """Tile/read/encode one slide and store its features; ``fingerprints``: (coords, features). Returns N."""
     from tqdm.auto import tqdm
 
-    coords, attrs = _coords_for(row, path, settings["tiling_kwargs"], settings["tiling_fp"], settings["backend"])
+    coords, attrs = _coords_for(row, path, settings["tiling_kwargs"], fingerprints[0], settings["backend"])
     device: torch.device = settings["device"]
     batches = PatchBatches(
         os.fspath(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
@@ -262,9 +313,19 @@ def _extract_slide(
     if bad.any():
         raise SlideError(row["image"], f"the encoder produced NaN/inf features for {int(bad.sum())} of {len(bad)} "
                          f"patches (first at level-0 {tuple(int(v) for v in coords[np.argmax(bad)])}); nothing stored")
-    add_arrays(path, {"features": features}, {"feature_dim": int(features.shape[1])}, settings["fingerprint"],
+    add_arrays(path, {"features": features}, {"feature_dim": int(features.shape[1])}, fingerprints[1],
                feature_dtype=settings["dtype"])
     return len(coords)
+
+
+def _stale_reason(path: str, coords_fp: Mapping[str, Any], features_fp: Mapping[str, Any]) -> str | None:
+    """``None`` when the store at ``path`` can be reused as is; else why it is (re)computed (``""``: no store yet)."""
+    if not os.path.exists(path):
+        return ""
+    if not store_is_complete(path):
+        return "the cached store was incomplete"
+    return (_describe_change(read_attrs(path, "coords").get("fingerprint"), coords_fp)
+            or _describe_change(read_attrs(path, "features").get("fingerprint"), features_fp))
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -348,7 +409,7 @@ def extract_features(
     settings = {
         "tiling_kwargs": tiling_kwargs,
         "tiling_fp": tiling_fp,
-        "fingerprint": {**tiling_fp, **encoder_fingerprint(encoder), "dtype": np.dtype(dtype).name},
+        "encoder_fp": {**encoder_fingerprint(encoder), "dtype": np.dtype(dtype).name},
         "device": dev,
         "amp_dtype": resolve_amp_dtype(dev, amp, amp_dtype),
         "channels_last": channels_last,
@@ -370,16 +431,18 @@ def extract_features(
         path = store_path(out_dir, row["slide_id"])
         _remove_stale_temps(path)
         start = time.perf_counter()
-        if store_is_complete(
-            path, expect_attrs={"fingerprint": tiling_fp},
-            expect_dataset_attrs={"features": {"fingerprint": settings["fingerprint"]}},
-        ):
-            n = int(read_coords(path)[0].shape[0])
-            results.append(SlideResult(row["slide_id"], "skipped", n, time.perf_counter() - start))
-            continue
         try:
-            n = _extract_slide(row, path, encoder, settings, show)
-            results.append(SlideResult(row["slide_id"], "done", n, time.perf_counter() - start))
+            coords_fp = {**tiling_fp, "slide": slide_fingerprint(row["image"], row.get("mpp"))}
+            fingerprints = (coords_fp, {**coords_fp, **settings["encoder_fp"]})
+            why = _stale_reason(path, *fingerprints)
+            if why is None:
+                n = int(read_coords(path)[0].shape[0])
+                results.append(SlideResult(row["slide_id"], "skipped", n, time.perf_counter() - start))
+                continue
+            if why:
+                print(f"slide {row['slide_id']}: recomputing its cached features: {why}", file=sys.stderr, flush=True)
+            n = _extract_slide(row, path, encoder, settings, fingerprints, show)
+            results.append(SlideResult(row["slide_id"], "done", n, time.perf_counter() - start, note=why))
         except Exception as e:  # one bad slide must not stop a long run: recorded in the report, unless fail-fast
             if not skip_errors:
                 raise
