@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monai_fbta._quiet import quiet_import, silence_native_output
+from monai_fbta._quiet import capture_native_output, quiet_import, silence_native_output
 from monai_fbta.data.errors import SlideError, SlideFormatError, SlideNotFoundError, SlideReadError
 
 __all__ = ["Slide", "open_slide", "BACKENDS", "read_tiff_info", "to_rgb"]
@@ -180,6 +180,27 @@ def to_rgb(arr: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- backends
 # Each backend reads an in-bounds region given in *level* pixel coordinates and returns RGB uint8.
 
+# libjpeg's messages for corrupt data, which cuCIM prints on stdout ("ERROR in line 205 while
+# decompressing JPEG image:" and the reason) before returning pixels anyway.
+_DECODER_COMPLAINT = re.compile(
+    r"while decompressing|Corrupt JPEG|Premature end of JPEG|Invalid JPEG|Bogus|Huffman|JPEG datastream|"
+    r"Unsupported (JPEG|marker)|Improper call|ERROR in line", re.IGNORECASE)
+
+
+class CorruptDataError(RuntimeError):
+    """A decoder reported corrupt image data (its pixels for the region must not be used)."""
+
+
+def _checked(read, *args, **kwargs):
+    """``read(*args, **kwargs)`` with the native output captured; :class:`CorruptDataError` when a decoder complained."""
+    with capture_native_output() as printed:
+        result = read(*args, **kwargs)
+    complaint = [line.strip() for line in printed[0].splitlines() if _DECODER_COMPLAINT.search(line)]
+    if complaint:
+        detail = [line.strip() for line in printed[0].splitlines() if line.strip() and "ERROR in line" not in line]
+        raise CorruptDataError("; ".join(dict.fromkeys(detail or complaint)))
+    return result
+
 
 class _CuCIMBackend:
     name = "cucim"
@@ -198,18 +219,22 @@ class _CuCIMBackend:
     def read(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
         ds = self.level_downsamples[level]
         loc = (int(round(lx * ds)), int(round(ly * ds)))
-        return to_rgb(np.asarray(self._img.read_region(location=loc, size=(w, h), level=level)))
+        return to_rgb(np.asarray(_checked(self._img.read_region, location=loc, size=(w, h), level=level)))
 
     def read_batch(self, locations: np.ndarray, level: int, size: int, num_workers: int) -> np.ndarray:
         """cuCIM's batch API; ``locations`` are level-0 ``[N, 2]`` in-bounds top-lefts."""
-        it = self._img.read_region(
-            location=locations.astype(np.int64).ravel().tolist(),
-            size=(size, size),
-            level=level,
-            num_workers=num_workers,
-            batch_size=len(locations),
-        )
-        batch = np.asarray(next(iter(it)))
+
+        def read() -> np.ndarray:
+            it = self._img.read_region(
+                location=locations.astype(np.int64).ravel().tolist(),
+                size=(size, size),
+                level=level,
+                num_workers=num_workers,
+                batch_size=len(locations),
+            )
+            return np.asarray(next(iter(it)))
+
+        batch = _checked(read)
         return batch[..., :3] if batch.shape[-1] == 4 else batch
 
     def close(self) -> None:
@@ -402,10 +427,20 @@ class Slide:
             raise ValueError(f"{self.path}: level {level} out of range (slide has {self.level_count} levels)")
 
     def _read_inside(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
-        """Read an in-bounds region; in auto mode fall back to the next backend when decoding fails."""
+        """Read an in-bounds region; in auto mode fall back to the next backend when decoding fails.
+
+        A decoder's report of corrupt data is final (:class:`SlideReadError`, no fallback): OpenSlide
+        and tifffile decode the same corrupt JPEG bytes to the same wrong pixels, mostly without a word.
+        """
         while True:
             try:
                 return self._backend_impl.read(level, lx, ly, w, h)
+            except CorruptDataError as e:
+                ds = self.level_downsamples[level]
+                raise SlideReadError(
+                    self.path, f"corrupt tile data at level {level}, level-0 location ({round(lx * ds)}, {round(ly * ds)}), "
+                    f"size ({w}, {h}): the {self.backend} decoder reported: {e}; its pixels would be wrong, so none are returned"
+                ) from e
             except Exception as e:
                 failed = self.backend
                 if len(self._candidates) > 1:
