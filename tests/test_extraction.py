@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from slide_factory import tissue_rect_image, write_slide
+from slide_factory import corrupt_tile, tissue_rect_image, write_slide
 
 from monai_fbta.data.errors import SlideError
 from monai_fbta.data.extraction import encoder_fingerprint, extract_features
@@ -141,6 +142,31 @@ def test_a_changed_slide_file_is_recomputed_and_the_report_says_why(tmp_path):
             f[name].attrs["fingerprint"] = json.dumps(fp)
     res = extract_features([{"image": str(moved), "slide_id": "s"}], out, enc, TILING, progress=False).results[0]
     assert res.status == "done" and "predates slide fingerprints" in res.note
+
+
+def test_a_corrupt_tile_fails_the_slide_or_with_skip_bad_patches_drops_its_patches(tmp_path, capfd):
+    from monai_fbta.data.synthetic import write_pyramidal_tiff
+
+    path = tmp_path / "s.svs"
+    write_pyramidal_tiff(path, tissue_rect_image(512, 512, (32, 32, 480, 480)), mpp=0.5, tile=128, smallest_level=128)
+    x, y = corrupt_tile(path, 5)  # level-0 (128, 128)-(256, 256): four 64 px patches
+    rows, enc, out = [{"image": str(path)}], _encoder(), tmp_path / "out"
+    tiling = {**TILING, "mask_max_size": 128}  # tissue mask from level 2, so tiling does not read the bad tile
+    capfd.readouterr()
+    res = extract_features(rows, out, enc, tiling, progress=False).results[0]
+    assert res.status == "error" and res.error.startswith(f"{path}: reading patches failed")
+    assert re.search(r"corrupt tile data at level 0, level-0 location \((128|192), (128|192)\).*Corrupt JPEG data", res.error)
+    assert "ERROR in line" not in capfd.readouterr().out  # the decoder's own text never reaches the user
+    assert not store_is_complete(out / "s.h5")
+
+    res = extract_features(rows, out, enc, tiling, progress=False, skip_bad_patches=True).results[0]
+    assert res.status == "done" and "dropped 4 of 60 patches" in res.note and "level-0 location (128, 128)" in res.note
+    coords, attrs = read_coords(out / "s.h5")
+    assert len(coords) == res.n_patches == read_array(out / "s.h5", "features").shape[0]
+    inside = (coords >= (x, y)).all(axis=1) & (coords < (x + 128, y + 128)).all(axis=1)
+    assert not inside.any() and sorted(map(tuple, attrs["dropped_coords"])) == [(128, 128), (128, 192), (192, 128), (192, 192)]
+    assert extract_features(rows, out, enc, tiling, progress=False, skip_bad_patches=True).results[0].status == "skipped"
+    assert extract_features(rows, out, enc, tiling, progress=False).results[0].status == "error"  # not without the option
 
 
 def test_encoder_fingerprint_tracks_weights():

@@ -192,17 +192,20 @@ class PatchBatches(Dataset):
     """Item ``i`` = float ``[b, 3, out_size, out_size]`` patches of coordinate batch ``i``.
 
     Each DataLoader worker opens its own slide handle (:class:`SlideCache`). A read failure
-    comes back as ``{"error": message}`` (exception types do not survive worker pickling).
+    comes back as ``{"error": message}`` (exception types do not survive worker pickling); with
+    ``skip_bad`` the batch is reread patch by patch and comes back as ``{"x": patches, "bad":
+    [(row in batch, message), ...]}`` (the bad rows hold white pixels, to be dropped).
     """
 
     def __init__(
         self, slide_path: str, coords: np.ndarray, level: int, read_size: int, out_size: int, batch_size: int,
-        backend: str = "auto", mpp: float | None = None,
+        backend: str = "auto", mpp: float | None = None, skip_bad: bool = False,
     ) -> None:
         self.slide_path = slide_path
         self.coords = np.asarray(coords, dtype=np.int64)
         self.level, self.read_size, self.out_size = level, read_size, out_size
         self.batch_size = batch_size
+        self.skip_bad = skip_bad
         self.cache = SlideCache(max_open=1, backend=backend, mpp=mpp)
 
     def __len__(self) -> int:
@@ -213,8 +216,21 @@ class PatchBatches(Dataset):
         try:
             patches = self.cache.get(self.slide_path).read_patches(coords, self.level, self.read_size)
         except SlideError as e:
-            return {"error": str(e)}
+            if not (self.skip_bad and isinstance(e, SlideReadError)):
+                return {"error": str(e)}
+            return self._one_by_one(coords)
         return patches_to_tensor(patches, self.out_size)
+
+    def _one_by_one(self, coords: np.ndarray) -> dict[str, Any]:
+        slide = self.cache.get(self.slide_path)
+        patches = np.full((len(coords), self.read_size, self.read_size, 3), 255, np.uint8)
+        bad = []
+        for j, xy in enumerate(coords):
+            try:
+                patches[j] = slide.read_patches(xy[None], self.level, self.read_size)[0]
+            except SlideReadError as e:
+                bad.append((j, str(e)))
+        return {"x": patches_to_tensor(patches, self.out_size), "bad": bad}
 
 
 # ----------------------------------------------------------------------------- autocast
@@ -286,15 +302,17 @@ def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, A
 def _extract_slide(
     row: Mapping[str, Any], path: str, encoder: torch.nn.Module, settings: Mapping[str, Any],
     fingerprints: tuple[Mapping[str, Any], Mapping[str, Any]], progress: bool,
-) -> int:
-    """Tile/read/encode one slide and store its features; ``fingerprints``: (coords, features). Returns N."""
+) -> tuple[int, str]:
+    """Tile/read/encode one slide and store its features; ``fingerprints``: (coords, features).
+
+    Returns N and a note (which patches were dropped, with ``skip_bad_patches``)."""
     from tqdm.auto import tqdm
 
     coords, attrs = _coords_for(row, path, settings["tiling_kwargs"], fingerprints[0], settings["backend"])
     device: torch.device = settings["device"]
     batches = PatchBatches(
         os.fspath(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
-        int(attrs["patch_size"]), settings["batch_size"], settings["backend"], row.get("mpp"),
+        int(attrs["patch_size"]), settings["batch_size"], settings["backend"], row.get("mpp"), settings["skip_bad_patches"],
     )
     workers = settings["num_workers"]
     loader = DataLoader(
@@ -302,30 +320,54 @@ def _extract_slide(
         prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
     )
     feats: list[torch.Tensor] = []
+    bad: list[tuple[int, str]] = []
     with tqdm(total=len(coords), desc=slide_id_of(row), unit="patch", leave=False, disable=not progress) as bar:
-        for batch in loader:
+        for i, batch in enumerate(loader):
             if isinstance(batch, dict):
-                raise SlideReadError(row["image"], f"reading patches failed: {batch['error']}")
+                if "error" in batch:
+                    raise SlideReadError(row["image"], f"reading patches failed: {batch['error']}")
+                bad += [(i * settings["batch_size"] + int(j), msg) for j, msg in batch["bad"]]
+                batch = batch["x"]
             feats.append(encode_batch(encoder, batch, device, settings["amp_dtype"], settings["channels_last"]))
             bar.update(len(batch))
     features = torch.cat(feats).numpy()
+    note = ""
+    if bad:
+        if len(bad) == len(coords):
+            raise SlideReadError(row["image"], f"no patch could be read; first error: {bad[0][1]}")
+        dropped = np.array([j for j, _ in bad])
+        note = f"dropped {len(bad)} of {len(coords)} patches that could not be read (skip_bad_patches); first: {bad[0][1]}"
+        print(f"slide {slide_id_of(row)}: {note}", file=sys.stderr, flush=True)
+        fingerprints = tuple({**fp, "dropped_patches": len(bad)} for fp in fingerprints)
+        keep = np.setdiff1d(np.arange(len(coords)), dropped)
+        write_coords(path, coords[keep], {**attrs, "num_patches": len(keep), "dropped_coords": coords[dropped[:1000]].tolist()},
+                     fingerprint=fingerprints[0])
+        coords, features = coords[keep], features[keep]
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         raise SlideError(row["image"], f"the encoder produced NaN/inf features for {int(bad.sum())} of {len(bad)} "
                          f"patches (first at level-0 {tuple(int(v) for v in coords[np.argmax(bad)])}); nothing stored")
     add_arrays(path, {"features": features}, {"feature_dim": int(features.shape[1])}, fingerprints[1],
                feature_dtype=settings["dtype"])
-    return len(coords)
+    return len(coords), note
 
 
-def _stale_reason(path: str, coords_fp: Mapping[str, Any], features_fp: Mapping[str, Any]) -> str | None:
-    """``None`` when the store at ``path`` can be reused as is; else why it is (re)computed (``""``: no store yet)."""
+def _stale_reason(path: str, coords_fp: Mapping[str, Any], features_fp: Mapping[str, Any], allow_dropped: bool) -> str | None:
+    """``None`` when the store at ``path`` can be reused as is; else why it is (re)computed (``""``: no store yet).
+
+    A store whose unreadable patches were dropped is reused only when ``allow_dropped`` (``skip_bad_patches``)."""
     if not os.path.exists(path):
         return ""
     if not store_is_complete(path):
         return "the cached store was incomplete"
-    return (_describe_change(read_attrs(path, "coords").get("fingerprint"), coords_fp)
-            or _describe_change(read_attrs(path, "features").get("fingerprint"), features_fp))
+    for name, expected in (("coords", coords_fp), ("features", features_fp)):
+        stored = read_attrs(path, name).get("fingerprint")
+        if allow_dropped and isinstance(stored, dict):
+            stored.pop("dropped_patches", None)
+        why = _describe_change(stored, expected)
+        if why:
+            return why
+    return None
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -373,6 +415,7 @@ def extract_features(
     backend: str = "auto",
     encoder_kwargs: Mapping[str, Any] | None = None,
     write_report: bool = True,
+    skip_bad_patches: bool = False,
 ) -> ExtractionReport:
     """Extract and store frozen features of every slide (see the module docstring).
 
@@ -391,6 +434,8 @@ def extract_features(
         skip_errors: record a failing slide (any error, e.g. :class:`SlideError`) in the report and go on (``False``: raise).
         progress: tqdm bars (slides, and patches of the current slide) on rank 0.
         write_report: print the summary table and write ``extraction_report.csv`` (rank 0).
+        skip_bad_patches: a patch that cannot be read (e.g. a corrupt JPEG tile) is dropped from the
+            slide's bag, and the report's ``note`` says how many and where (``False``: the slide is an error).
 
     Returns:
         :class:`ExtractionReport` with every slide of every rank.
@@ -417,6 +462,7 @@ def extract_features(
         "num_workers": int(num_workers),
         "dtype": dtype,
         "backend": backend,
+        "skip_bad_patches": bool(skip_bad_patches),
     }
     _refuse_foreign_files(out_dir, rows)
     encoder = prepare_encoder(encoder, dev, channels_last)
@@ -434,15 +480,16 @@ def extract_features(
         try:
             coords_fp = {**tiling_fp, "slide": slide_fingerprint(row["image"], row.get("mpp"))}
             fingerprints = (coords_fp, {**coords_fp, **settings["encoder_fp"]})
-            why = _stale_reason(path, *fingerprints)
+            why = _stale_reason(path, *fingerprints, allow_dropped=settings["skip_bad_patches"])
             if why is None:
                 n = int(read_coords(path)[0].shape[0])
                 results.append(SlideResult(row["slide_id"], "skipped", n, time.perf_counter() - start))
                 continue
             if why:
                 print(f"slide {row['slide_id']}: recomputing its cached features: {why}", file=sys.stderr, flush=True)
-            n = _extract_slide(row, path, encoder, settings, fingerprints, show)
-            results.append(SlideResult(row["slide_id"], "done", n, time.perf_counter() - start, note=why))
+            n, dropped = _extract_slide(row, path, encoder, settings, fingerprints, show)
+            note = "; ".join(x for x in (why, dropped) if x)
+            results.append(SlideResult(row["slide_id"], "done", n, time.perf_counter() - start, note=note))
         except Exception as e:  # one bad slide must not stop a long run: recorded in the report, unless fail-fast
             if not skip_errors:
                 raise
@@ -505,6 +552,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--strict", action="store_true", help="stop at the first bad slide")
+    p.add_argument("--skip-bad-patches", action="store_true", help="drop unreadable patches (corrupt tiles) instead of the slide")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -538,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out, encoder, tiling, batch_size=args.batch_size,
             num_workers=args.num_workers, device=device, amp=not args.no_amp,
             channels_last=not args.no_channels_last, skip_errors=not args.strict, progress=not args.no_progress,
+            skip_bad_patches=args.skip_bad_patches,
         )
     finally:
         if started:
