@@ -155,7 +155,7 @@ def test_a_corrupt_tile_fails_the_slide_or_with_skip_bad_patches_drops_its_patch
     capfd.readouterr()
     res = extract_features(rows, out, enc, tiling, progress=False).results[0]
     assert res.status == "error" and res.error.startswith(f"{path}: reading patches failed")
-    assert re.search(r"corrupt tile data at level 0, level-0 location \((128|192), (128|192)\).*Corrupt JPEG data", res.error)
+    assert re.search(r"corrupt or undecodable tile data at level 0, level-0 location \((128|192), (128|192)\).*Corrupt JPEG data", res.error)
     assert "ERROR in line" not in capfd.readouterr().out  # the decoder's own text never reaches the user
     assert not store_is_complete(out / "s.h5")
 
