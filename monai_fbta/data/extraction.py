@@ -287,28 +287,41 @@ def _remove_stale_temps(path: str) -> None:
 
 
 def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, Any], coords_fp: Mapping[str, Any], backend: str):
-    """Reuse the store's coords when their fingerprint (tiling settings and slide file) matches, else tile and write them."""
+    """Reuse the store's coords when their fingerprint (tiling settings and slide file; for imported
+    coords the slide file only) matches, else tile and write them. ``attrs["fingerprint"]`` is the one stored."""
     from monai_fbta.data.slide import open_slide
     from monai_fbta.data.tiling import tile_slide
 
-    if store_is_complete(path, required=("coords",), expect_attrs={"fingerprint": dict(coords_fp)}):
-        return read_coords(path)
+    if store_is_complete(path, required=("coords",)):
+        coords, attrs = read_coords(path)
+        if _describe_change(*_comparable(attrs.get("fingerprint"), coords_fp)) is None:
+            return coords, attrs
     with open_slide(row["image"], backend=backend, mpp=row.get("mpp")) as slide:
         coords, attrs = tile_slide(slide, **tiling_kwargs)
     write_coords(path, coords, attrs, fingerprint=coords_fp)
-    return coords, attrs
+    return coords, {**attrs, "fingerprint": dict(coords_fp)}
+
+
+def _comparable(stored: Any, expected: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any]]:
+    """An imported store (fingerprint with ``"imported"``, see :mod:`monai_fbta.data.importing`) is judged
+    by its slide file and encoder only: its coords define the tiling."""
+    if isinstance(stored, Mapping) and "imported" in stored:
+        keys = [k for k in ("slide", "encoder", "weights") if k in expected]
+        return {k: stored.get(k) for k in keys}, {k: expected[k] for k in keys}
+    return stored, expected
 
 
 def _extract_slide(
     row: Mapping[str, Any], path: str, encoder: torch.nn.Module, settings: Mapping[str, Any],
-    fingerprints: tuple[Mapping[str, Any], Mapping[str, Any]], progress: bool,
+    coords_fp: Mapping[str, Any], progress: bool,
 ) -> tuple[int, str]:
-    """Tile/read/encode one slide and store its features; ``fingerprints``: (coords, features).
+    """Tile (unless its coords are reusable)/read/encode one slide and store its features.
 
     Returns N and a note (which patches were dropped, with ``skip_bad_patches``)."""
     from tqdm.auto import tqdm
 
-    coords, attrs = _coords_for(row, path, settings["tiling_kwargs"], fingerprints[0], settings["backend"])
+    coords, attrs = _coords_for(row, path, settings["tiling_kwargs"], coords_fp, settings["backend"])
+    fingerprints = (attrs["fingerprint"], {**attrs["fingerprint"], **settings["encoder_fp"]})
     device: torch.device = settings["device"]
     batches = PatchBatches(
         os.fspath(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
@@ -364,7 +377,7 @@ def _stale_reason(path: str, coords_fp: Mapping[str, Any], features_fp: Mapping[
         stored = read_attrs(path, name).get("fingerprint")
         if allow_dropped and isinstance(stored, dict):
             stored.pop("dropped_patches", None)
-        why = _describe_change(stored, expected)
+        why = _describe_change(*_comparable(stored, expected))
         if why:
             return why
     return None
@@ -479,15 +492,14 @@ def extract_features(
         start = time.perf_counter()
         try:
             coords_fp = {**tiling_fp, "slide": slide_fingerprint(row["image"], row.get("mpp"))}
-            fingerprints = (coords_fp, {**coords_fp, **settings["encoder_fp"]})
-            why = _stale_reason(path, *fingerprints, allow_dropped=settings["skip_bad_patches"])
+            why = _stale_reason(path, coords_fp, {**coords_fp, **settings["encoder_fp"]}, settings["skip_bad_patches"])
             if why is None:
                 n = int(read_coords(path)[0].shape[0])
                 results.append(SlideResult(row["slide_id"], "skipped", n, time.perf_counter() - start))
                 continue
             if why:
                 print(f"slide {row['slide_id']}: recomputing its cached features: {why}", file=sys.stderr, flush=True)
-            n, dropped = _extract_slide(row, path, encoder, settings, fingerprints, show)
+            n, dropped = _extract_slide(row, path, encoder, settings, coords_fp, show)
             note = "; ".join(x for x in (why, dropped) if x)
             results.append(SlideResult(row["slide_id"], "done", n, time.perf_counter() - start, note=note))
         except Exception as e:  # one bad slide must not stop a long run: recorded in the report, unless fail-fast

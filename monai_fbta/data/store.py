@@ -39,6 +39,7 @@ __all__ = [
     "open_features",
     "LazyArray",
     "read_array",
+    "dataset_names",
     "store_is_complete",
     "read_trident_coords",
     "check_ours",
@@ -237,6 +238,12 @@ def read_attrs(path: str | os.PathLike, name: str = "coords") -> dict[str, Any]:
     """Attrs of dataset ``name``."""
     with _open(path) as f:
         return _attrs_dict(_dataset(f, name))
+
+
+def dataset_names(path: str | os.PathLike) -> list[str]:
+    """Names of the datasets at the root of the ``.h5`` file."""
+    with _open(path) as f:
+        return sorted(f.keys())
 
 
 def read_array(path: str | os.PathLike, name: str) -> np.ndarray:
