@@ -31,6 +31,14 @@ _FD_LOCK = threading.RLock()  # fds 1 and 2 are process-wide: one redirection at
 _capture: tuple[int, Any] | None = None  # (pid, temporary file) of this process
 
 
+def _reset_after_fork() -> None:  # a child (DataLoader worker) must not inherit a lock held by another thread
+    global _FD_LOCK
+    _FD_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 @contextlib.contextmanager
 def _redirect_fds(target: int) -> Iterator[None]:
     """Point fds 1 and 2 at ``target`` for the duration (flushing Python's streams around it)."""
