@@ -1,14 +1,20 @@
-"""Atomic file writes shared across the package: write a temp file next to the target, then ``os.replace``."""
+"""Atomic file writes shared across the package: write a temp file next to the target, then ``os.replace``.
+
+:func:`atomic_path` is the one implementation (temp name, fsync, umask-derived permissions,
+rename, clean-up); :func:`atomic_open` wraps it for plain file objects and the HDF5 store uses it
+for ``h5py.File``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_open"]
+__all__ = ["atomic_open", "atomic_path"]
 
 
 def _umask() -> int:
@@ -18,21 +24,33 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator:
-    """Open a temporary file next to ``path``; on success fsync it and move it over ``path``.
+def atomic_path(path: str | os.PathLike, copy_existing: bool = False) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; after the block fsync it, give it the usual
+    umask-derived permissions (``mkstemp`` makes ``0600`` files) and ``os.replace`` it over ``path``.
 
-    On any error the temporary file is removed and ``path`` is left untouched (never half-written).
+    ``copy_existing`` starts the temp file as a copy of ``path`` (for in-place edits). On any error
+    the temporary file is removed and ``path`` is left untouched (never half-written).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
+        if copy_existing:
+            shutil.copyfile(path, tmp)
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator:
+    """Open a temporary file next to ``path`` (``open(tmp, mode, **kwargs)``); on success it is
+    moved over ``path`` by :func:`atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f

@@ -69,3 +69,30 @@ def write_slide(
             image = downsample2(image)
             tw.write(image, subfiletype=1, **kw)
     return str(path)
+
+
+def corrupt_tile(path, index: int, how: str = "garbage", page: int = 0) -> tuple[int, int]:
+    """Damage the compressed data of tile ``index`` of ``page`` in place; returns its level ``(x, y)``.
+
+    ``how``: ``"garbage"`` overwrites 64 bytes in the middle of the entropy-coded data with random
+    bytes (libjpeg: "Corrupt JPEG data: N extraneous bytes before marker"), ``"eoi"`` plants an
+    early end-of-image marker, ``"zeros"`` zeroes the last two thirds ("Premature end of JPEG file").
+    """
+    with tifffile.TiffFile(path) as tif:
+        p = tif.pages[page]
+        offset, count = p.dataoffsets[index], p.databytecounts[index]
+        cols = -(-p.imagewidth // p.tilewidth)
+        xy = (index % cols * p.tilewidth, index // cols * p.tilelength)
+    data = bytearray(open(path, "rb").read())
+    mid = offset + count // 2
+    if how == "garbage":
+        data[mid : mid + 64] = np.random.default_rng(index).integers(0, 256, 64, dtype=np.uint8).tobytes()
+    elif how == "eoi":
+        data[offset + count // 3 : offset + count // 3 + 2] = b"\xff\xd9"
+    elif how == "zeros":
+        data[offset + count // 3 : offset + count] = bytes(count - count // 3)
+    else:
+        raise ValueError(f"unknown corruption {how!r}")
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return xy

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,11 +16,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from slide_factory import tissue_rect_image, write_slide
+from slide_factory import corrupt_tile, tissue_rect_image, write_slide
 
 from monai_fbta.data.errors import SlideError
 from monai_fbta.data.extraction import encoder_fingerprint, extract_features
-from monai_fbta.data.store import read_array, read_coords, store_is_complete
+from monai_fbta.data.store import StoreError, read_array, read_coords, store_is_complete
 from monai_fbta.networks.registry import build_encoder
 from monai_fbta.transforms.patches import ReadPatches
 
@@ -82,9 +84,89 @@ def test_rerun_skips_and_fingerprint_change_recomputes(tmp_path):
     tiling = {**TILING, "tissue_threshold": 0.9}
     assert [r.status for r in extract_features(rows, out, _encoder(1), tiling, progress=False).results] == ["done"] * 2
     assert read_coords(h5)[1]["tissue_threshold"] == pytest.approx(0.9)
-    # a store that exists but is broken (not HDF5) is redone, not trusted
+    # a file that is not HDF5 is neither trusted nor overwritten (we did not write it)
     h5.write_bytes(b"not an hdf5 file")
-    assert extract_features(rows, out, _encoder(1), tiling, progress=False).by_id()["slide1"].status == "done"
+    with pytest.raises(StoreError, match="slide1.h5: exists but is not a readable HDF5 file"):
+        extract_features(rows, out, _encoder(1), tiling, progress=False)
+    assert h5.read_bytes() == b"not an hdf5 file"
+
+
+def test_clam_features_in_the_cache_folder_are_refused_before_any_work(tmp_path):
+    rows = _slides(tmp_path / "slides", n=2)
+    out = tmp_path / "clam_feats"
+    out.mkdir()
+    with h5py.File(out / "slide1.h5", "w") as f:  # CLAM's extract_features_fp output for this slide id
+        f.create_dataset("coords", data=np.zeros((4, 2), np.int64)).attrs.update(patch_size=256, patch_level=0)
+        f.create_dataset("features", data=np.ones((4, 1024), np.float32))
+    before = (out / "slide1.h5").read_bytes()
+    with pytest.raises(StoreError, match=r"1 file\(s\) in the feature cache were not written by monai_fbta(.|\n)*slide1.h5: not a monai_fbta store"):
+        extract_features(rows, out, _encoder(), TILING, progress=False)
+    assert (out / "slide1.h5").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["slide1.h5"]  # slide0 was not started either
+
+
+def test_a_changed_slide_file_is_recomputed_and_the_report_says_why(tmp_path):
+    rows = _slides(tmp_path / "slides", n=3)
+    out = tmp_path / "out"
+    enc = _encoder(0)
+    first = [dict(rows[1], slide_id="s")]
+    extract_features(first, out, enc, TILING, progress=False)
+    h5 = out / "s.h5"
+    old = read_array(h5, "features")
+    # the same slide id now points at another file: before, its old features were reused ("skipped")
+    other = [dict(rows[2], slide_id="s")]
+    report = extract_features(other, out, enc, TILING, progress=False)
+    res = report.by_id()["s"]
+    assert res.status == "done" and res.note.startswith("slide file changed (size"), res
+    assert read_coords(h5)[1]["slide_path"] == rows[2]["image"]
+    fresh = extract_features([rows[2]], tmp_path / "fresh", enc, TILING, progress=False)
+    assert fresh.results[0].status == "done"
+    np.testing.assert_array_equal(read_array(h5, "features"), read_array(tmp_path / "fresh" / "slide2.h5", "features"))
+    assert read_array(h5, "features").shape != old.shape or not np.array_equal(read_array(h5, "features"), old)
+    with open(out / "extraction_report.csv") as f:
+        assert next(csv.DictReader(f))["note"].startswith("slide file changed")
+    # rewritten in place with the same bytes at both ends: the modification time gives it away
+    path = Path(rows[2]["image"])
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert "modification time" in extract_features(other, out, enc, TILING, progress=False).results[0].note
+    # moved with its times kept: the same file, reused
+    moved = path.rename(tmp_path / "moved.tif")
+    again = extract_features([{"image": str(moved), "slide_id": "s"}], out, enc, TILING, progress=False)
+    assert again.results[0].status == "skipped"
+    # a store written before slide fingerprints existed is recomputed once, saying so
+    with h5py.File(h5, "a") as f:
+        for name in ("coords", "features"):
+            fp = json.loads(f[name].attrs["fingerprint"])
+            del fp["slide"]
+            f[name].attrs["fingerprint"] = json.dumps(fp)
+    res = extract_features([{"image": str(moved), "slide_id": "s"}], out, enc, TILING, progress=False).results[0]
+    assert res.status == "done" and "predates slide fingerprints" in res.note
+
+
+def test_a_corrupt_tile_fails_the_slide_or_with_skip_bad_patches_drops_its_patches(tmp_path, capfd):
+    from monai_fbta.data.synthetic import write_pyramidal_tiff
+
+    path = tmp_path / "s.svs"
+    write_pyramidal_tiff(path, tissue_rect_image(512, 512, (32, 32, 480, 480)), mpp=0.5, tile=128, smallest_level=128)
+    x, y = corrupt_tile(path, 5)  # level-0 (128, 128)-(256, 256): four 64 px patches
+    rows, enc, out = [{"image": str(path)}], _encoder(), tmp_path / "out"
+    tiling = {**TILING, "mask_max_size": 128}  # tissue mask from level 2, so tiling does not read the bad tile
+    capfd.readouterr()
+    res = extract_features(rows, out, enc, tiling, progress=False).results[0]
+    assert res.status == "error" and res.error.startswith(f"{path}: reading patches failed")
+    assert re.search(r"corrupt or undecodable tile data at level 0, level-0 location \((128|192), (128|192)\).*Corrupt JPEG data", res.error)
+    assert "ERROR in line" not in capfd.readouterr().out  # the decoder's own text never reaches the user
+    assert not store_is_complete(out / "s.h5")
+
+    res = extract_features(rows, out, enc, tiling, progress=False, skip_bad_patches=True).results[0]
+    assert res.status == "done" and "dropped 4 of 60 patches" in res.note and "level-0 location (128, 128)" in res.note
+    coords, attrs = read_coords(out / "s.h5")
+    assert len(coords) == res.n_patches == read_array(out / "s.h5", "features").shape[0]
+    inside = (coords >= (x, y)).all(axis=1) & (coords < (x + 128, y + 128)).all(axis=1)
+    assert not inside.any() and sorted(map(tuple, attrs["dropped_coords"])) == [(128, 128), (128, 192), (192, 128), (192, 192)]
+    assert extract_features(rows, out, enc, tiling, progress=False, skip_bad_patches=True).results[0].status == "skipped"
+    assert extract_features(rows, out, enc, tiling, progress=False).results[0].status == "error"  # not without the option
 
 
 def test_encoder_fingerprint_tracks_weights():

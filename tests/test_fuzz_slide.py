@@ -89,11 +89,11 @@ def _corpus(folder: Path) -> list[str]:
     return files
 
 
-def _run_child(files: list[str], timeout: float) -> tuple[dict[str, dict], str | None, str]:
+def _run_child(files: list[str], timeout: float, script: str = CHILD) -> tuple[dict[str, dict], str | None, str]:
     """Results per file; the file being processed when the child crashed or hung (or None)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *files], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", script, *files], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -105,7 +105,8 @@ def _run_child(files: list[str], timeout: float) -> tuple[dict[str, dict], str |
     results, current = {}, None
     for line in out.splitlines():
         if not line.startswith("FUZZ "):
-            continue  # native decoders print their own complaints on stdout
+            results.setdefault("_stray_output", {"lines": []})["lines"].append(line)  # e.g. a decoder's complaint
+            continue
         record = json.loads(line[5:])
         if "start" in record:
             current = record["start"]
@@ -141,3 +142,119 @@ def test_degenerate_files_raise_slide_error_in_process(tmp_path, payload):
     path.write_bytes(payload)
     with pytest.raises(SlideError, match="x.svs"):
         open_slide(path)
+
+
+# ----------------------------------------------------------------------------- damaged tile data
+
+TILE_CHILD = r"""
+import hashlib, json, sys
+import numpy as np
+from monai_fbta.data.errors import SlideError
+from monai_fbta.data.slide import open_slide
+
+def digest(a):
+    return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+for path in sys.argv[1:]:
+    print("FUZZ", json.dumps({"start": path}), flush=True)
+    out = {"file": path, "tiles": []}
+    try:
+        with open_slide(path) as slide:
+            tile = int(path.rsplit("_t", 1)[1].split(".")[0])
+            w, h = slide.level_dimensions[0]
+            origins = [(x, y) for y in range(0, h, tile) for x in range(0, w, tile)]
+            for xy in origins:  # every level-0 tile on its own
+                try:
+                    out["tiles"].append(["ok", digest(slide.read_region(xy, 0, (tile, tile)))])
+                except SlideError as e:
+                    out["tiles"].append(["error", str(e)])
+            try:  # all tiles at once (parallel reads under one capture)
+                out["patches"] = ["ok", [digest(p) for p in slide.read_patches(np.array(origins), 0, tile, num_workers=2)]]
+            except SlideError as e:
+                out["patches"] = ["error", str(e)]
+        out["result"] = "read"
+    except SlideError as e:
+        out.update(result="SlideError", message=str(e))
+    except Exception as e:
+        out.update(result="other", message=f"{type(e).__name__}: {e}")
+    print("FUZZ", json.dumps(out), flush=True)
+"""
+
+# damage that breaks a tile's stream structure: must always be an error. "byte"/"bit"/"run" change
+# values inside a JPEG entropy-coded segment, which has no checksum: often undetectable by any decoder
+STRUCTURAL = {"jpeg": ("eoi", "tail0", "rst"), "zlib": ("eoi", "tail0", "rst", "byte", "bit", "run")}
+
+
+def _damage_tile(data: bytes, offset: int, count: int, kind: str, rng: np.random.Generator) -> bytes:
+    """Damage the compressed bytes ``data[offset:offset + count]`` of one tile (headers of the file untouched)."""
+    buf = bytearray(data)
+    start = offset + min(count // 4, 700) if count > 1400 else offset + 2  # past a JPEG tile's tables
+    pos = int(rng.integers(start, offset + count * 9 // 10))
+    if kind == "eoi":
+        buf[pos : pos + 2] = b"\xff\xd9"
+    elif kind == "rst":
+        buf[pos : pos + 2] = b"\xff\xd3"
+    elif kind == "tail0":
+        buf[pos : offset + count] = bytes(offset + count - pos)
+    elif kind == "byte":
+        buf[pos] = (buf[pos] + int(rng.integers(1, 256))) % 256
+    elif kind == "bit":
+        buf[pos] ^= 1 << int(rng.integers(8))
+    else:
+        buf[pos : pos + 32] = rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
+    return bytes(buf)
+
+
+def _tile_corpus(folder: Path, n: int) -> tuple[dict[str, str], list[tuple[str, str, int, str]]]:
+    """Seed slides (JPEG .svs, zlib .tif) and ``n`` copies with one level-0 tile damaged:
+    ``({codec: seed path}, [(path, codec, tile index, kind)])``. File names carry the tile size."""
+    import tifffile
+
+    rng = np.random.default_rng(int(os.environ.get("FBTA_FUZZ_SEED", "1234")))
+    img = textured_image(384, 384, seed=5)
+    seeds = {"jpeg": str(folder / "seed_jpeg_t128.svs"), "zlib": str(folder / "seed_zlib_t64.tif")}
+    write_pyramidal_tiff(seeds["jpeg"], img, mpp=0.5, tile=128, smallest_level=128)
+    write_slide(seeds["zlib"], img, levels=2, tile=64, compression="zlib")
+    kinds = ("eoi", "tail0", "rst", "byte", "bit", "run")
+    files = []
+    for i in range(n):
+        codec = ("jpeg", "zlib")[i % 2]
+        with tifffile.TiffFile(seeds[codec]) as tif:
+            page = tif.pages[0]
+            index = int(rng.integers(len(page.dataoffsets)))
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+        kind = kinds[(i // 2) % len(kinds)]
+        tile = seeds[codec].rsplit("_t", 1)[1]
+        path = folder / f"tile{i:03d}_{codec}_{kind}_t{tile}"
+        path.write_bytes(_damage_tile(Path(seeds[codec]).read_bytes(), offset, count, kind, rng))
+        files.append((str(path), codec, index, kind))
+    return seeds, files
+
+
+def test_damaged_tile_data_is_an_error_never_a_crash_or_silently_wrong(tmp_path):
+    seeds, damaged = _tile_corpus(tmp_path, int(os.environ.get("FBTA_FUZZ_TILE_MUTATIONS", "36")))
+    results, problem, err = _run_child([*seeds.values(), *(d[0] for d in damaged)], timeout=240, script=TILE_CHILD)
+    assert problem is None, f"{problem}\n{err[-2000:]}"
+    assert "_stray_output" not in results, results.get("_stray_output")  # no decoder text on stdout
+    clean = {codec: results[path] for codec, path in seeds.items()}
+    assert all(c["result"] == "read" and all(t[0] == "ok" for t in c["tiles"]) for c in clean.values())
+    undetected = []
+    for path, codec, index, kind in damaged:
+        got = results[path]
+        assert got["result"] == "read", got  # a damaged tile never stops the slide from opening
+        ref = clean[codec]["tiles"]
+        for i, (status, value) in enumerate(got["tiles"]):
+            if i != index:
+                assert [status, value] == ref[i], (path, i, value)  # other tiles: exact pixels
+        status, value = got["tiles"][index]
+        if status == "error":
+            assert value.startswith(path) and "level 0, level-0 location" in value, value
+            assert got["patches"][0] == "error" and got["patches"][1].startswith(path)  # the parallel path too
+        elif value != ref[index][1]:
+            assert kind not in STRUCTURAL[codec], f"{path}: damaged tile {index} read as wrong pixels without an error"
+            undetected.append(path)
+        if got["patches"][0] == "ok":
+            assert got["patches"][1] == [t[1] for t in got["tiles"]]
+    # JPEG has no checksum: a changed value inside the entropy-coded data can decode without complaint
+    # (measured: ~80% of single bit flips, ~20% of 32-byte runs); every such case is a JPEG value change
+    assert all("_jpeg_" in p and any(f"_{k}_" in p for k in ("byte", "bit", "run")) for p in undetected)

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 from conftest import real_slide
-from slide_factory import downsample2, textured_image, write_slide
+from slide_factory import corrupt_tile, downsample2, textured_image, write_slide
 
 from monai_fbta.data.errors import SlideError, SlideFormatError, SlideNotFoundError, SlideReadError
 from monai_fbta.data.slide import BACKENDS, open_slide
+from monai_fbta.data.synthetic import write_pyramidal_tiff
 
 IMG = textured_image(600, 700)
 
@@ -135,8 +136,31 @@ def test_corrupt_tile_raises_read_error(tmp_path):
     open(path, "wb").write(bytes(data))
     with open_slide(path, backend="tifffile") as s:
         s.read_region((0, 0), 0, (64, 64))  # tile 0 is fine
-        with pytest.raises(SlideReadError, match=r"bad.tif.*level 0 at level-pixel \(192, 0\)"):
+        with pytest.raises(SlideReadError, match=r"bad.tif: corrupt or undecodable tile data at level 0, level-0 location \(192, 0\), size \(64, 64\).*tifffile failed"):
             s.read_region((3 * 64, 0), 0, (64, 64))
+
+
+@pytest.mark.parametrize("how", ["garbage", "eoi", "zeros"])
+def test_corrupt_jpeg_tile_is_never_silent(tmp_path, capfd, how):
+    """cuCIM prints libjpeg's complaint on stdout and returns wrong pixels: we raise instead, quietly."""
+    path = tmp_path / f"{how}.svs"
+    write_pyramidal_tiff(path, textured_image(512, 512, seed=3), mpp=0.5, tile=128, smallest_level=128)
+    with open_slide(path) as s:
+        clean = s.read_region((0, 0), 0, (512, 512))
+    x, y = corrupt_tile(path, 5, how)  # row 1, col 1 of level 0
+    capfd.readouterr()
+    with open_slide(path) as s:
+        assert s.backend == "cucim"
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (128, 128)), clean[:128, :128])  # other tiles fine
+        with pytest.raises(SlideReadError, match=rf"{how}.svs: corrupt or undecodable tile data at level 0, level-0 location \(138, 140\), "
+                           r"size \(64, 64\) .*: the cucim decoder reported: .*(Corrupt JPEG data|Premature end)"):
+            s.read_region((x + 10, y + 12), 0, (64, 64))
+        with pytest.raises(SlideReadError, match=rf"{how}.svs: corrupt or undecodable tile data at level 0, level-0 location \(128, 128\)"):
+            s.read_patches(np.array([[0, 0], [x, y], [256, 0]]), 0, 128, num_workers=2)  # batch API, then patch by patch
+        np.testing.assert_array_equal(s.read_patches(np.array([[0, 0], [256, 0]]), 0, 128, num_workers=2)[1],
+                                      clean[:128, 256:384])
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""  # no decoder text from us
 
 
 def test_pickle_reopens(lossless):

@@ -126,3 +126,69 @@ def test_read_trident_and_clam(tmp_path):
     write_coords(other, coords, {"foo": 1})
     with pytest.raises(StoreError, match="other.h5.*neither TRIDENT nor CLAM"):
         read_trident_coords(other)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_store_files_get_umask_permissions_like_other_outputs(tmp_path, umask):
+    from monai_fbta._io import atomic_open
+
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "perm.h5"
+        write_coords(path, np.zeros((2, 2)), {})
+        created = path.stat().st_mode & 0o777
+        add_arrays(path, {"features": np.ones((2, 3))})
+        rewritten = path.stat().st_mode & 0o777
+        with atomic_open(tmp_path / "report.csv", "w") as f:
+            f.write("x\n")
+        other = (tmp_path / "report.csv").stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert created == rewritten == other == 0o666 & ~umask  # was 0600 for stores (mkstemp)
+
+
+def _clam_features(path, n: int = 5, d: int = 4):
+    """An ``.h5`` laid out as CLAM/TRIDENT feature extraction writes it (float32 features)."""
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("coords", data=np.arange(2 * n).reshape(n, 2) * 256)
+        ds.attrs.update(patch_size=256, patch_level=0)
+        f.create_dataset("features", data=np.random.default_rng(0).standard_normal((n, d)).astype(np.float32))
+    return path
+
+
+def test_files_we_did_not_write_are_never_overwritten(tmp_path):
+    from monai_fbta.data.clustering import cluster_store
+
+    clam = _clam_features(tmp_path / "s1.h5")
+    junk = tmp_path / "s2.h5"
+    junk.write_bytes(b"someone's notes")
+    before = {p: p.read_bytes() for p in (clam, junk)}
+    for path in (clam, junk):
+        with pytest.raises(StoreError, match=f"{path.name}.*never overwrites files it did not write"):
+            write_coords(path, np.zeros((5, 2)), {})
+        with pytest.raises(StoreError, match=path.name):
+            store.check_ours(path)
+    with pytest.raises(StoreError, match="s1.h5: not a monai_fbta store"):
+        add_arrays(clam, {"features": np.ones((5, 4))})
+    with pytest.raises(StoreError, match="s1.h5: not a monai_fbta store"):
+        cluster_store(clam, num_clusters=2)
+    assert {p: p.read_bytes() for p in (clam, junk)} == before
+    assert sorted(os.listdir(tmp_path)) == ["s1.h5", "s2.h5"]
+
+
+def test_marker_and_stores_from_before_the_marker(tmp_path, h5):
+    path, _, _ = h5
+    with h5py.File(path, "r") as f:
+        assert f.attrs[store.STORE_MARKER] == store.STORE_FORMAT
+    legacy = tmp_path / "legacy.h5"  # as main wrote stores before the marker: fingerprint + patch_size_level
+    with h5py.File(legacy, "w") as f:
+        f.create_dataset("coords", data=np.zeros((3, 2), np.int64)).attrs.update(fingerprint="{}", patch_size_level=256)
+    store.check_ours(legacy)
+    add_arrays(legacy, {"features": np.ones((3, 2))})
+    with h5py.File(legacy, "r") as f:
+        assert f.attrs[store.STORE_MARKER] == store.STORE_FORMAT  # upgraded on its next write
+    newer = tmp_path / "newer.h5"
+    with h5py.File(newer, "w") as f:
+        f.attrs[store.STORE_MARKER] = store.STORE_FORMAT + 1
+    with pytest.raises(StoreError, match="newer.h5: written by a newer monai_fbta"):
+        write_coords(newer, np.zeros((1, 2)))

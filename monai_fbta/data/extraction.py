@@ -5,9 +5,13 @@ DataLoader over coordinate batches (each worker opens its own slide handle), run
 encoder under ``torch.inference_mode()`` with autocast and channels_last, and store
 ``features`` ``fp16 [N, D]`` beside ``coords`` ``int64 [N, 2]`` in ``<out_dir>/<slide_id>.h5``.
 
+Files in ``out_dir`` that monai_fbta did not write (e.g. CLAM features named ``<slide_id>.h5``)
+are never overwritten: :class:`~monai_fbta.data.store.StoreError` before any work.
 Resumable: a slide whose store opens, is complete, and whose ``fingerprint`` (encoder name and
-a hash of its weights, plus every tiling setting) matches is skipped. Every store write is
-atomic (temp file + ``os.replace``); temp files left by a killed run are removed on the rerun.
+a hash of its weights, every tiling setting, and the slide file itself: size, modification time,
+a hash of its first and last MiB, the mpp override) matches is skipped; otherwise it is recomputed
+and the ``note`` column of the report says why (e.g. ``slide file changed (size, content)``). Every
+store write is atomic (temp file + ``os.replace``); temp files left by a killed run are removed on the rerun.
 Under ``torch.distributed`` each rank processes ``rows[rank::world_size]``; rank 0 writes
 ``<out_dir>/extraction_report.csv``. CLI::
 
@@ -21,6 +25,7 @@ import argparse
 import csv
 import glob
 import hashlib
+import json
 import math
 import os
 import sys
@@ -35,8 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from monai_fbta._io import atomic_open
-from monai_fbta.data.errors import SlideError, SlideReadError
-from monai_fbta.data.store import add_arrays, read_coords, store_is_complete, write_coords
+from monai_fbta.data.errors import SlideError, SlideNotFoundError, SlideReadError
+from monai_fbta.data.store import StoreError, add_arrays, check_ours, read_attrs, read_coords, store_is_complete, write_coords
 from monai_fbta.transforms.patches import SlideCache, patches_to_tensor
 
 __all__ = [
@@ -44,13 +49,15 @@ __all__ = [
     "ExtractionReport",
     "extract_features",
     "encoder_fingerprint",
+    "slide_fingerprint",
     "slide_id_of",
     "store_path",
     "main",
 ]
 
 REPORT_NAME = "extraction_report.csv"
-_REPORT_FIELDS = ("slide_id", "status", "n_patches", "seconds", "error")
+_REPORT_FIELDS = ("slide_id", "status", "n_patches", "seconds", "error", "note")
+_MIB = 1 << 20
 
 
 # ----------------------------------------------------------------------------- results
@@ -58,13 +65,15 @@ _REPORT_FIELDS = ("slide_id", "status", "n_patches", "seconds", "error")
 
 @dataclass
 class SlideResult:
-    """One row of the extraction summary. ``status``: ``"done"``, ``"skipped"`` or ``"error"``."""
+    """One row of the extraction summary. ``status``: ``"done"``, ``"skipped"`` or ``"error"``;
+    ``note``: why a cached store was recomputed (e.g. ``slide file changed (...)``), or what was dropped."""
 
     slide_id: str
     status: str
     n_patches: int = 0
     seconds: float = 0.0
     error: str = ""
+    note: str = ""
 
 
 @dataclass
@@ -83,8 +92,8 @@ class ExtractionReport:
 
     def table(self) -> str:
         """Fixed-width summary table (one line per slide, then totals)."""
-        rows = [("slide", "status", "n_patches", "seconds", "error")]
-        rows += [(r.slide_id, r.status, str(r.n_patches), f"{r.seconds:.2f}", r.error) for r in self.results]
+        rows = [("slide", "status", "n_patches", "seconds", "error / note")]
+        rows += [(r.slide_id, r.status, str(r.n_patches), f"{r.seconds:.2f}", r.error or r.note) for r in self.results]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
         counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "error")}
@@ -129,6 +138,49 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> dict[str, str]:
     return {"encoder": str(name), "weights": digest.hexdigest()}
 
 
+def slide_fingerprint(path: str | os.PathLike, mpp: float | None = None) -> dict[str, Any]:
+    """Identity of a slide file: ``size``, ``mtime_ns``, ``head_tail_sha1`` (sha1 of its first and
+    last MiB, 2 MiB read at most) and the ``mpp`` override (``None``: the file's own).
+
+    The path is not part of it: a slide moved with its times kept keeps its features; a different or
+    rewritten file (other size, content at either end, or modification time) does not.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SlideNotFoundError(path, "file not found")
+    st = os.stat(path)
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        digest.update(f.read(_MIB))
+        if st.st_size > _MIB:
+            f.seek(max(_MIB, st.st_size - _MIB))
+            digest.update(f.read(_MIB))
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "head_tail_sha1": digest.hexdigest(),
+            "mpp": None if mpp is None else float(mpp)}
+
+
+def _describe_change(stored: Mapping[str, Any] | None, expected: Mapping[str, Any]) -> str | None:
+    """Why a store made with fingerprint ``stored`` is stale for ``expected`` (``None``: it is not)."""
+    if not isinstance(stored, Mapping):
+        return "the store has no fingerprint"
+    if "slide" not in stored:
+        return "the store predates slide fingerprints (which slide file made it is unknown)"
+    reasons = []
+    slide_diff = [k for k in expected["slide"] if stored["slide"].get(k) != expected["slide"][k]]
+    if slide_diff:
+        names = {"size": "size", "mtime_ns": "modification time", "head_tail_sha1": "content", "mpp": "mpp override"}
+        reasons.append("slide file changed (" + ", ".join(names.get(k, k) for k in slide_diff) + ")")
+    other = [k for k in sorted(set(stored) | set(expected)) if k != "slide" and not _same_value(stored.get(k), expected.get(k))]
+    if other:
+        reasons.append("settings changed (" + ", ".join(f"{k}: {stored.get(k)!r} -> {expected.get(k)!r}"
+                                                         if k != "weights" else "encoder weights" for k in other) + ")")
+    return "; ".join(reasons) or None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
 def _tiling_fingerprint(tiling_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tiling_kwargs[k] for k in sorted(tiling_kwargs) if k != "mask"}
 
@@ -140,17 +192,20 @@ class PatchBatches(Dataset):
     """Item ``i`` = float ``[b, 3, out_size, out_size]`` patches of coordinate batch ``i``.
 
     Each DataLoader worker opens its own slide handle (:class:`SlideCache`). A read failure
-    comes back as ``{"error": message}`` (exception types do not survive worker pickling).
+    comes back as ``{"error": message}`` (exception types do not survive worker pickling); with
+    ``skip_bad`` the batch is reread patch by patch and comes back as ``{"x": patches, "bad":
+    [(row in batch, message), ...]}`` (the bad rows hold white pixels, to be dropped).
     """
 
     def __init__(
         self, slide_path: str, coords: np.ndarray, level: int, read_size: int, out_size: int, batch_size: int,
-        backend: str = "auto", mpp: float | None = None,
+        backend: str = "auto", mpp: float | None = None, skip_bad: bool = False,
     ) -> None:
         self.slide_path = slide_path
         self.coords = np.asarray(coords, dtype=np.int64)
         self.level, self.read_size, self.out_size = level, read_size, out_size
         self.batch_size = batch_size
+        self.skip_bad = skip_bad
         self.cache = SlideCache(max_open=1, backend=backend, mpp=mpp)
 
     def __len__(self) -> int:
@@ -161,8 +216,21 @@ class PatchBatches(Dataset):
         try:
             patches = self.cache.get(self.slide_path).read_patches(coords, self.level, self.read_size)
         except SlideError as e:
-            return {"error": str(e)}
+            if not (self.skip_bad and isinstance(e, SlideReadError)):
+                return {"error": str(e)}
+            return self._one_by_one(coords)
         return patches_to_tensor(patches, self.out_size)
+
+    def _one_by_one(self, coords: np.ndarray) -> dict[str, Any]:
+        slide = self.cache.get(self.slide_path)
+        patches = np.full((len(coords), self.read_size, self.read_size, 3), 255, np.uint8)
+        bad = []
+        for j, xy in enumerate(coords):
+            try:
+                patches[j] = slide.read_patches(xy[None], self.level, self.read_size)[0]
+            except SlideReadError as e:
+                bad.append((j, str(e)))
+        return {"x": patches_to_tensor(patches, self.out_size), "bad": bad}
 
 
 # ----------------------------------------------------------------------------- autocast
@@ -218,30 +286,46 @@ def _remove_stale_temps(path: str) -> None:
             pass
 
 
-def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, Any], tiling_fp: Mapping[str, Any], backend: str):
-    """Reuse the store's coords when their tiling fingerprint matches, else tile and write them."""
+def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, Any], coords_fp: Mapping[str, Any], backend: str):
+    """Reuse the store's coords when their fingerprint (tiling settings and slide file; for imported
+    coords the slide file only) matches, else tile and write them. ``attrs["fingerprint"]`` is the one stored."""
     from monai_fbta.data.slide import open_slide
     from monai_fbta.data.tiling import tile_slide
 
-    if store_is_complete(path, required=("coords",), expect_attrs={"fingerprint": dict(tiling_fp)}):
-        return read_coords(path)
+    if store_is_complete(path, required=("coords",)):
+        coords, attrs = read_coords(path)
+        if _describe_change(*_comparable(attrs.get("fingerprint"), coords_fp)) is None:
+            return coords, attrs
     with open_slide(row["image"], backend=backend, mpp=row.get("mpp")) as slide:
         coords, attrs = tile_slide(slide, **tiling_kwargs)
-    write_coords(path, coords, attrs, fingerprint=tiling_fp)
-    return coords, attrs
+    write_coords(path, coords, attrs, fingerprint=coords_fp)
+    return coords, {**attrs, "fingerprint": dict(coords_fp)}
+
+
+def _comparable(stored: Any, expected: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any]]:
+    """An imported store (fingerprint with ``"imported"``, see :mod:`monai_fbta.data.importing`) is judged
+    by its slide file and encoder only: its coords define the tiling."""
+    if isinstance(stored, Mapping) and "imported" in stored:
+        keys = [k for k in ("slide", "encoder", "weights") if k in expected]
+        return {k: stored.get(k) for k in keys}, {k: expected[k] for k in keys}
+    return stored, expected
 
 
 def _extract_slide(
-    row: Mapping[str, Any], path: str, encoder: torch.nn.Module, settings: Mapping[str, Any], progress: bool
-) -> int:
-    """Tile/read/encode one slide and store its features; returns N."""
+    row: Mapping[str, Any], path: str, encoder: torch.nn.Module, settings: Mapping[str, Any],
+    coords_fp: Mapping[str, Any], progress: bool,
+) -> tuple[int, str]:
+    """Tile (unless its coords are reusable)/read/encode one slide and store its features.
+
+    Returns N and a note (which patches were dropped, with ``skip_bad_patches``)."""
     from tqdm.auto import tqdm
 
-    coords, attrs = _coords_for(row, path, settings["tiling_kwargs"], settings["tiling_fp"], settings["backend"])
+    coords, attrs = _coords_for(row, path, settings["tiling_kwargs"], coords_fp, settings["backend"])
+    fingerprints = (attrs["fingerprint"], {**attrs["fingerprint"], **settings["encoder_fp"]})
     device: torch.device = settings["device"]
     batches = PatchBatches(
         os.fspath(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
-        int(attrs["patch_size"]), settings["batch_size"], settings["backend"], row.get("mpp"),
+        int(attrs["patch_size"]), settings["batch_size"], settings["backend"], row.get("mpp"), settings["skip_bad_patches"],
     )
     workers = settings["num_workers"]
     loader = DataLoader(
@@ -249,20 +333,54 @@ def _extract_slide(
         prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
     )
     feats: list[torch.Tensor] = []
+    bad: list[tuple[int, str]] = []
     with tqdm(total=len(coords), desc=slide_id_of(row), unit="patch", leave=False, disable=not progress) as bar:
-        for batch in loader:
+        for i, batch in enumerate(loader):
             if isinstance(batch, dict):
-                raise SlideReadError(row["image"], f"reading patches failed: {batch['error']}")
+                if "error" in batch:
+                    raise SlideReadError(row["image"], f"reading patches failed: {batch['error']}")
+                bad += [(i * settings["batch_size"] + int(j), msg) for j, msg in batch["bad"]]
+                batch = batch["x"]
             feats.append(encode_batch(encoder, batch, device, settings["amp_dtype"], settings["channels_last"]))
             bar.update(len(batch))
     features = torch.cat(feats).numpy()
+    note = ""
+    if bad:
+        if len(bad) == len(coords):
+            raise SlideReadError(row["image"], f"no patch could be read; first error: {bad[0][1]}")
+        dropped = np.array([j for j, _ in bad])
+        note = f"dropped {len(bad)} of {len(coords)} patches that could not be read (skip_bad_patches); first: {bad[0][1]}"
+        print(f"slide {slide_id_of(row)}: {note}", file=sys.stderr, flush=True)
+        fingerprints = tuple({**fp, "dropped_patches": len(bad)} for fp in fingerprints)
+        keep = np.setdiff1d(np.arange(len(coords)), dropped)
+        write_coords(path, coords[keep], {**attrs, "num_patches": len(keep), "dropped_coords": coords[dropped[:1000]].tolist()},
+                     fingerprint=fingerprints[0])
+        coords, features = coords[keep], features[keep]
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         raise SlideError(row["image"], f"the encoder produced NaN/inf features for {int(bad.sum())} of {len(bad)} "
                          f"patches (first at level-0 {tuple(int(v) for v in coords[np.argmax(bad)])}); nothing stored")
-    add_arrays(path, {"features": features}, {"feature_dim": int(features.shape[1])}, settings["fingerprint"],
+    add_arrays(path, {"features": features}, {"feature_dim": int(features.shape[1])}, fingerprints[1],
                feature_dtype=settings["dtype"])
-    return len(coords)
+    return len(coords), note
+
+
+def _stale_reason(path: str, coords_fp: Mapping[str, Any], features_fp: Mapping[str, Any], allow_dropped: bool) -> str | None:
+    """``None`` when the store at ``path`` can be reused as is; else why it is (re)computed (``""``: no store yet).
+
+    A store whose unreadable patches were dropped is reused only when ``allow_dropped`` (``skip_bad_patches``)."""
+    if not os.path.exists(path):
+        return ""
+    if not store_is_complete(path):
+        return "the cached store was incomplete"
+    for name, expected in (("coords", coords_fp), ("features", features_fp)):
+        stored = read_attrs(path, name).get("fingerprint")
+        if allow_dropped and isinstance(stored, dict):
+            stored.pop("dropped_patches", None)
+        why = _describe_change(*_comparable(stored, expected))
+        if why:
+            return why
+    return None
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -310,6 +428,7 @@ def extract_features(
     backend: str = "auto",
     encoder_kwargs: Mapping[str, Any] | None = None,
     write_report: bool = True,
+    skip_bad_patches: bool = False,
 ) -> ExtractionReport:
     """Extract and store frozen features of every slide (see the module docstring).
 
@@ -328,6 +447,8 @@ def extract_features(
         skip_errors: record a failing slide (any error, e.g. :class:`SlideError`) in the report and go on (``False``: raise).
         progress: tqdm bars (slides, and patches of the current slide) on rank 0.
         write_report: print the summary table and write ``extraction_report.csv`` (rank 0).
+        skip_bad_patches: a patch that cannot be read (e.g. a corrupt JPEG tile) is dropped from the
+            slide's bag, and the report's ``note`` says how many and where (``False``: the slide is an error).
 
     Returns:
         :class:`ExtractionReport` with every slide of every rank.
@@ -346,7 +467,7 @@ def extract_features(
     settings = {
         "tiling_kwargs": tiling_kwargs,
         "tiling_fp": tiling_fp,
-        "fingerprint": {**tiling_fp, **encoder_fingerprint(encoder), "dtype": np.dtype(dtype).name},
+        "encoder_fp": {**encoder_fingerprint(encoder), "dtype": np.dtype(dtype).name},
         "device": dev,
         "amp_dtype": resolve_amp_dtype(dev, amp, amp_dtype),
         "channels_last": channels_last,
@@ -354,7 +475,9 @@ def extract_features(
         "num_workers": int(num_workers),
         "dtype": dtype,
         "backend": backend,
+        "skip_bad_patches": bool(skip_bad_patches),
     }
+    _refuse_foreign_files(out_dir, rows)
     encoder = prepare_encoder(encoder, dev, channels_last)
     rank, world = _dist_info()
     mine = rows[rank::world]
@@ -367,16 +490,18 @@ def extract_features(
         path = store_path(out_dir, row["slide_id"])
         _remove_stale_temps(path)
         start = time.perf_counter()
-        if store_is_complete(
-            path, expect_attrs={"fingerprint": tiling_fp},
-            expect_dataset_attrs={"features": {"fingerprint": settings["fingerprint"]}},
-        ):
-            n = int(read_coords(path)[0].shape[0])
-            results.append(SlideResult(row["slide_id"], "skipped", n, time.perf_counter() - start))
-            continue
         try:
-            n = _extract_slide(row, path, encoder, settings, show)
-            results.append(SlideResult(row["slide_id"], "done", n, time.perf_counter() - start))
+            coords_fp = {**tiling_fp, "slide": slide_fingerprint(row["image"], row.get("mpp"))}
+            why = _stale_reason(path, coords_fp, {**coords_fp, **settings["encoder_fp"]}, settings["skip_bad_patches"])
+            if why is None:
+                n = int(read_coords(path)[0].shape[0])
+                results.append(SlideResult(row["slide_id"], "skipped", n, time.perf_counter() - start))
+                continue
+            if why:
+                print(f"slide {row['slide_id']}: recomputing its cached features: {why}", file=sys.stderr, flush=True)
+            n, dropped = _extract_slide(row, path, encoder, settings, coords_fp, show)
+            note = "; ".join(x for x in (why, dropped) if x)
+            results.append(SlideResult(row["slide_id"], "done", n, time.perf_counter() - start, note=note))
         except Exception as e:  # one bad slide must not stop a long run: recorded in the report, unless fail-fast
             if not skip_errors:
                 raise
@@ -391,6 +516,19 @@ def extract_features(
         _write_csv_atomic(report.csv_path, results)
         print(report.table(), flush=True)
     return report
+
+
+def _refuse_foreign_files(out_dir: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Before any work: raise :class:`StoreError` naming every store path that holds a file we did not write."""
+    problems = []
+    for row in rows:
+        try:
+            check_ours(store_path(out_dir, row["slide_id"]))
+        except StoreError as e:
+            problems.append(str(e))
+    if problems:
+        raise StoreError(out_dir, f"{len(problems)} file(s) in the feature cache were not written by monai_fbta, "
+                         "nothing was changed:\n  " + "\n  ".join(problems))
 
 
 def _gather(results: list[SlideResult], rows: Sequence[Mapping[str, Any]], world: int) -> list[SlideResult]:
@@ -426,6 +564,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--strict", action="store_true", help="stop at the first bad slide")
+    p.add_argument("--skip-bad-patches", action="store_true", help="drop unreadable patches (corrupt tiles) instead of the slide")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -459,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out, encoder, tiling, batch_size=args.batch_size,
             num_workers=args.num_workers, device=device, amp=not args.no_amp,
             channels_last=not args.no_channels_last, skip_errors=not args.strict, progress=not args.no_progress,
+            skip_bad_patches=args.skip_bad_patches,
         )
     finally:
         if started:

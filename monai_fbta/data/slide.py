@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monai_fbta._quiet import quiet_import, silence_native_output
+from monai_fbta._quiet import capture_native_output, quiet_import, silence_native_output
 from monai_fbta.data.errors import SlideError, SlideFormatError, SlideNotFoundError, SlideReadError
 
 __all__ = ["Slide", "open_slide", "BACKENDS", "read_tiff_info", "to_rgb"]
@@ -180,6 +180,27 @@ def to_rgb(arr: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- backends
 # Each backend reads an in-bounds region given in *level* pixel coordinates and returns RGB uint8.
 
+# libjpeg's messages for corrupt data, which cuCIM prints on stdout ("ERROR in line 205 while
+# decompressing JPEG image:" and the reason) before returning pixels anyway.
+_DECODER_COMPLAINT = re.compile(
+    r"while decompressing|Corrupt JPEG|Premature end of JPEG|Invalid JPEG|Bogus|Huffman|JPEG datastream|"
+    r"Unsupported (JPEG|marker)|Improper call|ERROR in line", re.IGNORECASE)
+
+
+class CorruptDataError(RuntimeError):
+    """A decoder reported corrupt image data (its pixels for the region must not be used)."""
+
+
+def _checked(read, *args, **kwargs):
+    """``read(*args, **kwargs)`` with the native output captured; :class:`CorruptDataError` when a decoder complained."""
+    with capture_native_output() as printed:
+        result = read(*args, **kwargs)
+    complaint = [line.strip() for line in printed[0].splitlines() if _DECODER_COMPLAINT.search(line)]
+    if complaint:
+        detail = [line.strip() for line in printed[0].splitlines() if line.strip() and "ERROR in line" not in line]
+        raise CorruptDataError("; ".join(dict.fromkeys(detail or complaint)))
+    return result
+
 
 class _CuCIMBackend:
     name = "cucim"
@@ -190,27 +211,44 @@ class _CuCIMBackend:
         self._reader = quiet_import("monai.data").WSIReader(backend="cucim")  # monai.data may load nvImageCodec
         with silence_native_output():  # cuFile prints "dlopen error libcuda.so.1" on first CuImage
             self._img = self._reader.read(path)
-            self._img.read_region(location=(0, 0), size=(1, 1), level=0)  # slow-path warnings, early failure
         n = self._reader.get_level_count(self._img)
         self.level_dimensions = tuple(tuple(reversed(self._reader.get_size(self._img, i))) for i in range(n))
         self.level_downsamples = tuple(float(d) for d in self._img.resolutions["level_downsamples"])
+        self._probe()
+
+    def _probe(self) -> None:
+        """Fail early (slow-path warnings included) when cuCIM cannot decode this file at all: one pixel
+        of the first and of the last level-0 tile. One damaged tile is not that: its reads raise later."""
+        w, h = self.level_dimensions[0]
+        with silence_native_output():
+            for i, loc in enumerate(((0, 0), (w - 1, h - 1))):
+                try:
+                    self._img.read_region(location=loc, size=(1, 1), level=0)
+                    return
+                except Exception:
+                    if i == 1:
+                        raise
 
     def read(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
         ds = self.level_downsamples[level]
         loc = (int(round(lx * ds)), int(round(ly * ds)))
-        return to_rgb(np.asarray(self._img.read_region(location=loc, size=(w, h), level=level)))
+        return to_rgb(np.asarray(_checked(self._img.read_region, location=loc, size=(w, h), level=level)))
 
     def read_batch(self, locations: np.ndarray, level: int, size: int, num_workers: int) -> np.ndarray:
-        """cuCIM's batch API; ``locations`` are level-0 ``[N, 2]`` in-bounds top-lefts."""
-        it = self._img.read_region(
-            location=locations.astype(np.int64).ravel().tolist(),
-            size=(size, size),
-            level=level,
-            num_workers=num_workers,
-            batch_size=len(locations),
-        )
-        batch = np.asarray(next(iter(it)))
-        return batch[..., :3] if batch.shape[-1] == 4 else batch
+        """``locations`` level-0 ``[N, 2]`` in-bounds top-lefts -> ``uint8 [N, size, size, 3]``.
+
+        Per-patch reads in ``num_workers`` threads under one output capture. Not cuCIM's batch API:
+        it aborts the whole process on a corrupt deflate tile (and is no faster, docs/benchmarks.md).
+        """
+
+        def one(xy: np.ndarray) -> np.ndarray:
+            return to_rgb(np.asarray(self._img.read_region(location=(int(xy[0]), int(xy[1])), size=(size, size), level=level)))
+
+        def read() -> np.ndarray:
+            with ThreadPoolExecutor(num_workers) as pool:
+                return np.stack(list(pool.map(one, locations)))
+
+        return _checked(read)
 
     def close(self) -> None:
         self._img = None
@@ -402,25 +440,50 @@ class Slide:
             raise ValueError(f"{self.path}: level {level} out of range (slide has {self.level_count} levels)")
 
     def _read_inside(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
-        """Read an in-bounds region; in auto mode fall back to the next backend when decoding fails."""
+        """Read an in-bounds region; in auto mode fall back to the next backend when it cannot decode this level.
+
+        Damaged data is final (:class:`SlideReadError`, no fallback): a decoder's complaint, or a read
+        error where the same backend still reads this level elsewhere. Falling back then would hand the
+        damaged bytes to a more lenient decoder: OpenSlide and tifffile return wrong pixels without a
+        word for most corrupt JPEG tiles, OpenSlide for truncated deflate tiles.
+        """
         while True:
+            failed = self.backend
             try:
                 return self._backend_impl.read(level, lx, ly, w, h)
+            except CorruptDataError as e:
+                problem = f"the {failed} decoder reported: {e}"
             except Exception as e:
-                failed = self.backend
-                if len(self._candidates) > 1:
+                with self._lock:
+                    if self.backend == failed:
+                        self._impl = None  # a fresh handle: cuCIM's can be left unusable (or abort later) after a decode error
+                if len(self._candidates) > 1 and not self._reads_elsewhere(level, lx, ly, w, h):
                     with self._lock:
                         if self.backend == failed:
                             self._candidates.pop(0)
                             self._impl = None
                             self.backend = self._candidates[0]
                     continue
-                msg = str(e)
-                if "Invalid size" in msg:
-                    msg = "the tile data could not be decoded (corrupt or truncated tile); cuCIM reported: " + msg
-                raise SlideReadError(
-                    self.path, f"reading level {level} at level-pixel ({lx}, {ly}) size ({w}, {h}) with {failed} failed: {msg}"
-                ) from e
+                problem = f"{failed} failed: {e}"
+            ds = self.level_downsamples[level]
+            raise SlideReadError(
+                self.path, f"corrupt or undecodable tile data at level {level}, level-0 location ({round(lx * ds)}, "
+                f"{round(ly * ds)}), size ({w}, {h}) (level pixel ({lx}, {ly})): {problem}; its pixels would be wrong, "
+                "so none are returned"
+            )
+
+    def _reads_elsewhere(self, level: int, lx: int, ly: int, w: int, h: int) -> bool:
+        """True when the current backend reads the first or last pixel of ``level`` outside the failed
+        region (then the region's data is damaged, not the backend unable to decode this level)."""
+        lw, lh = self.level_dimensions[level]
+        for px, py in ((0, 0), (lw - 1, lh - 1)):
+            if not (lx <= px < lx + w and ly <= py < ly + h):
+                try:
+                    self._backend_impl.read(level, px, py, 1, 1)
+                    return True
+                except Exception:
+                    self._impl = None
+        return False
 
     def read_region(self, location: Sequence[int], level: int, size: Sequence[int]) -> np.ndarray:
         """``location`` level-0 ``(x, y)``; ``size`` ``(w, h)`` at ``level`` -> ``np.uint8 [h, w, 3]``."""
@@ -442,8 +505,9 @@ class Slide:
     def read_patches(self, coords: np.ndarray, level: int, size: int, num_workers: int | None = None) -> np.ndarray:
         """``coords`` level-0 top-lefts ``[N, 2]`` -> ``np.uint8 [N, size, size, 3]``.
 
-        Uses cuCIM's batch API for in-bounds patches when the backend is cuCIM, a thread pool
-        otherwise (OpenSlide and imagecodecs release the GIL). ``num_workers`` defaults to
+        In-bounds patches with cuCIM: one output capture around a thread pool (a decoder complaint
+        sends them through the per-patch path, which names the bad patch); a thread pool otherwise
+        (OpenSlide and imagecodecs release the GIL). ``num_workers`` defaults to
         ``min(4, cpus)``, or 1 inside a DataLoader worker.
         """
         self._check_level(level)

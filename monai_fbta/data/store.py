@@ -7,7 +7,11 @@ Layout of ``<slide_id>.h5``::
     clusters  int [N]
 
 A ``fingerprint`` attr (JSON of the settings that produced a dataset) lets later stages detect a
-cache made with other settings. Writes go to a temporary file in the same folder which is fsynced
+cache made with other settings. The root attr ``monai_fbta_store`` (the format version) marks a file
+as ours: we never overwrite or extend an ``.h5`` without it (e.g. CLAM/TRIDENT features in the same
+folder): :func:`check_ours` raises :class:`StoreError` instead. Stores written before the marker
+existed are recognised by their ``coords`` attrs ``fingerprint`` and ``patch_size_level`` and get the
+marker on their next write. Writes go to a temporary file in the same folder which is fsynced
 and ``os.replace``d over the target, so readers never see a half-written store.
 """
 
@@ -17,14 +21,13 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import h5py
 import numpy as np
 
+from monai_fbta._io import atomic_path
 from monai_fbta.data.errors import SlideError
 
 __all__ = [
@@ -36,9 +39,16 @@ __all__ = [
     "open_features",
     "LazyArray",
     "read_array",
+    "dataset_names",
     "store_is_complete",
     "read_trident_coords",
+    "check_ours",
+    "STORE_MARKER",
+    "STORE_FORMAT",
 ]
+
+STORE_MARKER = "monai_fbta_store"  # root attr: the store format version
+STORE_FORMAT = 1
 
 
 class StoreError(SlideError):
@@ -95,23 +105,40 @@ def _same(stored: Any, expected: Any) -> bool:
 
 @contextlib.contextmanager
 def _atomic_h5(path: str, copy_existing: bool) -> Iterator[h5py.File]:
-    """Yield an open temp HDF5 file next to ``path``; on success fsync + ``os.replace`` it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
+    """Yield an open temp HDF5 file next to ``path``, moved over ``path`` on success (:func:`atomic_path`)."""
+    with atomic_path(path, copy_existing=copy_existing) as tmp, h5py.File(tmp, "a" if copy_existing else "w") as f:
+        yield f
+
+
+def _foreign_reason(path: str) -> str | None:
+    """Why the existing file at ``path`` is not one of our stores (``None``: ours, or absent)."""
+    if not os.path.lexists(path):
+        return None
     try:
-        if copy_existing:
-            shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a" if copy_existing else "w") as f:
-            yield f
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get(STORE_MARKER)
+            if version is not None:
+                if int(version) > STORE_FORMAT:
+                    return f"written by a newer monai_fbta (store format {int(version)}, this one reads {STORE_FORMAT})"
+                return None
+            coords = f.get("coords")
+            if isinstance(coords, h5py.Dataset) and {"fingerprint", "patch_size_level"} <= set(coords.attrs):
+                return None  # our layout from before the marker
+            return f"not a monai_fbta store (no {STORE_MARKER!r} attribute; datasets {sorted(f.keys())})"
+    except OSError as e:
+        return f"exists but is not a readable HDF5 file ({e})"
+
+
+def check_ours(path: str | os.PathLike) -> None:
+    """Raise :class:`StoreError` when a file exists at ``path`` that monai_fbta did not write.
+
+    We never overwrite or delete such a file (e.g. CLAM/TRIDENT features in ``cache_dir``).
+    """
+    path = os.fspath(path)
+    reason = _foreign_reason(path)
+    if reason:
+        raise StoreError(path, f"{reason}; monai_fbta never overwrites files it did not write: move it, use another "
+                         "cache folder, or bring CLAM/TRIDENT features in with monai_fbta.data.importing")
 
 
 def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None) -> None:
@@ -124,12 +151,16 @@ def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any] | None, fingerprint:
 def write_coords(
     path: str | os.PathLike, coords: np.ndarray, attrs: Mapping[str, Any] | None = None, fingerprint: Mapping[str, Any] | None = None
 ) -> None:
-    """Create (or replace) the store at ``path`` with ``coords`` ``int64 [N, 2]`` and its attrs."""
+    """Create (or replace) the store at ``path`` with ``coords`` ``int64 [N, 2]`` and its attrs.
+
+    Raises :class:`StoreError` when ``path`` holds a file we did not write (see :func:`check_ours`)."""
     path = os.fspath(path)
     coords = np.asarray(coords)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise StoreError(path, f"coords must be [N, 2], got shape {coords.shape}")
+    check_ours(path)
     with _atomic_h5(path, copy_existing=False) as f:
+        f.attrs[STORE_MARKER] = STORE_FORMAT
         ds = f.create_dataset("coords", data=coords.astype(np.int64))
         _set_attrs(ds, attrs, fingerprint)
 
@@ -150,6 +181,7 @@ def add_arrays(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise StoreError(path, "store not found; write_coords() first")
+    check_ours(path)
     n = _num_coords(path)
     prepared = {}
     for name, arr in arrays.items():
@@ -160,6 +192,7 @@ def add_arrays(
             arr = arr.astype(feature_dtype)
         prepared[name] = arr
     with _atomic_h5(path, copy_existing=True) as f:
+        f.attrs[STORE_MARKER] = STORE_FORMAT
         for name, arr in prepared.items():
             if name in f:
                 del f[name]
@@ -205,6 +238,12 @@ def read_attrs(path: str | os.PathLike, name: str = "coords") -> dict[str, Any]:
     """Attrs of dataset ``name``."""
     with _open(path) as f:
         return _attrs_dict(_dataset(f, name))
+
+
+def dataset_names(path: str | os.PathLike) -> list[str]:
+    """Names of the datasets at the root of the ``.h5`` file."""
+    with _open(path) as f:
+        return sorted(f.keys())
 
 
 def read_array(path: str | os.PathLike, name: str) -> np.ndarray:
