@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -104,6 +105,16 @@ def test_verify_metadata_offline(tmp_path):
     out = bundle(["verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
                   "--filepath", str(CONFIGS / "schema" / "metadata_schema.json")], cwd=tmp_path)
     assert "metadata is verified with no error" in out.stdout + out.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.nvimgcodec") is not None and importlib.util.find_spec("nvidia.nvjpeg2k") is None,
+                    reason="nvImageCodec's codec libraries are not installed: reinstall the package (setup.cfg lists them)")
+def test_bundle_start_prints_no_codec_load_errors(tmp_path):
+    """``import monai`` (first thing ``python -m monai.bundle`` does) loads nvImageCodec, which printed red
+    "Failed to load nvJPEG2000 / nvTIFF" errors when its optional libraries were missing."""
+    out = bundle(["verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+                  "--filepath", str(CONFIGS / "schema" / "metadata_schema.json")], cwd=tmp_path)
+    assert "[ERROR]" not in out.stderr and "Failed to load" not in out.stderr, out.stderr[-2000:]
 
 
 def test_metadata_schema_rejects_incomplete_metadata(tmp_path):
