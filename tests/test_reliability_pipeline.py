@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from monai_fbta.pipeline.infer import InferenceError, run_inference
 from monai_fbta.pipeline.prepare import split_rows
 from monai_fbta.pipeline.report import check_model, evaluate_checkpoint
 from monai_fbta.pipeline.resume import ResumeTraining, check_resume, run_identity
-from monai_fbta.pipeline.validate import option_problems, settings_problems
+from monai_fbta.pipeline.validate import RENAMED_OPTIONS, option_problems, settings_problems
 
 SETTINGS = {"mil_name": "abmil", "views": ["frozen", "e2e"], "tiling": TILING, "num_clusters": 8, "fold": 0}
 
@@ -157,6 +158,14 @@ def test_unknown_and_renamed_options_are_refused():
             "--num_epochs=3"]
     assert option_problems(argv, known) == ["option --mpp was renamed: use --assume_mpp",
                                             "unknown option --num_epoch for this command; did you mean --num_epochs?"]
+
+
+def test_one_name_per_option_across_training_evaluation_and_inference():
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "fbta_stad" / "configs"
+    train, evaluate, infer = (set(json.loads((configs / f"{n}.json").read_text())) for n in ("train", "evaluate", "inference"))
+    assert not RENAMED_OPTIONS.keys() & (train | evaluate | infer)  # old names are refused, not read
+    assert {"assume_mpp", "extract_batch_size", "num_workers", "fail_fast", "strict"} <= train & infer
+    assert "model_path" in evaluate & infer
 
 
 # ----------------------------------------------------------------------------- item 8: exit status

@@ -20,7 +20,7 @@ from monai_fbta.pipeline.paths import config_files_from_argv
 
 __all__ = ["RENAMED_OPTIONS", "validate_settings", "settings_problems", "option_problems", "install_excepthook"]
 
-RENAMED_OPTIONS = {"mpp": "assume_mpp"}
+RENAMED_OPTIONS = {"mpp": "assume_mpp", "batch_size": "extract_batch_size", "eval_model": "model_path"}
 """Old option name -> its name now (the same name in training, evaluation and inference)."""
 
 _MONAI_RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
