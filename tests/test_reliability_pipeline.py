@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Engine
-from slide_factory import write_slide
 from test_reliability import TILING, _tissue_slide, _tiny_model, _write_csv
 
 from monai_fbta.data.datalist import DatalistError, datalist_digest, load_datalist, make_splits
@@ -188,3 +187,15 @@ def test_inference_raises_when_nothing_or_in_strict_mode_something_failed(tmp_pa
         run_inference(model, slides, out, heatmaps=False, batch_size=8, strict=True)
     with open(out / "predictions.csv") as f:
         assert [r["slide_id"] for r in csv.DictReader(f)] == ["good"]  # what worked is still written
+
+
+def test_training_preprocessing_in_strict_mode_fails_when_a_slide_failed(tmp_path):
+    from test_reliability import _encoder
+
+    from monai_fbta.pipeline.prepare import preprocess
+
+    rows = [{"slide_id": "good", "image": _tissue_slide(tmp_path / "good.tif"), "label": 0},
+            {"slide_id": "nompp", "image": _tissue_slide(tmp_path / "nompp.tif", mpp=None), "label": 1}]
+    assert [r["slide_id"] for r in preprocess(rows, tmp_path / "cache", _encoder(), TILING)] == ["good"]
+    with pytest.raises(RuntimeError, match=r"strict mode: 1 slide\(s\) failed in preprocessing .*extraction_report.csv"):
+        preprocess(rows, tmp_path / "cache", _encoder(), TILING, strict=True)

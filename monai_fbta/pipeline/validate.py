@@ -12,7 +12,7 @@ import difflib
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +59,20 @@ def _known_options(config_files: Sequence[str]) -> list[str] | None:
     return sorted(keys)
 
 
-def _choice_problem(option: str, value: Any, valid: Sequence[str]) -> list[str]:
-    if str(value).lower() in valid:
+def _choice_problem(option: str, value: Any, valid: Sequence[str], ignore_case: bool = False) -> list[str]:
+    text = str(value).lower() if ignore_case else str(value)
+    if text in valid:
         return []
-    close = difflib.get_close_matches(str(value).lower(), valid, n=1)
+    close = difflib.get_close_matches(text, valid, n=1)
     return [f"--{option} {value!r} is not one of {list(valid)}" + (f" (did you mean {close[0]!r}?)" if close else "")]
 
 
 def _encoder_problems(name: str | None, weights: str | os.PathLike | None) -> list[str]:
-    from monai_fbta.networks.encoder import ENCODER_NAMES
+    from monai_fbta.networks.encoder import ENCODER_NAMES, _is_weights_file
 
     problems = [] if name is None else _choice_problem("encoder_name", name, ENCODER_NAMES)
-    if weights is not None:
-        text = os.fspath(weights)
-        looks_like_file = os.sep in text or Path(text).suffix.lower() in (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-        if looks_like_file and not os.path.isfile(text):
-            problems.append(f"--encoder_weights {text}: file not found")
+    if weights is not None and _is_weights_file(weights) and not os.path.isfile(weights):  # else a pretrained tag
+        problems.append(f"--encoder_weights {os.fspath(weights)}: file not found")
     return problems
 
 
@@ -147,7 +145,7 @@ def settings_problems(
     from monai_fbta.engines.losses import VIEWS
     from monai_fbta.networks.registry import list_mil_heads
 
-    problems = [] if mil_name is None else _choice_problem("mil_name", mil_name, list_mil_heads())
+    problems = [] if mil_name is None else _choice_problem("mil_name", mil_name, list_mil_heads(), ignore_case=True)
     if views is not None:
         listed = [views] if isinstance(views, str) else list(views)
         bad = [v for v in listed if v not in VIEWS]
