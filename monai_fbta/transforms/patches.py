@@ -174,7 +174,7 @@ class ReadPatchesd(MapTransform):
         if slide is None or level is None or size is None:
             raise KeyError(
                 f"ReadPatchesd: for {key!r} no {'slide' if slide is None else 'read level/size'}: give slide_key / level= "
-                f"and size=, or make {key!r} with TissueTiled (its metadata, in {key}_{self.meta_key_postfix!r}, has them)"
+                f"and size=, or make {key!r} with TissueTiled (its metadata, in '{key}_{self.meta_key_postfix}', has them)"
             )
         return slide, int(level), int(size)
 
