@@ -49,21 +49,18 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         slide = args.slide or make_slide(Path(tmp))
         encoder = PatchEncoder("tiny_cnn").eval()
-        read_all = ReadPatchesd(slide_key="image", coords_key="coords", out_key="patches",
-                                size=args.patch_size, level_key=None, size_key=None)
-
         def encode(patches: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return encoder(patches)
 
         pipeline = Compose([
             TissueTiled(keys="image", coords_key="coords", patch_size=args.patch_size, target_mpp=0.5),
-            read_all,                                                   # [N, 3, P, P] in [0, 1]
+            # reads at the level and size TissueTiled recorded in coords_meta_dict: [N, 3, P, P] in [0, 1]
+            ReadPatchesd(keys="coords", slide_key="image", out_keys="patches", out_size=args.patch_size),
             Lambdad(keys="patches", func=encode, overwrite="features"),  # frozen bag F^FB [N, D]
-            ClusterFeaturesd(features_key="features", out_key="clusters", num_clusters=args.clusters),
+            ClusterFeaturesd(keys="features", out_keys="clusters", num_clusters=args.clusters),
             PseudoBagSampled(keys=("features", "coords"), cluster_key="clusters", num_per_cluster=1),
-            ReadPatchesd(slide_key="image", coords_key="pb_coords", out_key="pb_image",
-                         size=args.patch_size, level_key=None, size_key=None),
+            ReadPatchesd(keys="pb_coords", slide_key="image", out_keys="pb_image", out_size=args.patch_size),
             make_e2e_augmentation(keys="pb_image"),                     # flips, rot90, HED jitter, ...
             EnsureTyped(keys=("pb_features", "pb_image")),
         ])

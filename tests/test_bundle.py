@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,6 +29,15 @@ def bundle(args: list[str], cwd: Path, launcher: list[str] | None = None, timeou
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{cmd}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
     return out
+
+
+def bundle_fails(args: list[str], cwd: Path) -> list[str]:
+    """Run a bundle command that must fail: returns its last non-empty stderr lines (what the user reads last)."""
+    cmd = [sys.executable, "-m", "monai.bundle", *args]
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0, f"{cmd} exited 0\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
+    assert "Failed to instantiate" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return [line for line in out.stderr.splitlines() if line.strip()]
 
 
 def run_dirs(root: Path) -> list[str]:
@@ -97,6 +107,16 @@ def test_verify_metadata_offline(tmp_path):
     assert "metadata is verified with no error" in out.stdout + out.stderr
 
 
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.nvimgcodec") is not None and importlib.util.find_spec("nvidia.nvjpeg2k") is None,
+                    reason="nvImageCodec's codec libraries are not installed: reinstall the package (setup.cfg lists them)")
+def test_bundle_start_prints_no_codec_load_errors(tmp_path):
+    """``import monai`` (first thing ``python -m monai.bundle`` does) loads nvImageCodec, which printed red
+    "Failed to load nvJPEG2000 / nvTIFF" errors when its optional libraries were missing."""
+    out = bundle(["verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+                  "--filepath", str(CONFIGS / "schema" / "metadata_schema.json")], cwd=tmp_path)
+    assert "[ERROR]" not in out.stderr and "Failed to load" not in out.stderr, out.stderr[-2000:]
+
+
 def test_metadata_schema_rejects_incomplete_metadata(tmp_path):
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     del meta["network_data_format"]
@@ -119,6 +139,63 @@ def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):
     scripted = torch.jit.load(str(ts))
     x = torch.randn(1, 137, 64)  # another bag size than the one traced with
     assert torch.allclose(scripted(x), eager(x), atol=1e-5)
+
+
+def test_bad_settings_fail_in_seconds_with_our_message_last(tmp_path):
+    """A wrong head name or class list, a class too small for the folds, a renamed option: refused before any slide
+    is generated, tiled or read, with our message as the last lines (no MONAI traceback)."""
+    last = bundle_fails(["run", "training", "--config_file", TRAIN, *run_dirs(tmp_path), *TINY, "--mil_name", "abmill",
+                         "--class_names", "['a', 'b']"], cwd=tmp_path)
+    assert last[-3].startswith("error: 2 problem(s) in the settings, nothing was run")
+    assert "--mil_name 'abmill' is not one of ['abmil', 'mambamil', 'transmil'] (did you mean 'abmil'?)" in last[-2]
+    assert "--class_names has 2 name(s) ['a', 'b'] but --num_classes is 3" in last[-1]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "cache").exists()
+
+    slides = []
+    for i in range(7):
+        (tmp_path / f"s{i}.tif").write_bytes(b"")  # the early check needs no slide content
+        slides.append(f"s{i},{tmp_path / f's{i}.tif'},{'rare' if i < 2 else 'common'}")
+    (tmp_path / "labels.csv").write_text("slide_id,path,label\n" + "\n".join(slides) + "\n")
+    last = bundle_fails(["run", "training", "--config_file", TRAIN, *run_dirs(tmp_path), *TINY, "--datalist",
+                         str(tmp_path / "labels.csv"), "--num_classes", "2", "--class_names", "['common', 'rare']"], cwd=tmp_path)
+    assert last[-1] == ("  - class 'rare' has 2 case(s) but 3 parts need at least 3 cases per class: lower --num_folds or add "
+                        "slides of this class")
+
+    last = bundle_fails(["run", "--config_file", INFER, "--input", str(tmp_path / "s0.tif"), "--mpp", "0.5",
+                         "--model_path", str(tmp_path / "model.pt")], cwd=tmp_path)
+    assert last[-2:] == ["  - option --mpp was renamed: use --assume_mpp",
+                         f"  - --model_path {tmp_path / 'model.pt'}: no trained model there (run the bundle's training first)"]
+
+
+def test_new_data_in_a_used_bundle_folder_is_refused_before_any_work(trained, tmp_path):
+    """Training on another dataset where the demo trained used to resume its last.pt and report the old model."""
+    rows = list(csv.DictReader(open(trained / "data" / "labels.csv")))
+    names = ["x", "y", "z"]
+    (tmp_path / "new.csv").write_text("slide_id,path,label,case_id\n" + "".join(
+        f"{r['slide_id']},{trained / 'data' / r['path']},{names[int(r['label'])]},{r['case_id']}\n" for r in rows))
+    splits = (trained / "models" / "splits.json").read_text()
+    args = ["run", "training", "--config_file", TRAIN, *run_dirs(trained), *TINY, "--datalist", str(tmp_path / "new.csv"),
+            "--class_names", repr(names), "--cache_dir", str(tmp_path / "cache")]
+    last = bundle_fails(args, cwd=tmp_path)
+    assert last[-1].startswith(f"error: RunMismatchError: {trained / 'models' / 'last.pt'} is the checkpoint of another run")
+    for part in ("class_names differs (saved: ['inflammation', 'pleomorphic', 'glandular']; now: ['x', 'y', 'z'])",
+                 "use a new --ckpt_dir for this run, or --resume False"):
+        assert part in last[-1]
+    assert not (tmp_path / "cache").exists() and (trained / "models" / "splits.json").read_text() == splits
+
+
+def test_inference_where_every_slide_fails_exits_nonzero(trained, tmp_path):
+    """One slide without a pixel size used to give "0 slide(s) predicted ... 1 failed" and exit 0."""
+    from slide_factory import tissue_rect_image, write_slide
+
+    slide = write_slide(tmp_path / "nompp.tif", tissue_rect_image(512, 512, (48, 48, 464, 464)), levels=2, tile=64, mpp=None)
+    args = ["run", "--config_file", INFER, "--model_path", str(trained / "models" / "model.pt"), "--input", slide,
+            "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--heatmaps", "False"]
+    last = bundle_fails(args, cwd=tmp_path)
+    assert last[-1].startswith("error: InferenceError: no slide could be predicted: 0 slide(s) predicted")
+    assert "1 failed" in last[-1] and "the bundle's --assume_mpp" in last[-1]
+    bundle(args + ["--assume_mpp", "0.5"], cwd=tmp_path)
+    assert len(list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))) == 1
 
 
 @pytest.mark.slow

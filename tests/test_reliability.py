@@ -158,8 +158,9 @@ def test_bundle_exposes_fail_fast_resume_assume_mpp_and_slide_check():
     infer = json.loads((REPO / "bundles/fbta_stad/configs/inference.json").read_text())
     assert train["fail_fast"] is False and infer["fail_fast"] is False and train["resume"] is True
     assert train["tiling"]["assume_mpp"] == "@assume_mpp" and train["assume_mpp"] is None
-    assert "skip_errors=not @fail_fast" in train["prepared_rows"] and "check_slides=@check_slides" in train["prepared_rows"]
-    assert "skip_errors=not @fail_fast" in infer["inference"]
+    assert "skip_errors=not @fail_fast" in train["prepared_rows"] and "check_slides=@check_slides" in train["dataset_rows"]
+    assert "skip_errors=not @fail_fast" in infer["inference"] and "assume_mpp=@assume_mpp" in infer["inference"]
+    assert train["strict"] is False and infer["strict"] is False and infer["assume_mpp"] is None
     assert "ResumeTraining(@ckpt_dir + '/last.pt', enabled=@resume" in train["train"]["handlers"]
 
 

@@ -20,6 +20,7 @@ from monai_fbta.transforms import (
     RandHEDJitterd,
     ReadPatches,
     ReadPatchesd,
+    TissueTiled,
     hed_to_rgb,
     make_e2e_augmentation,
     patches_to_tensor,
@@ -128,8 +129,9 @@ def test_cluster_features_and_transform():
     with pytest.raises(ValueError, match="unknown clustering method"):
         cluster_features(x, 4, method="dbscan")
     assert torch.equal(ClusterFeatures(4)(torch.as_tensor(x)), torch.as_tensor(cluster_features(x, 4)))
-    d = ClusterFeaturesd(num_clusters=4)({"features": x})
+    d = ClusterFeaturesd(keys="features", num_clusters=4)({"features": x})
     assert d["clusters"].shape == (100,)
+    assert ClusterFeaturesd(keys=["a", "b"], out_keys=["ca", "cb"], num_clusters=4, allow_missing_keys=True)({"a": x})["ca"].shape == (100,)
 
 
 def test_patches_to_tensor_resizes():
@@ -169,9 +171,9 @@ def test_transforms_in_monai_compose(tiny_slide):
     pipeline = Compose(
         [
             EnsureTyped(keys="features"),
-            ClusterFeaturesd(num_clusters=6),
+            ClusterFeaturesd(keys="features", num_clusters=6),
             PseudoBagSampled(num_per_cluster=1),
-            ReadPatchesd(slide_key="image", coords_key="pb_coords", out_key="pb_image_clean", size=64, out_size=32),
+            ReadPatchesd(keys="pb_coords", slide_key="image", out_keys="pb_image_clean", level=0, size=64, out_size=32),
             ScaleIntensityd(keys="pb_features"),
             RandHEDJitterd(keys="pb_image_clean", prob=0.0),
         ]
@@ -182,3 +184,29 @@ def test_transforms_in_monai_compose(tiny_slide):
     assert d["pb_image_clean"].shape == (s, 3, 32, 32)
     assert d["pb_coords"].shape == (s, 2)
     assert float(d["pb_features"].max()) == pytest.approx(1.0)
+
+
+def test_read_patchesd_reads_at_the_size_and_level_tissue_tiled_recorded(tiny_slide):
+    """TissueTiled then ReadPatchesd, no extra argument: patches at the tiled size (128 px here, not a default 256),
+    also for the pseudo-bag's coordinates (PseudoBagSampled carries the tiling metadata)."""
+    path, rgb = tiny_slide
+    tiled = Compose([TissueTiled(keys="image", patch_size=128, target_mpp=0.5, tissue_threshold=0.0)])({"image": str(path)})
+    assert tiled["coords_meta_dict"]["patch_size_level"] == 128
+    n = len(tiled["coords"])
+    data = dict(tiled, features=np.random.rand(n, 4).astype(np.float32))
+    pipeline = Compose([
+        ReadPatchesd(keys="coords"),
+        ClusterFeaturesd(keys="features", num_clusters=2),
+        PseudoBagSampled(keys=("features", "coords"), num_per_cluster=1),
+        ReadPatchesd(keys="pb_coords", out_keys="pb_image"),
+    ]).set_random_state(0)
+    d = pipeline(data)
+    assert d["coords_image"].shape == (n, 3, 128, 128)
+    for (x, y), patch in zip(np.asarray(tiled["coords"]), d["coords_image"]):
+        expect = torch.as_tensor(rgb[y : y + 128, x : x + 128]).permute(2, 0, 1).float() / 255
+        assert torch.allclose(patch, expect, atol=1 / 255 + 1e-6)
+    assert d["pb_image"].shape == (len(d["pb_index"]), 3, 128, 128)
+    assert d["pb_coords_meta_dict"]["patch_level"] == 0
+    with pytest.raises(KeyError, match="read level/size.*TissueTiled"):
+        ReadPatchesd(keys="c")({"image": str(path), "c": np.zeros((1, 2), np.int64)})
+    assert ReadPatchesd(keys="c", allow_missing_keys=True)({"image": str(path)}) == {"image": str(path)}

@@ -29,6 +29,8 @@ __all__ = [
     "select_fold",
     "check_slide_headers",
     "check_splits",
+    "split_problems",
+    "datalist_digest",
 ]
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -152,6 +154,15 @@ def load_datalist(
     return rows
 
 
+def datalist_digest(rows: Sequence[Mapping[str, Any]]) -> str:
+    """SHA-256 of the rows' content (slide id, path, label, case id, mpp), independent of row order and file times."""
+    import hashlib
+
+    keys = ("slide_id", "image", "label", "case_id", "mpp")
+    content = sorted(json.dumps([str(r.get(k)) for k in keys]) for r in rows)
+    return hashlib.sha256("\n".join(content).encode()).hexdigest()
+
+
 def validate_rows(
     rows: Sequence[Mapping[str, Any]], classes: Sequence[str] | None = None, raise_error: bool = True
 ) -> list[str]:
@@ -231,6 +242,38 @@ def _group_split(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_spli
     return [(idx[a], idx[b]) for a, b in sgkf.split(idx, labels[idx], groups[idx])]
 
 
+def split_problems(
+    rows: Sequence[Mapping[str, Any]],
+    num_folds: int,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    classes: Sequence[str] | None = None,
+) -> list[str]:
+    """Classes with too few patients (``case_id``) for the stratified parts :func:`make_splits` would make.
+
+    Each problem names the class and the option to change (``--num_folds``, ``--val_fraction``).
+    """
+    cases: dict[Any, set] = defaultdict(set)
+    for row in rows:
+        cases[row["label"]].add(row.get("case_id") or row["slide_id"])
+    problems = []
+    for label, members in sorted(cases.items()):
+        name, n = (classes[label] if classes is not None else label), len(members)
+        if test_fraction:
+            outer, inner = round(1 / test_fraction), num_folds
+        else:
+            outer, inner = num_folds, round(1 / val_fraction) if val_fraction else 0
+        if n < outer:
+            option = "lower --num_folds" if not test_fraction else "raise the test fraction"
+            problems.append(f"class {name!r} has {n} case(s) but {outer} parts need at least {outer} cases per class: "
+                            f"{option} or add slides of this class")
+        elif inner and n - -(-n // outer) < inner:
+            problems.append(f"class {name!r} has {n} case(s): {n - -(-n // outer)} remain after the test part, too few for "
+                            f"{inner} validation parts (--val_fraction {val_fraction}, --num_folds {num_folds}): raise "
+                            "--val_fraction, lower --num_folds or add slides of this class")
+    return problems
+
+
 def make_splits(
     rows: Sequence[Mapping[str, Any]],
     num_folds: int = 5,
@@ -249,6 +292,9 @@ def make_splits(
     Returns ``{"num_folds", "seed", "val_fraction", "test_fraction", "folds": [{"train", "val", "test"}: [slide ids]]}``.
     """
     validate_rows(rows)
+    problems = split_problems(rows, num_folds, val_fraction, test_fraction)
+    if problems:
+        raise DatalistError("splits", problems)
     ids = np.array([r["slide_id"] for r in rows])
     labels = np.array([r["label"] for r in rows])
     groups = np.array([r.get("case_id") or r["slide_id"] for r in rows])

@@ -2,6 +2,7 @@
 
 from monai_fbta.engines.checkpoint import (
     BestModelSaver,
+    RunMismatchError,
     TorchRNGState,
     TrainingCheckpoint,
     load_checkpoint,
@@ -26,6 +27,7 @@ __all__ = [
     "encode_patches",
     "macro_auc",
     "translate_bag",
+    "RunMismatchError",
     "TorchRNGState",
     "training_objects",
     "save_checkpoint",

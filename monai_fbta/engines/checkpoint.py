@@ -4,6 +4,8 @@ A training checkpoint is ``{name: obj.state_dict()}`` for the objects of :func:`
 (trainer state incl. epoch, iteration, optimiser-step count and curriculum; student modules; EMA
 teachers; optimiser; scheduler; GradScaler; torch RNG). Files are written to a temporary file in the
 target folder and moved into place with ``os.replace``; everything loads with ``weights_only=True``.
+Both files may carry the run's identity (``run_identity``: datalist digest, class names, model settings),
+compared with :func:`check_identity` before a checkpoint is resumed or evaluated.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from ignite.handlers import Checkpoint
 from monai_fbta._io import atomic_open
 
 __all__ = [
+    "RunMismatchError",
+    "check_identity",
+    "checkpoint_identity",
     "TorchRNGState",
     "training_objects",
     "save_checkpoint",
@@ -31,6 +36,42 @@ __all__ = [
     "TrainingCheckpoint",
     "BestModelSaver",
 ]
+
+
+class RunMismatchError(ValueError):
+    """A checkpoint or model belongs to another run (other data, classes or model settings)."""
+
+
+def _identity_differences(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
+    if saved is None:
+        return ["it holds no run identity (saved by an older version of monai-fbta or by another program)"]
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new or key == "num_slides":
+            continue
+        if key == "datalist_sha256":
+            diffs.append(f"the datalist differs (saved: {saved.get('num_slides')} slides, sha256 {str(old)[:12]}; "
+                         f"now: {current.get('num_slides')} slides, sha256 {str(new)[:12]})")
+        else:
+            diffs.append(f"{key} differs (saved: {old!r}; now: {new!r})")
+    return diffs
+
+
+def check_identity(saved: Mapping[str, Any] | None, current: Mapping[str, Any], what: str, remedy: str) -> None:
+    """Raise :class:`RunMismatchError` ``"<what>: <each difference>. <remedy>"`` when the identities differ."""
+    diffs = _identity_differences(saved, current)
+    if diffs:
+        raise RunMismatchError(f"{what}: " + "; ".join(diffs) + f". To go on: {remedy}")
+
+
+def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``run_identity`` saved in a training checkpoint or ``model.pt`` (``None`` when it has none)."""
+    blob = _load(path)
+    identity = blob.get("run_identity")
+    if identity is None and isinstance(blob.get("metadata"), Mapping):
+        identity = blob["metadata"].get("run_identity")
+    return identity
 
 
 class TorchRNGState:
@@ -81,9 +122,12 @@ def _load(path: str | os.PathLike) -> dict:
         raise RuntimeError(f"checkpoint {path} could not be loaded: {err}") from err
 
 
-def save_checkpoint(path: str | os.PathLike, objects: Mapping[str, Any]) -> Path:
-    """Save ``{name: obj.state_dict()}`` atomically to ``path``."""
-    return _atomic_torch_save({k: v.state_dict() for k, v in objects.items()}, path)
+def save_checkpoint(path: str | os.PathLike, objects: Mapping[str, Any], identity: Mapping[str, Any] | None = None) -> Path:
+    """Save ``{name: obj.state_dict()}`` (and ``run_identity`` when given) atomically to ``path``."""
+    blob = {k: v.state_dict() for k, v in objects.items()}
+    if identity is not None:
+        blob["run_identity"] = dict(identity)
+    return _atomic_torch_save(blob, path)
 
 
 def load_checkpoint(path: str | os.PathLike, objects: Mapping[str, Any], strict: bool = True) -> dict:
@@ -145,16 +189,23 @@ def load_inference_model(
 
 
 class TrainingCheckpoint:
-    """Save the training state to ``path`` (e.g. ``run/last.pt``) every ``every`` epochs; ``attach(trainer)``."""
+    """Save the training state to ``path`` (e.g. ``run/last.pt``) every ``every`` epochs; ``attach(trainer)``.
 
-    def __init__(self, path: str | os.PathLike, objects: Mapping[str, Any] | None = None, every: int = 1) -> None:
+    ``identity`` (the run's identity, see :func:`monai_fbta.pipeline.resume.run_identity`) is saved with it.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, objects: Mapping[str, Any] | None = None, every: int = 1,
+        identity: Mapping[str, Any] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.objects = objects
         self.every = every
+        self.identity = identity
 
     def __call__(self, engine: Engine) -> None:
         if idist.get_rank() == 0:  # one writer under torchrun; every rank holds the same weights
-            save_checkpoint(self.path, self.objects or training_objects(engine))
+            save_checkpoint(self.path, self.objects or training_objects(engine), self.identity)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)

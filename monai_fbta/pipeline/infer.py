@@ -26,21 +26,24 @@ from monai_fbta.pipeline.paths import inside, safe_name
 from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, frozen_encoder
 from monai_fbta.pipeline.report import load_inference_networks, predict_bag, write_predictions_csv
 
-__all__ = ["inference_rows", "run_inference"]
+__all__ = ["InferenceError", "inference_rows", "run_inference"]
 
 logger = logging.getLogger("fbta.inference")
 
 
-def inference_rows(inputs: str | os.PathLike | Sequence[str], mpp: float | None = None) -> list[dict[str, Any]]:
+class InferenceError(RuntimeError):
+    """Inference produced nothing (every slide failed), or a slide failed in strict mode."""
+
+
+def inference_rows(inputs: str | os.PathLike | Sequence[str], class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Rows to predict from a slide file, a folder of slides, a list of slide paths, or a labelled datalist.
 
-    ``mpp`` (um/px) overrides the pixel size of every slide (for slides without one in their metadata).
+    A datalist's labels are read against ``class_names`` (the model's): a label the model does not know is
+    refused (:class:`~monai_fbta.data.datalist.DatalistError`), never mapped to another class.
     """
     if not isinstance(inputs, (list, tuple)) and Path(inputs).suffix.lower() in (".csv", ".json"):
-        rows = load_datalist(inputs)
-    else:
-        rows = _slide_rows(inputs)
-    return [dict(r, mpp=mpp) if mpp else r for r in rows]
+        return load_datalist(inputs, classes=class_names)
+    return _slide_rows(inputs)
 
 
 def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any]]:
@@ -71,18 +74,25 @@ def run_inference(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     heatmaps: bool = True,
-    mpp: float | None = None,
+    assume_mpp: float | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     skip_errors: bool = True,
+    strict: bool = False,
 ) -> list[dict[str, Any]]:
-    """Predict every input slide; returns one record per slide (``slide_id``, ``probs``, ``pred_name``...)."""
+    """Predict every input slide; returns one record per slide (``slide_id``, ``probs``, ``pred_name``...).
+
+    ``assume_mpp`` (um/px) is the pixel size of slides whose metadata has none (a datalist's ``mpp`` column
+    wins). ``predictions.csv`` holds the slides that worked; then :class:`InferenceError` is raised when no
+    slide could be predicted, or, with ``strict``, when any slide failed (so a script's exit status tells).
+    """
     head, translator, meta = load_inference_networks(model_path, device)
     output_dir = os.fspath(output_dir)
     cache_dir = os.fspath(cache_dir) if cache_dir else inside(output_dir, "cache")
-    rows = inference_rows(inputs, mpp)
+    rows = inference_rows(inputs, meta["class_names"])
+    tiling = dict(meta["tiling"], **({} if assume_mpp is None else {"assume_mpp": float(assume_mpp)}))
     encoder = frozen_encoder(meta["encoder_name"], meta["encoder_weights"], os.path.dirname(os.fspath(model_path)))
-    report = extract_features(rows, cache_dir, encoder, tiling_kwargs=meta["tiling"], batch_size=batch_size,
+    report = extract_features(rows, cache_dir, encoder, tiling_kwargs=tiling, batch_size=batch_size,
                               num_workers=num_workers, device=device, skip_errors=skip_errors)
     failed = {r.slide_id: r.error for r in report.failed}
     names = meta["class_names"]
@@ -112,7 +122,11 @@ def run_inference(
         records.append(record)
         logger.info("%s: %s (p=%.3f)", sid, names[pred], probs[pred])
     path = write_predictions_csv(inside(output_dir, "predictions.csv"), records, names)
-    print(f"{len(records)} slide(s) predicted -> {path}" + (f"; {len(failed)} failed (see {report.csv_path})" if failed else ""),
-          flush=True)
+    summary = f"{len(records)} slide(s) predicted -> {path}" + (f"; {len(failed)} failed (see {report.csv_path})" if failed else "")
+    print(summary, flush=True)
+    if failed and (strict or not records):
+        first = next(iter(failed.items()))
+        why = "no slide could be predicted" if not records else "strict mode: a slide failed"
+        raise InferenceError(f"{why}: {summary}; first failure: {first[0]}: {first[1]}")
     return records
 

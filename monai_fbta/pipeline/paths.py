@@ -8,14 +8,16 @@ the bundle writes goes through :func:`inside`, which refuses paths that escape t
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from pathlib import Path
 
-__all__ = ["bundle_root", "inside", "safe_name"]
+__all__ = ["bundle_root", "config_files_from_argv", "inside", "safe_name"]
 
 
-def _config_file_from_argv(argv: list[str]) -> str | None:
+def config_files_from_argv(argv: list[str]) -> list[str]:
+    """The ``--config_file`` value(s) of a command line: one path, a list literal or a comma-separated list."""
     for i, arg in enumerate(argv):
         if arg == "--config_file" and i + 1 < len(argv):
             value = argv[i + 1]
@@ -23,9 +25,13 @@ def _config_file_from_argv(argv: list[str]) -> str | None:
             value = arg.split("=", 1)[1]
         else:
             continue
-        first = value.strip("[]'\" ").split(",")[0].strip("'\" ")
-        return first or None
-    return None
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value.strip("[] ").split(",")
+        names = [parsed] if isinstance(parsed, str) else list(parsed)
+        return [n for n in (str(p).strip("'\" ") for p in names) if n]
+    return []
 
 
 def bundle_root(default: str | None = None) -> str:
@@ -33,7 +39,7 @@ def bundle_root(default: str | None = None) -> str:
     env = os.environ.get("FBTA_BUNDLE_ROOT")
     if env:
         return str(Path(env).resolve())
-    config = _config_file_from_argv(sys.argv)
+    config = next(iter(config_files_from_argv(sys.argv)), None)
     if config and Path(config).is_file():
         parent = Path(config).resolve().parent
         return str(parent.parent if parent.name == "configs" else parent)

@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
-from monai_fbta.data.datalist import DatalistError, load_datalist, load_splits, make_splits, save_splits, select_fold
+from monai_fbta.data.datalist import (
+    DatalistError,
+    datalist_digest,
+    load_datalist,
+    load_splits,
+    make_splits,
+    save_splits,
+    select_fold,
+)
 
 __all__ = ["SLIDE_EXTENSIONS", "feature_stats", "default_class_names", "frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
 
@@ -136,14 +144,15 @@ def preprocess(
     min_slides: int = 1,
     num_clusters: int | None = None,
     cluster_seed: int = 0,
+    strict: bool = False,
 ) -> list[dict[str, Any]]:
     """Tile, extract frozen features and (with ``num_clusters``) cluster every slide into ``cache_dir``.
 
     Everything is cached and resumable; returns the rows that worked.
 
     Slides that fail (corrupt, no tissue, ...) are listed in ``cache_dir/extraction_report.csv`` and
-    left out, loudly; with ``skip_errors=False`` the first failure raises. Fewer than ``min_slides``
-    usable slides is an error.
+    left out, loudly; with ``skip_errors=False`` the first failure raises, with ``strict`` any failure
+    raises once every slide was tried. Fewer than ``min_slides`` usable slides is an error.
     """
     from monai_fbta.data.extraction import extract_features, slide_id_of
 
@@ -156,8 +165,10 @@ def preprocess(
     if failed:
         logger.warning("%d slide(s) skipped, see %s: %s", len(failed), os.path.join(cache_dir, "extraction_report.csv"),
                        ", ".join(sorted(failed)))
-    if len(kept) < min_slides:
-        raise RuntimeError(f"only {len(kept)} usable slide(s) after preprocessing into {cache_dir}; need {min_slides}")
+    if len(kept) < min_slides or (strict and failed):
+        why = f"only {len(kept)} usable slide(s), need {min_slides}" if len(kept) < min_slides else "strict mode"
+        raise RuntimeError(f"{why}: {len(failed)} slide(s) failed in preprocessing into {cache_dir} "
+                           f"(see {os.path.join(cache_dir, 'extraction_report.csv')})")
     if num_clusters:
         from monai_fbta.data.clustering import cluster_store
         from monai_fbta.data.extraction import store_path
@@ -199,19 +210,33 @@ def split_rows(
 ) -> dict[str, list[dict[str, Any]]]:
     """``{"train", "val", "test"}`` rows of ``fold``; the splits are made once and saved to ``splits_file``.
 
-    An existing splits file is reused (so every fold and every rerun sees the same split) as long as it
-    names exactly these slides; otherwise it is remade and a warning says so.
+    The file records the rows' :func:`~monai_fbta.data.datalist.datalist_digest` and the split settings; it is
+    reused only for the same rows and settings, and remade (with a warning) otherwise. A splits file without
+    them (made by hand or by an older version) is used as given when it names exactly these slides, and
+    refused, not replaced, when it does not.
     """
     ids = sorted(str(r["slide_id"]) for r in rows)
+    made_with = {"datalist_sha256": datalist_digest(rows), "num_folds": num_folds, "seed": seed,
+                 "val_fraction": val_fraction, "test_fraction": test_fraction}
     splits = None
     if os.path.isfile(splits_file):
         splits = load_splits(splits_file)
-        known = sorted({s for f in splits["folds"][:1] for part in f.values() for s in part})
-        if known != ids:
-            logger.warning("%s lists other slides than the dataset: making new splits", splits_file)
-            splits = None
+        if "datalist_sha256" not in splits:
+            known = sorted({s for f in splits["folds"][:1] for part in f.values() for s in part})
+            if known != ids:
+                raise DatalistError(str(splits_file), [
+                    "lists other slides than the datalist and was not written by monai-fbta, so it is not replaced: "
+                    "fix it, remove it, or use a new --ckpt_dir"])
+            logger.warning("%s: using the given splits as they are", splits_file)
+        else:
+            changed = sorted(k for k, v in made_with.items() if splits.get(k) != v)
+            if changed:
+                logger.warning("%s was made for another %s: making new splits", splits_file,
+                               " and ".join("datalist" if k == "datalist_sha256" else k for k in changed))
+                splits = None
     if splits is None:
-        splits = make_splits(rows, num_folds=num_folds, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+        splits = dict(make_splits(rows, num_folds=num_folds, seed=seed, val_fraction=val_fraction,
+                                  test_fraction=test_fraction), **made_with)
         save_splits(splits, splits_file)
     parts = select_fold(splits, fold, rows)
     logger.info("fold %d: %s", fold, {k: len(v) for k, v in parts.items()})

@@ -22,15 +22,25 @@ import torch
 from monai_fbta._io import atomic_open
 
 __all__ = [
+    "resolve_class_names",
     "model_metadata",
     "load_inference_networks",
     "build_inference_network",
     "predict_bag",
+    "check_model",
     "evaluate_checkpoint",
     "write_predictions_csv",
 ]
 
 logger = logging.getLogger("fbta.report")
+
+
+def resolve_class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    """``class_names`` as a list, or ``class_0 ... class_<n-1>`` when none were given; one name per class."""
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(int(num_classes))]
+    if len(names) != int(num_classes):
+        raise ValueError(f"{len(names)} class names {names} for num_classes={num_classes}")
+    return names
 
 
 def model_metadata(
@@ -44,12 +54,12 @@ def model_metadata(
     tiling: Mapping[str, Any],
     mil_hidden: int = 512,
     translator_heads: int = 10,
+    identity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Plain-Python description of the inference network (stored in ``model.pt``)."""
-    names = list(class_names) if class_names else [f"class_{i}" for i in range(int(num_classes))]
-    if len(names) != int(num_classes):
-        raise ValueError(f"{len(names)} class names {names} for num_classes={num_classes}")
+    """Plain-Python description of the inference network (stored in ``model.pt``), with the run's ``identity``."""
+    names = resolve_class_names(class_names, num_classes)
     return {
+        "run_identity": None if identity is None else dict(identity),
         "mil_name": str(mil_name),
         "mil_hidden": int(mil_hidden),
         "feature_dim": int(feature_dim),
@@ -63,14 +73,19 @@ def model_metadata(
     }
 
 
-def load_inference_networks(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """``(mil_head, translator, metadata)`` rebuilt from ``model.pt`` (``weights_only`` load), in eval mode."""
+def _read_model(path: str | os.PathLike) -> dict[str, Any]:
     from monai_fbta.engines import load_inference_model
-    from monai_fbta.networks import FeatureTranslator, build_mil_head
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no trained model at {path}: run the bundle's training first")
-    blob = load_inference_model(path)
+    return load_inference_model(path)
+
+
+def load_inference_networks(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``(mil_head, translator, metadata)`` rebuilt from ``model.pt`` (``weights_only`` load), in eval mode."""
+    from monai_fbta.networks import FeatureTranslator, build_mil_head
+
+    blob = _read_model(path)
     meta = blob["metadata"]
     head = build_mil_head(meta["mil_name"], in_features=meta["feature_dim"], num_classes=meta["num_classes"],
                           hidden=meta["mil_hidden"])
@@ -126,6 +141,28 @@ def write_predictions_csv(path: str | os.PathLike, records: Sequence[Mapping[str
     return str(path)
 
 
+def check_model(
+    model_path: str | os.PathLike, class_names: Sequence[str] | None = None, identity: Mapping[str, Any] | None = None
+) -> bool:
+    """Refuse (:class:`~monai_fbta.engines.RunMismatchError`) to evaluate ``model.pt`` on data it does not fit.
+
+    A model whose class names differ from ``class_names`` would read the datalist's labels as other classes;
+    with ``identity`` (the current run's), a model of another run was selected on another split of other data.
+    """
+    from monai_fbta.engines.checkpoint import RunMismatchError, check_identity
+
+    meta = _read_model(model_path)["metadata"]
+    if class_names is not None and list(class_names) != list(meta["class_names"]):
+        raise RunMismatchError(
+            f"{model_path} predicts the classes {meta['class_names']} but this datalist's classes are {list(class_names)}: "
+            "evaluate it on a datalist with its classes (same names, same order), or train a model for these classes"
+        )
+    if identity is not None:
+        check_identity(meta.get("run_identity"), identity, f"{model_path} was trained by another run",
+                       "evaluate it with the datalist and settings it was trained with, or train in a new --ckpt_dir")
+    return True
+
+
 def evaluate_checkpoint(
     model_path: str | os.PathLike,
     rows: Sequence[Mapping[str, Any]],
@@ -133,10 +170,13 @@ def evaluate_checkpoint(
     device: str | torch.device = "cpu",
     metrics_path: str | os.PathLike | None = None,
     split: str = "test",
+    class_names: Sequence[str] | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model.pt`` on ``rows`` (translated and vanilla paths), logged, printed and saved as JSON.
 
-    Also writes ``<split>_predictions.csv`` beside ``metrics_path``.
+    Also writes ``<split>_predictions.csv`` beside ``metrics_path``. ``class_names`` / ``identity``: see
+    :func:`check_model`.
     """
     from monai_fbta.data.dataset import FBTADataset, collate_single
     from monai_fbta.engines import FBTAEvaluator
@@ -144,6 +184,7 @@ def evaluate_checkpoint(
     if not rows:
         logger.warning("no %s slides: nothing to evaluate", split)
         return {}
+    check_model(model_path, class_names, identity)
     head, translator, meta = load_inference_networks(model_path, device)
     dataset = FBTADataset(rows, store_dir, num_clusters=1, load_patches=False, cluster_on_init=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_single)

@@ -15,7 +15,9 @@ from monai_fbta.data.clustering import cluster_features
 
 quiet_import("monai")
 
+from monai.config import KeysCollection  # noqa: E402
 from monai.transforms import MapTransform, Transform  # noqa: E402
+from monai.utils import ensure_tuple  # noqa: E402
 
 __all__ = ["ClusterFeatures", "ClusterFeaturesd"]
 
@@ -33,22 +35,26 @@ class ClusterFeatures(Transform):
 
 
 class ClusterFeaturesd(MapTransform):
-    """Dictionary form: ``d[out_key] = ClusterFeatures(...)(d[features_key])``; an existing
-    ``d[out_key]`` is kept unless ``overwrite=True``."""
+    """Dictionary form: ``d[out_key] = ClusterFeatures(...)(d[key])`` for each features key in ``keys``.
+
+    ``out_keys`` gives one output key per key (default ``"clusters"`` for one key); an existing output is
+    kept unless ``overwrite=True``.
+    """
 
     def __init__(
-        self, features_key: str = "features", out_key: str = "clusters", num_clusters: int = 100, seed: int = 0,
-        method: str = "auto", overwrite: bool = False,
+        self, keys: KeysCollection = "features", out_keys: KeysCollection = "clusters", num_clusters: int = 100,
+        seed: int = 0, method: str = "auto", overwrite: bool = False, allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys=[features_key])
-        self.out_key = out_key
+        super().__init__(keys, allow_missing_keys)
+        self.out_keys = ensure_tuple(out_keys)
+        if len(self.out_keys) != len(self.keys):
+            raise ValueError(f"ClusterFeaturesd: {len(self.keys)} keys but {len(self.out_keys)} out_keys")
         self.overwrite = overwrite
         self.cluster = ClusterFeatures(num_clusters, seed, method)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
-        if self.out_key in d and not self.overwrite:
-            return d
-        for key in self.key_iterator(d):
-            d[self.out_key] = self.cluster(d[key])
+        for key, out_key in self.key_iterator(d, self.out_keys):
+            if out_key not in d or self.overwrite:
+                d[out_key] = self.cluster(d[key])
         return d

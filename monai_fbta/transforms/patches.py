@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +22,11 @@ from monai_fbta._quiet import quiet_import
 quiet_import("monai")
 
 from monai.config import KeysCollection  # noqa: E402
+from monai.data import MetaTensor  # noqa: E402
 from monai.transforms import MapTransform, Transform  # noqa: E402
+from monai.utils import ensure_tuple  # noqa: E402
 
-__all__ = ["patches_to_tensor", "SlideCache", "ReadPatches", "ReadPatchesd"]
+__all__ = ["patches_to_tensor", "SlideCache", "ReadPatches", "ReadPatchesd", "tiling_meta"]
 
 
 def patches_to_tensor(patches: np.ndarray | torch.Tensor, out_size: int | None = None) -> torch.Tensor:
@@ -114,40 +117,70 @@ class ReadPatches(Transform):
         return patches_to_tensor(handle.read_patches(coords, level, size), out_size or self.out_size)
 
 
-class ReadPatchesd(MapTransform):
-    """Dictionary form: reads ``d[coords_key]`` from slide ``d[slide_key]`` into ``d[out_key]``.
+def tiling_meta(data: Mapping[Hashable, Any], key: Hashable, meta_key_postfix: str = "meta_dict") -> Mapping[str, Any]:
+    """The tiling attributes of ``data[key]``: ``data[f"{key}_{meta_key_postfix}"]``, else the MetaTensor's ``.meta``.
 
-    ``level``/``size`` may be overridden per sample with ``d[level_key]`` / ``d[size_key]``
-    (e.g. stored in the slide's feature store when the read size depends on the slide's mpp).
+    :class:`~monai_fbta.transforms.TissueTiled` writes both; :class:`~monai_fbta.transforms.PseudoBagSampled`
+    carries them to the pseudo-bag's keys.
+    """
+    meta = data.get(f"{key}_{meta_key_postfix}")
+    if meta is None and isinstance(data.get(key), MetaTensor):
+        meta = data[key].meta
+    return meta or {}
+
+
+class ReadPatchesd(MapTransform):
+    """Dictionary form: for each coordinates key in ``keys``, reads those patches of slide ``d[slide_key]``.
+
+    The read level and size default to the tiling's (``patch_level`` / ``patch_size_level`` in the key's
+    metadata, see :func:`tiling_meta`), so ``TissueTiled`` then ``ReadPatchesd`` reads exactly the tiled
+    patches; ``level`` / ``size`` given here override it. Coordinates with neither raise (never a guessed size).
+
+    Args:
+        keys: coordinates keys (``[S, 2]`` level-0 ``(x, y)``).
+        slide_key: slide path or open ``Slide`` (default: the metadata's ``filename_or_obj``).
+        out_keys: where the ``[S, 3, out, out]`` patches go, one per key (default ``<key>_image``).
+        level, size, out_size, backend, mpp: see :class:`ReadPatches`.
+        meta_key_postfix: metadata of ``key`` is read from ``f"{key}_{meta_key_postfix}"``.
     """
 
     def __init__(
         self,
+        keys: KeysCollection = "coords",
         slide_key: str = "image",
-        coords_key: str = "pb_coords",
-        out_key: str = "pb_image_clean",
-        level: int = 0,
-        size: int = 256,
+        out_keys: KeysCollection | None = None,
+        level: int | None = None,
+        size: int | None = None,
         out_size: int | None = None,
-        level_key: str | None = "patch_level",
-        size_key: str | None = "patch_size_level",
         backend: str = "auto",
         mpp: float | None = None,
+        meta_key_postfix: str = "meta_dict",
+        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys=[coords_key])
+        super().__init__(keys, allow_missing_keys)
         self.slide_key = slide_key
-        self.coords_key = coords_key
-        self.out_key = out_key
-        self.level_key = level_key
-        self.size_key = size_key
-        self.reader = ReadPatches(level, size, out_size, backend, mpp)
+        self.out_keys = ensure_tuple(out_keys) if out_keys is not None else tuple(f"{k}_image" for k in self.keys)
+        if len(self.out_keys) != len(self.keys):
+            raise ValueError(f"ReadPatchesd: {len(self.keys)} keys but {len(self.out_keys)} out_keys")
+        self.level, self.size, self.out_size = level, size, out_size
+        self.meta_key_postfix = meta_key_postfix
+        self.reader = ReadPatches(out_size=out_size, backend=backend, mpp=mpp)
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+    def _geometry(self, d: Mapping[Hashable, Any], key: Hashable) -> tuple[Any, int, int]:
+        meta = tiling_meta(d, key, self.meta_key_postfix)
+        slide = d.get(self.slide_key, meta.get("filename_or_obj"))
+        level = self.level if self.level is not None else meta.get("patch_level")
+        size = self.size if self.size is not None else meta.get("patch_size_level")
+        if slide is None or level is None or size is None:
+            raise KeyError(
+                f"ReadPatchesd: for {key!r} no {'slide' if slide is None else 'read level/size'}: give slide_key / level= "
+                f"and size=, or make {key!r} with TissueTiled (its metadata, in '{key}_{self.meta_key_postfix}', has them)"
+            )
+        return slide, int(level), int(size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        for key in (self.slide_key, self.coords_key):
-            if key not in d:
-                raise KeyError(f"ReadPatchesd: key {key!r} missing (have {sorted(map(str, d))})")
-        level = int(d[self.level_key]) if self.level_key and self.level_key in d else None
-        size = int(d[self.size_key]) if self.size_key and self.size_key in d else None
-        d[self.out_key] = self.reader(d[self.slide_key], d[self.coords_key], level, size)
+        for key, out_key in self.key_iterator(d, self.out_keys):
+            slide, level, size = self._geometry(d, key)
+            d[out_key] = self.reader(slide, d[key], level, size, self.out_size or size)
         return d

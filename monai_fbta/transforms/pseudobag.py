@@ -20,6 +20,8 @@ quiet_import("monai")
 from monai.config import KeysCollection  # noqa: E402
 from monai.transforms import MapTransform, Randomizable, Transform  # noqa: E402
 
+from monai_fbta.transforms.patches import tiling_meta  # noqa: E402
+
 __all__ = ["sample_pseudo_bag", "PseudoBagSample", "PseudoBagSampled"]
 
 
@@ -82,7 +84,9 @@ class PseudoBagSampled(Randomizable, MapTransform):
 
     For ``keys=("features", "coords")`` and ``prefix="pb_"`` it adds ``pb_index`` ``[S]``,
     ``pb_features`` ``[S, D]`` and ``pb_coords`` ``[S, 2]``; the inputs are left untouched.
-    ``features`` may be an ``h5py`` dataset (read lazily: only the ``S`` rows are loaded).
+    ``features`` may be an ``h5py`` dataset (read lazily: only the ``S`` rows are loaded). A key's metadata
+    (``<key>_meta_dict``, e.g. the tiling attributes :class:`TissueTiled` records) is carried to
+    ``<prefix><key>_meta_dict``, so ``ReadPatchesd`` reads the pseudo-bag at the tiled level and size.
     """
 
     def __init__(
@@ -92,9 +96,11 @@ class PseudoBagSampled(Randomizable, MapTransform):
         index_key: str = "pb_index",
         num_per_cluster: int = 1,
         prefix: str = "pb_",
+        meta_key_postfix: str = "meta_dict",
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        self.meta_key_postfix = meta_key_postfix
         self.cluster_key = cluster_key
         self.index_key = index_key
         self.prefix = prefix
@@ -116,6 +122,9 @@ class PseudoBagSampled(Randomizable, MapTransform):
         d[self.index_key] = index
         for key in self.key_iterator(d):
             d[f"{self.prefix}{key}"] = gather_rows(d[key], index.numpy())
+            meta = tiling_meta(d, key, self.meta_key_postfix)
+            if meta:
+                d[f"{self.prefix}{key}_{self.meta_key_postfix}"] = dict(meta)
         return d
 
 
