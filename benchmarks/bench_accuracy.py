@@ -1,19 +1,21 @@
-"""Accuracy study on the synthetic benchmark: vanilla MIL vs +FBTA, and the view ablation (paper's table shape).
+"""Accuracy study on the synthetic benchmark: vanilla MIL vs +FBTA, EMA's share and the view ablation, k-fold CV.
 
 Every number comes from the bundle users run (``python -m monai.bundle run training`` with
-``bundles/fbta_stad/configs/train.json``), one fresh subprocess per (row, seed), with ``--key value`` overrides.
-The held-out metric is the bundle's test report (``<run>/eval/test_metrics.json``) of the best-on-validation model.
+``bundles/fbta_stad/configs/train.json``), one fresh subprocess per (setting, fold, seed), with ``--key value``
+overrides. The held-out metric is the bundle's test report (``<run>/eval/test_metrics.json``) of the model chosen
+on that fold's validation part; test folds are never looked at for any choice.
 
-* Split: fixed. The first run makes ``splits.json`` (fold 0, split seed 0) and every later run gets a copy of it,
-  so ``--seeds`` changes only the training seed (initialisation, pseudo-bags, augmentation, KMeans seed).
+* Splits: ``--folds`` of one patient-level k-fold split (split seed 0), made by the first run and copied to every
+  later one, so all settings and seeds see the same train / val / test slides of a fold.
 * Frozen extractor and feature cache are shared: the first run saves the random-init extractor; later runs
   load it (``--encoder_weights``), so all rows see the same ``F^FB``.
-* Every row reports ``test_*``: the FBTA path ``f*_MIL(f_T(F^FB))`` wherever a translator was trained (the
-  ``translated`` view or ``L_dist``), and the vanilla path ``f*_MIL(F^FB)`` for ``views=["frozen"]``, which
-  the bundle evaluates without a translator.
+* Every run has an EMA teacher of its MIL head, vanilla MIL too, and reports ``f*_MIL`` (on ``f_T(F^FB)`` where a
+  translator was trained, on ``F^FB`` otherwise). The "no EMA" rows set ``ema_momentum=1`` (teacher = student):
+  vanilla's row is plain two-stage MIL, FBTA's has no consistency target; the pairs show what EMA buys.
+* Resumable: a run whose ``test_metrics.json`` exists is not run again; rerun the same command to continue.
 
-    python benchmarks/bench_accuracy.py --workdir /tmp/acc --json acc.json --plot acc.png
-    python benchmarks/bench_accuracy.py --quick            # 1 seed, 2 epochs, ABMIL only: a smoke run
+    python benchmarks/bench_accuracy.py --workdir /tmp/acc --dataset-dir DATA --json acc.json --plot acc.png
+    python benchmarks/bench_accuracy.py --quick            # 1 fold, 1 seed, 2 epochs, ABMIL only: a smoke run
 """
 
 from __future__ import annotations
@@ -36,39 +38,72 @@ from _common import add_common_args, finish, format_table, machine_info  # noqa:
 
 BUNDLE_CONFIG = Path(__file__).resolve().parents[1] / "bundles" / "fbta_stad" / "configs" / "train.json"
 ALL_VIEWS = ("frozen", "e2e", "translated")
-HEAD_NAMES = {"abmil": "ABMIL", "transmil": "TransMIL", "mambamil": "MambaMIL"}
-# ablation rows with ABMIL: (label, views, overrides) -- weights as in docs/method.md "Ablation rows"
-ABLATION = (
-    ("frozen", ("frozen",), {}),
-    ("e2e", ("e2e",), {"cons_weight": 0, "lambda_dist": 0}),
-    ("e2e + frozen", ("frozen", "e2e"), {"lambda_dist": 0}),
-    ("e2e + frozen + translated (FBTA)", ALL_VIEWS, {}),
-)
-# rough seconds per epoch on a 2-core CPU (tiny_cnn, 36 slides) for the up-front estimate; refined as runs finish
-EPOCH_S = {"vanilla": 4.0, "fbta": 9.0}
-HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.6, "mambamil": 1.4}
-STARTUP_S, PREPARE_S = 15.0, 120.0
+HEAD_NAMES = {"abmil": "ABMIL", "transmil": "TransMIL", "mambamil": "MambaMIL (hidden 64)"}
+HEAD_OVERRIDES: dict[str, dict[str, Any]] = {"mambamil": {"mil_hidden": 64}}  # a CPU-sized MambaMIL
+NO_EMA = {"ema_momentum": 1.0}
+# the study's data profile (chosen on validation folds, docs/method.md "Experiments"); --override adds to it
+STUDY_OVERRIDES: dict[str, Any] = {"patch_size": 64, "num_clusters": 16}
+# rough seconds per run on a 2-core CPU for the up-front estimate; refined from the runs that finished
+RUN_S = {"vanilla": 60.0, "fbta": 150.0}
+HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.3, "mambamil": 2.0}
+PREPARE_S = 300.0
 
 
-def plan_runs(heads: list[str], seeds: list[int]) -> list[dict[str, Any]]:
-    """Distinct (head, views, overrides) settings x seeds; the main table and the ablation share runs."""
-    wanted = [("abmil", views, extra) for _, views, extra in ABLATION] if "abmil" in heads else []  # ABMIL first
-    wanted += [(head, views, {}) for head in heads for views in (("frozen",), ALL_VIEWS)]
-    settings: dict[str, dict[str, Any]] = {}
-    for head, views, extra in wanted:
-        settings.setdefault(run_key(head, views, extra), {"head": head, "views": views, "extra": extra})
-    return [{**s, "seed": seed, "key": k} for k, s in settings.items() for seed in seeds]
+def settings(heads: list[str]) -> list[dict[str, Any]]:
+    """Table rows: ``{"table", "label", "head", "views", "extra", "all_seeds"}``; ABMIL first."""
+    rows: list[dict[str, Any]] = []
+
+    def add(table: str, label: str, head: str, views: tuple[str, ...], extra: dict[str, Any], all_seeds: bool):
+        rows.append({"table": table, "label": label, "head": head, "views": views,
+                     "extra": {**HEAD_OVERRIDES.get(head, {}), **extra}, "all_seeds": all_seeds})
+
+    for head in sorted(heads, key=lambda h: h != "abmil"):
+        name, abmil = HEAD_NAMES.get(head, head), head == "abmil"
+        add("main", name, head, ("frozen",), {}, abmil)
+        add("main", f"{name} + FBTA", head, ALL_VIEWS, {}, abmil)
+    if "abmil" in heads:
+        add("ema", "ABMIL, no EMA teacher (plain two-stage MIL)", "abmil", ("frozen",), NO_EMA, False)
+        add("ema", "ABMIL, EMA teacher", "abmil", ("frozen",), {}, True)
+        add("ema", "ABMIL + FBTA, no EMA teacher", "abmil", ALL_VIEWS, NO_EMA, False)
+        add("ema", "ABMIL + FBTA, EMA teacher", "abmil", ALL_VIEWS, {}, True)
+        add("ablation", "frozen", "abmil", ("frozen",), {}, True)
+        add("ablation", "e2e + frozen", "abmil", ("frozen", "e2e"), {"lambda_dist": 0}, False)
+        add("ablation", "e2e + frozen + translated (FBTA)", "abmil", ALL_VIEWS, {}, True)
+    return rows
 
 
 def run_key(head: str, views: tuple[str, ...], extra: dict[str, Any]) -> str:
     return "_".join([head, *views, *(f"{k}{v}" for k, v in sorted(extra.items()))])
 
 
-def estimate_s(runs: list[dict[str, Any]], epochs: int, prepared: bool) -> float:
+def plan_runs(heads: list[str], seeds: list[int], folds: list[int]) -> list[dict[str, Any]]:
+    """Distinct (head, views, overrides) x folds x seeds; tables share runs (ABMIL's vanilla and FBTA rows).
+
+    Runs are ordered fold by fold, so a stopped study has whole folds of every setting."""
+    unique: dict[str, dict[str, Any]] = {}
+    for s in settings(heads):
+        key = run_key(s["head"], s["views"], s["extra"])
+        entry = unique.setdefault(key, {"head": s["head"], "views": s["views"], "extra": s["extra"], "all_seeds": False})
+        entry["all_seeds"] |= s["all_seeds"]
+    runs = []
+    for seed_index, seed in enumerate(seeds):
+        for fold in folds:
+            for key, s in unique.items():
+                if seed_index == 0 or s["all_seeds"]:
+                    runs.append({"head": s["head"], "views": s["views"], "extra": s["extra"], "key": key,
+                                 "fold": fold, "seed": seed})
+    return runs
+
+
+def run_name(run: dict[str, Any]) -> str:
+    return f"{run['key']}_fold{run['fold']}_seed{run['seed']}"
+
+
+def estimate_s(runs: list[dict[str, Any]], prepared: bool, scale: float = 1.0) -> float:
     total = 0.0 if prepared else PREPARE_S
     for r in runs:
         kind = "vanilla" if r["views"] == ("frozen",) else "fbta"
-        total += STARTUP_S + epochs * EPOCH_S[kind] * HEAD_FACTOR.get(r["head"], 1.5)
+        total += RUN_S[kind] * HEAD_FACTOR.get(r["head"], 1.5) * scale
     return total
 
 
@@ -77,7 +112,8 @@ def bundle_command(run: dict[str, Any], args, run_dir: Path, shared: Path) -> li
     over: dict[str, Any] = {
         "dataset_dir": args.dataset_dir, "cache_dir": str(Path(args.workdir) / "cache"), "ckpt_dir": str(run_dir),
         "output_dir": str(run_dir / "eval"), "mil_name": run["head"], "views": list(run["views"]),
-        "seed": run["seed"], "num_epochs": args.epochs, **run["extra"],
+        "fold": run["fold"], "seed": run["seed"], "num_epochs": args.epochs, "show_progress": False,
+        **STUDY_OVERRIDES, **run["extra"],
     }
     encoder_file = next(iter(sorted(shared.glob("frozen_encoder_*.pt"))), None)
     if encoder_file is not None:
@@ -92,8 +128,8 @@ def bundle_command(run: dict[str, Any], args, run_dir: Path, shared: Path) -> li
 
 
 def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
-    """Train + test one setting in a subprocess; returns its test metrics (path chosen by the views)."""
-    run_dir = Path(args.workdir) / "runs" / f"{run['key']}_seed{run['seed']}"
+    """Train + test one setting on one fold in a subprocess (skipped when finished); its test metrics."""
+    run_dir = Path(args.workdir) / "runs" / run_name(run)
     metrics_file = run_dir / "eval" / "test_metrics.json"
     if not metrics_file.is_file():
         if run_dir.exists():
@@ -109,12 +145,14 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
         if proc.returncode != 0 or not metrics_file.is_file():
             tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"bundle run {run_dir.name} failed (exit {proc.returncode}); log {log}:\n{tail}")
-        run["seconds"] = time.perf_counter() - start
+        (run_dir / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
         for name in ("splits.json", *(p.name for p in run_dir.glob("frozen_encoder_*.pt"))):
             if not (shared / name).exists():
                 shutil.copy2(run_dir / name, shared / name)
     report = json.loads(metrics_file.read_text())["metrics"]
-    return {"bacc": report["test_bacc"], "auc": report["test_auc"], "seconds": run.get("seconds")}
+    seconds = run_dir / "seconds.txt"
+    return {"bacc": report["test_bacc"], "auc": report["test_auc"], "fold": run["fold"], "seed": run["seed"],
+            "seconds": float(seconds.read_text()) if seconds.is_file() else None}
 
 
 def mean_std(values: list[float]) -> str:
@@ -124,41 +162,72 @@ def mean_std(values: list[float]) -> str:
     return f"{arr.mean():.3f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.3f}"
 
 
-def summarise(results: dict[str, list[dict[str, Any]]], heads: list[str]) -> tuple[list[dict], list[dict]]:
-    """Main table (per head: vanilla vs +FBTA) and the ABMIL view ablation, mean ± std over seeds."""
-    def row(label: str, head: str, views, extra) -> dict[str, Any]:
-        res = results.get(run_key(head, tuple(views), extra), [])
-        return {"method": label, "test balanced acc": mean_std([r["bacc"] for r in res]),
-                "test macro AUC": mean_std([r["auc"] for r in res]), "seeds": len(res)}
+def summarise(results: dict[str, list[dict[str, Any]]], heads: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """``{table: rows}``; each row the mean ± std over folds and seeds of its runs."""
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for s in settings(heads):
+        res = results.get(run_key(s["head"], s["views"], s["extra"]), [])
+        if not s["all_seeds"] and res:
+            first_seed = min(r["seed"] for r in res)
+            res = [r for r in res if r["seed"] == first_seed]
+        tables.setdefault(s["table"], []).append({
+            "method": s["label"], "test balanced acc": mean_std([r["bacc"] for r in res]),
+            "test macro AUC": mean_std([r["auc"] for r in res]),
+            "folds x seeds": f"{len({r['fold'] for r in res})} x {len({r['seed'] for r in res})}" if res else "0",
+        })
+    return tables
 
-    main = []
-    for head in heads:
-        name = HEAD_NAMES.get(head, head)
-        main += [row(name, head, ("frozen",), {}), row(f"{name} + FBTA", head, ALL_VIEWS, {})]
-    ablation = [row(label, "abmil", views, extra) for label, views, extra in ABLATION] if "abmil" in heads else []
-    return main, ablation
+
+def _mean(cell: str) -> float:
+    return float(cell.split(" ± ")[0]) if cell != "-" else float("nan")
 
 
-def draw_bars(main: list[dict], ablation: list[dict]):
+def checks(tables: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The issue's targets, evaluated on this run's means (``met`` None where a row is missing)."""
+    main = {r["method"]: _mean(r["test balanced acc"]) for r in tables.get("main", [])}
+    out: dict[str, dict[str, Any]] = {}
+
+    def put(name: str, value: float, target: str, met: bool) -> None:
+        out[name] = {"value": value, "target": target, "met": None if np.isnan(value) else bool(met)}
+
+    if "ABMIL" in main:
+        fbta, van = main["ABMIL + FBTA"], main["ABMIL"]
+        put("ABMIL + FBTA test bacc", fbta, ">= 0.80", fbta >= 0.80)
+        put("ABMIL + FBTA - ABMIL (test bacc)", fbta - van, ">= 0.15", fbta - van >= 0.15)
+    for head in ("TransMIL", "MambaMIL (hidden 64)"):
+        if head in main:
+            gain = main[f"{head} + FBTA"] - main[head]
+            put(f"{head} + FBTA - {head} (test bacc)", gain, "> 0", gain > 0)
+    abl = [_mean(r["test balanced acc"]) for r in tables.get("ablation", [])]
+    if len(abl) == 3:
+        put("ablation: e2e+frozen - frozen", abl[1] - abl[0], "> 0", abl[1] > abl[0])
+        put("ablation: FBTA - e2e+frozen", abl[2] - abl[1], "> 0", abl[2] > abl[1])
+    return out
+
+
+def draw_bars(tables: dict[str, list[dict[str, Any]]]):
     def draw(ax) -> None:
-        rows = [r for r in main + [dict(r, method=f"ABMIL: {r['method']}") for r in ablation[1:3]] if r["seeds"]]
-        means = [float(r["test macro AUC"].split(" ± ")[0]) for r in rows]
-        stds = [float(r["test macro AUC"].split(" ± ")[1]) for r in rows]
-        ax.barh(range(len(rows)), means, xerr=stds, color=["#999" if "FBTA" not in r["method"] else "#3a7" for r in rows])
-        ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=8)
-        ax.axvline(0.5, color="k", ls=":", lw=1)
+        rows = [r for t in ("main", "ema", "ablation") for r in tables.get(t, []) if r["folds x seeds"] != "0"]
+        rows = list({r["method"]: r for r in rows}.values())
+        means = [_mean(r["test balanced acc"]) for r in rows]
+        stds = [float(r["test balanced acc"].split(" ± ")[1]) for r in rows]
+        ax.barh(range(len(rows)), means, xerr=stds, color=["#3a7" if "FBTA" in r["method"] else "#999" for r in rows])
+        ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=7)
+        ax.axvline(1 / 3, color="k", ls=":", lw=1)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("held-out test macro AUC (mean ± std over seeds)")
+        ax.set_xlabel("held-out test balanced accuracy (mean ± std over folds x seeds; dotted: chance)")
         ax.invert_yaxis()
     return draw
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (the split stays fixed)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the ABMIL main rows "
+                   "(other rows use the first)")
+    p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="test folds of the 5-fold split")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the bundle's num_epochs)")
     p.add_argument("--heads", nargs="+", default=list(HEAD_NAMES), choices=list(HEAD_NAMES))
-    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, ABMIL only")
+    p.add_argument("--quick", action="store_true", help="1 fold, 1 seed, 2 epochs, ABMIL only")
     p.add_argument("--workdir", default=None, help="runs, shared cache and splits (default: a new temp folder); "
                    "rerunning with the same folder skips finished runs")
     p.add_argument("--dataset-dir", default=None, help="slides (default: <workdir>/data, generated by the first run)")
@@ -168,7 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.heads, args.epochs = args.seeds[:1], ["abmil"], args.epochs or 2
+        args.seeds, args.folds, args.heads, args.epochs = args.seeds[:1], args.folds[:1], ["abmil"], args.epochs or 2
     if args.epochs is None:
         args.epochs = int(json.loads(Path(args.config).read_text())["num_epochs"])
     args.workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="fbta_acc_"))
@@ -180,32 +249,38 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     shared = Path(args.workdir) / "shared"
     shared.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(args.heads, args.seeds)
-    est = estimate_s(runs, args.epochs, prepared=(shared / "splits.json").is_file())
-    print(f"accuracy study: {len(runs)} bundle runs ({len(runs) // len(args.seeds)} settings x seeds {args.seeds}), "
-          f"{args.epochs} epochs each, workdir {args.workdir}\nestimated time: {est / 60:.1f} min "
-          f"(2-core CPU guess; refined after each run)", flush=True)
+    runs = plan_runs(args.heads, args.seeds, args.folds)
+    est = estimate_s(runs, prepared=(shared / "splits.json").is_file())
+    print(f"accuracy study: {len(runs)} bundle runs, folds {args.folds}, seeds {args.seeds}, {args.epochs} epochs "
+          f"each, workdir {args.workdir}\nestimated time: {est / 60:.1f} min (2-core CPU guess; finished runs are "
+          "skipped; refined after each run)", flush=True)
     if args.estimate_only:
         return {}
     results: dict[str, list[dict[str, Any]]] = {}
     start = time.perf_counter()
     for i, run in enumerate(runs, 1):
         res = run_one(run, args, shared)
-        results.setdefault(run["key"], []).append({**res, "seed": run["seed"]})
-        elapsed = time.perf_counter() - start
-        left = estimate_s(runs[i:], args.epochs, True) * (elapsed / max(1.0, estimate_s(runs[:i], args.epochs, True)))
-        print(f"[{i}/{len(runs)}] {run['key']} seed {run['seed']}: test bacc {res['bacc']:.3f} auc {res['auc']:.3f} "
+        results.setdefault(run["key"], []).append(res)
+        run["seconds"] = res["seconds"]
+        timed = [r for r in runs[:i] if r["seconds"] is not None]
+        scale = sum(r["seconds"] for r in timed) / estimate_s(timed, True) if timed else 1.0
+        left, elapsed = estimate_s(runs[i:], True, scale), time.perf_counter() - start
+        print(f"[{i}/{len(runs)}] {run_name(run)}: test bacc {res['bacc']:.3f} auc {res['auc']:.3f} "
               f"({elapsed / 60:.1f} min so far, ~{left / 60:.1f} min left)", flush=True)
-    main_rows, ablation = summarise(results, args.heads)
-    print(f"\nHeld-out test split (fold 0, fixed), {args.epochs} epochs, mean ± std over training seeds {args.seeds}\n")
-    print(format_table(main_rows, markdown=True))
-    if ablation:
-        print("\nView ablation (ABMIL)\n")
-        print(format_table(ablation, markdown=True))
-    payload = {"seeds": args.seeds, "epochs": args.epochs, "heads": args.heads, "split": "fold 0 (fixed)",
-               "main": main_rows, "ablation": ablation, "runs": results, "machine": machine_info(),
+    tables = summarise(results, args.heads)
+    head = (f"Held-out test folds {args.folds} of a 5-fold patient-level split, {args.epochs} epochs, mean ± std over "
+            f"folds x training seeds {args.seeds} (ABMIL main rows; other rows: seed {args.seeds[0]})")
+    print(f"\n{head}\n")
+    for name, rows in tables.items():
+        print(f"{name}:\n{format_table(rows, markdown=True)}\n")
+    targets = checks(tables)
+    for name, r in targets.items():
+        print(f"{name}: {r['value']:.3f} (target {r['target']}: {'met' if r['met'] else 'NOT met'})")
+    payload = {"seeds": args.seeds, "folds": args.folds, "epochs": args.epochs, "heads": args.heads, "split": head,
+               "study_overrides": {**STUDY_OVERRIDES, **dict(o.partition("=")[::2] for o in args.override or ())},
+               "tables": tables, "ratios": targets, "runs": results, "machine": machine_info(),
                "minutes": (time.perf_counter() - start) / 60}
-    finish(args, "accuracy", payload, draw_bars(main_rows, ablation))
+    finish(args, "accuracy", payload, draw_bars(tables))
     return payload
 
 

@@ -358,3 +358,18 @@ def test_encoder_batchnorm_frozen_keeps_e2e_view_in_the_frozen_feature_space(fre
     unchanged = all(torch.equal(a, b) for a, b in zip(stats, trainer.trainable_encoder.buffers()))
     assert same == freeze and unchanged == freeze
     assert trainer.trainable_encoder.training  # the rest of f_TFE (dropout, ...) is in train mode
+
+
+def test_translated_bag_option_feeds_the_whole_translated_bag():
+    """translated_bag="full" trains the head on f_T(F^FB), the bag inference sees; "pseudo" on f_T(F^FB[S])."""
+    sample = _sample(0, n=50)
+    batch = None
+    for bag in ("pseudo", "full"):
+        trainer = _trainer([sample], max_epochs=1, translated_bag=bag)
+        batch = trainer.prepare_batch(next(iter(DataLoader([sample], batch_size=1))), "cpu")
+        feats, heads = trainer.compute_views(batch)
+        source = batch["features"] if bag == "full" else batch["pb_features"]
+        torch.testing.assert_close(feats["translated"], trainer.translator(source))
+        assert heads.shape[2] == S, "L_dist stays on the pseudo-bag"
+    with pytest.raises(ValueError, match="translated_bag"):
+        _trainer([sample], translated_bag="all")

@@ -22,6 +22,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 
 from monai_fbta._quiet import quiet_import
 from monai_fbta.engines.trainer import mil_logits, prepare_slide_batch
+from monai_fbta.networks.translator import translate_bag
 
 quiet_import("monai.engines")
 from monai.engines import Evaluator  # noqa: E402
@@ -52,13 +53,6 @@ SLIDE_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "bacc": lambda p, y: float(balanced_accuracy_score(y, p.argmax(1))),
     "f1": lambda p, y: float(f1_score(y, p.argmax(1), average="macro", labels=np.arange(p.shape[1]), zero_division=0)),
 }
-
-
-def translate_bag(translator: nn.Module, bag: torch.Tensor, chunk_size: int | None = 16384) -> torch.Tensor:
-    """``f_T(bag)`` for ``bag [B, N, D]``, in chunks of instances (f_T acts per instance, so this is exact)."""
-    if not chunk_size or bag.shape[1] <= chunk_size:
-        return translator(bag)
-    return torch.cat([translator(c) for c in bag.split(chunk_size, dim=1)], dim=1)
 
 
 class FBTAEvaluator(Evaluator):

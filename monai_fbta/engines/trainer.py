@@ -28,6 +28,7 @@ from monai_fbta.engines.losses import FBTALoss, validate_views
 from monai_fbta.handlers.curriculum import CurriculumWeight
 from monai_fbta.handlers.ema import ModelEMA
 from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
+from monai_fbta.networks.translator import translate_bag
 
 quiet_import("monai.engines")
 from monai.engines import Trainer  # noqa: E402
@@ -129,6 +130,8 @@ class FBTATrainer(Trainer):
         curriculum: :class:`CurriculumWeight` (default ``CurriculumWeight()``), sets ``state.curriculum``.
         frozen_bag: ``"full"`` (default: the whole bag ``F^FB``, the paper's frozen view and plain two-stage MIL
             for ``views=["frozen"]``) or ``"pseudo"`` (``F^FB[S]`` only; a deviation, see docs/method.md).
+        translated_bag: ``"pseudo"`` (default: ``f_T(F^FB[S])``, the method) or ``"full"`` (``f_T(F^FB)``, the bag
+            inference sees; a deviation, see docs/method.md). ``L_dist`` uses the pseudo-bag either way.
         freeze_encoder_bn: keep f_TFE's BatchNorm layers in eval mode (running statistics of f_FFE) while
             training (default True): batch statistics of one slide's ``S`` patches would put the ``e2e`` view
             in another feature space than ``F^FB`` from the first step (f_TFE(x) != f_FFE(x) at initialisation).
@@ -156,6 +159,7 @@ class FBTATrainer(Trainer):
         ema_warmup_steps: int | None = None,
         curriculum: CurriculumWeight | None = None,
         frozen_bag: str = "full",
+        translated_bag: str = "pseudo",
         freeze_encoder_bn: bool = True,
         accumulation_steps: int = 1,
         amp: bool = False,
@@ -180,8 +184,9 @@ class FBTATrainer(Trainer):
             raise ValueError(f"FBTATrainer: views {list(views)} differ from the loss's views {self.views}")
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
-        if frozen_bag not in ("pseudo", "full"):
-            raise ValueError(f"frozen_bag must be 'pseudo' or 'full', got {frozen_bag!r}")
+        for name, value in (("frozen_bag", frozen_bag), ("translated_bag", translated_bag)):
+            if value not in ("pseudo", "full"):
+                raise ValueError(f"{name} must be 'pseudo' or 'full', got {value!r}")
         needs_translator = "translated" in self.views or loss_function.uses_distillation
         needs_encoder = "e2e" in self.views or loss_function.uses_distillation
         if needs_translator and translator is None:
@@ -213,7 +218,7 @@ class FBTATrainer(Trainer):
         self.trainable_encoder = trainable_encoder if needs_encoder else None
         self.optimizer = optimizer
         self.loss_function = loss_function
-        self.frozen_bag = frozen_bag
+        self.frozen_bag, self.translated_bag = frozen_bag, translated_bag
         self.freeze_encoder_bn = freeze_encoder_bn
         self.accumulation_steps = accumulation_steps
         self.amp_dtype = amp_dtype
@@ -290,7 +295,8 @@ class FBTATrainer(Trainer):
             if self.translator is not None and ("translated" in self.views or self.loss_function.uses_distillation):
                 mean, heads = self.translator(batch["pb_features"], return_heads=True)
                 if "translated" in self.views:
-                    feats["translated"] = mean
+                    full = self.translated_bag == "full"
+                    feats["translated"] = translate_bag(self.translator, batch["features"]) if full else mean
             if "e2e" in self.views:
                 e2e = encode_patches(
                     self.trainable_encoder, batch["pb_image"], self.encoder_chunk_size, self.grad_checkpointing

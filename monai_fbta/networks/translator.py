@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeatureTranslator"]
+__all__ = ["FeatureTranslator", "translate_bag"]
 
 
 class FeatureTranslator(nn.Module):
@@ -68,3 +68,10 @@ class FeatureTranslator(nn.Module):
         heads = heads.reshape(self.num_heads, *x.shape)
         mean = heads.mean(0)
         return (mean, heads) if return_heads else mean
+
+
+def translate_bag(translator: nn.Module, bag: torch.Tensor, chunk_size: int | None = 16384) -> torch.Tensor:
+    """``f_T(bag)`` for ``bag [B, N, D]``, in chunks of instances (f_T acts per instance, so this is exact)."""
+    if not chunk_size or bag.shape[1] <= chunk_size:
+        return translator(bag)
+    return torch.cat([translator(c) for c in bag.split(chunk_size, dim=1)], dim=1)

@@ -194,6 +194,7 @@ def evaluate_checkpoint(
     result = {
         "split": split,
         "num_slides": len(rows),
+        "slide_ids": sorted(str(r["slide_id"]) for r in rows) if all("slide_id" in r for r in rows) else None,
         "model": os.fspath(model_path),
         "class_names": meta["class_names"],
         "metrics": metrics,

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The README's main job (run scripts/bootstrap.sh first): with the bundle, train FBTA + ABMIL and the vanilla
+# two-stage ABMIL baseline on the same slides, split, frozen features, head, optimiser, epochs and model
+# selection, then print their held-out test metrics side by side. Both are plain bundle runs:
+#   python -m monai.bundle run training --config_file bundles/fbta_stad/configs/train.json [--views "['frozen']" ...]
+# Rerun to resume; delete bundles/fbta_stad/{models,eval} to start over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$#" -gt 0 ]; then
+    echo "scripts/demo.sh takes no arguments; run the bundle itself for other settings (see README.md)" >&2
+    exit 2
+fi
+py=.venv/bin/python
+root=bundles/fbta_stad
+cfg=$root/configs/train.json
+echo "== 1/3 FBTA + ABMIL (views frozen, e2e, translated) =="
+"$py" -m monai.bundle run training --config_file "$cfg"
+encoder=$(ls "$root"/models/frozen_encoder_*.pt | head -n 1)  # the same frozen extractor, so the same cached features
+echo "== 2/3 vanilla ABMIL (views frozen only, same EMA teacher and model selection) =="
+"$py" -m monai.bundle run training --config_file "$cfg" --views "['frozen']" --encoder_weights "$encoder" \
+    --ckpt_dir "$root/models/vanilla" --output_dir "$root/eval/vanilla"
+echo "== 3/3 side by side =="
+"$py" -m monai_fbta.pipeline.compare "ABMIL + FBTA=$root/eval/test_metrics.json" \
+    "ABMIL (vanilla two-stage MIL)=$root/eval/vanilla/test_metrics.json"
