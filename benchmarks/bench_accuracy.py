@@ -38,15 +38,21 @@ from _common import add_common_args, finish, format_table, machine_info  # noqa:
 
 BUNDLE_CONFIG = Path(__file__).resolve().parents[1] / "bundles" / "fbta_stad" / "configs" / "train.json"
 ALL_VIEWS = ("frozen", "e2e", "translated")
-HEAD_NAMES = {"abmil": "ABMIL", "transmil": "TransMIL", "mambamil": "MambaMIL (hidden 64)"}
-HEAD_OVERRIDES: dict[str, dict[str, Any]] = {"mambamil": {"mil_hidden": 64}}  # a CPU-sized MambaMIL
+HEAD_NAMES = {"abmil": "ABMIL", "transmil": "TransMIL (hidden 128)", "mambamil": "MambaMIL (hidden 64)"}
+# CPU-sized TransMIL / MambaMIL: hidden 512 costs ~0.5 s per 500-instance bag on one core (ABMIL: 0.02 s)
+HEAD_OVERRIDES: dict[str, dict[str, Any]] = {"transmil": {"mil_hidden": 128}, "mambamil": {"mil_hidden": 64}}
 NO_EMA = {"ema_momentum": 1.0}
-# the study's data profile (chosen on validation folds, docs/method.md "Experiments"); --override adds to it
-STUDY_OVERRIDES: dict[str, Any] = {"patch_size": 64, "num_clusters": 16}
+# the study's settings (chosen on fold 0's validation part, docs/method.md "Experiments"); --override adds to it
+STUDY_OVERRIDES: dict[str, Any] = {"patch_size": 64, "num_clusters": 16, "translated_bag": "full"}
+# the study's synthetic data (docs/synthetic_data.md): lesions on 8% of the tissue, doubled stain variation
+DATA = {"num_slides": 120, "size": 2048, "tumour_fraction": 0.08, "stain_jitter": 2.0, "seed": 1}
 # rough seconds per run on a 2-core CPU for the up-front estimate; refined from the runs that finished
 RUN_S = {"vanilla": 60.0, "fbta": 150.0}
 HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.3, "mambamil": 2.0}
 PREPARE_S = 300.0
+# one compute thread per run: on 2 cores, 2 OpenMP threads next to the 2 patch-reading workers (or any other
+# process) stall at every parallel region (TransMIL fwd+bwd: 0.5 s alone, 7 s with one busy core beside it)
+THREADS = {"OMP_NUM_THREADS": "1"}
 
 
 def settings(heads: list[str]) -> list[dict[str, Any]]:
@@ -79,19 +85,20 @@ def run_key(head: str, views: tuple[str, ...], extra: dict[str, Any]) -> str:
 def plan_runs(heads: list[str], seeds: list[int], folds: list[int]) -> list[dict[str, Any]]:
     """Distinct (head, views, overrides) x folds x seeds; tables share runs (ABMIL's vanilla and FBTA rows).
 
-    Runs are ordered fold by fold, so a stopped study has whole folds of every setting."""
+    Runs are ordered head by head (ABMIL first), then seed, then fold, so a stopped study has whole folds."""
     unique: dict[str, dict[str, Any]] = {}
     for s in settings(heads):
         key = run_key(s["head"], s["views"], s["extra"])
         entry = unique.setdefault(key, {"head": s["head"], "views": s["views"], "extra": s["extra"], "all_seeds": False})
         entry["all_seeds"] |= s["all_seeds"]
     runs = []
-    for seed_index, seed in enumerate(seeds):
-        for fold in folds:
-            for key, s in unique.items():
-                if seed_index == 0 or s["all_seeds"]:
-                    runs.append({"head": s["head"], "views": s["views"], "extra": s["extra"], "key": key,
-                                 "fold": fold, "seed": seed})
+    for head in sorted({s["head"] for s in unique.values()}, key=list(HEAD_NAMES).index):
+        for seed_index, seed in enumerate(seeds):
+            for fold in folds:
+                for key, s in unique.items():
+                    if s["head"] == head and (seed_index == 0 or s["all_seeds"]):
+                        runs.append({"head": s["head"], "views": s["views"], "extra": s["extra"], "key": key,
+                                     "fold": fold, "seed": seed})
     return runs
 
 
@@ -141,7 +148,7 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
         log = run_dir / "log.txt"
         with open(log, "w") as f:
             proc = subprocess.run(bundle_command(run, args, run_dir, shared), stdout=f, stderr=subprocess.STDOUT,
-                                  cwd=args.workdir, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  cwd=args.workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **THREADS})
         if proc.returncode != 0 or not metrics_file.is_file():
             tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"bundle run {run_dir.name} failed (exit {proc.returncode}); log {log}:\n{tail}")
@@ -153,6 +160,19 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
     seconds = run_dir / "seconds.txt"
     return {"bacc": report["test_bacc"], "auc": report["test_auc"], "fold": run["fold"], "seed": run["seed"],
             "seconds": float(seconds.read_text()) if seconds.is_file() else None}
+
+
+def make_data(args) -> dict[str, Any]:
+    """The synthetic dataset's settings; the slides are generated into ``--dataset-dir`` unless it has a datalist
+    (the generator is deterministic, and it keeps intact slides written with the same settings)."""
+    data = {**DATA, **{k: float(v) if "." in v else int(v) for k, v in (i.split("=", 1) for i in args.data)}}
+    if not (Path(args.dataset_dir) / "datalist.json").is_file():
+        from monai_fbta.data.synthetic import SyntheticSlideConfig, generate_dataset
+
+        config = SyntheticSlideConfig(size=data["size"], stain_jitter=data["stain_jitter"])
+        generate_dataset(args.dataset_dir, data["num_slides"], 3, data["size"], data["tumour_fraction"], data["seed"],
+                         config=config)
+    return data
 
 
 def mean_std(values: list[float]) -> str:
@@ -230,7 +250,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 fold, 1 seed, 2 epochs, ABMIL only")
     p.add_argument("--workdir", default=None, help="runs, shared cache and splits (default: a new temp folder); "
                    "rerunning with the same folder skips finished runs")
-    p.add_argument("--dataset-dir", default=None, help="slides (default: <workdir>/data, generated by the first run)")
+    p.add_argument("--dataset-dir", default=None, help="slides (default: <workdir>/data, generated with --data)")
+    p.add_argument("--data", nargs="*", metavar="KEY=VALUE", default=[], help=f"synthetic data settings, default {DATA}")
     p.add_argument("--config", default=str(BUNDLE_CONFIG), help="bundle training config")
     p.add_argument("--override", nargs="*", metavar="KEY=VALUE", help="extra bundle overrides for every run")
     p.add_argument("--estimate-only", action="store_true", help="print the plan and the time estimate, run nothing")
@@ -250,6 +271,7 @@ def main(argv=None) -> dict[str, Any]:
     shared = Path(args.workdir) / "shared"
     shared.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(args.heads, args.seeds, args.folds)
+    data = make_data(args)
     est = estimate_s(runs, prepared=(shared / "splits.json").is_file())
     print(f"accuracy study: {len(runs)} bundle runs, folds {args.folds}, seeds {args.seeds}, {args.epochs} epochs "
           f"each, workdir {args.workdir}\nestimated time: {est / 60:.1f} min (2-core CPU guess; finished runs are "
@@ -276,7 +298,7 @@ def main(argv=None) -> dict[str, Any]:
     targets = checks(tables)
     for name, r in targets.items():
         print(f"{name}: {r['value']:.3f} (target {r['target']}: {'met' if r['met'] else 'NOT met'})")
-    payload = {"seeds": args.seeds, "folds": args.folds, "epochs": args.epochs, "heads": args.heads, "split": head,
+    payload = {"data": data, "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs, "heads": args.heads, "split": head,
                "study_overrides": {**STUDY_OVERRIDES, **dict(o.partition("=")[::2] for o in args.override or ())},
                "tables": tables, "ratios": targets, "runs": results, "machine": machine_info(),
                "minutes": (time.perf_counter() - start) / 60}
