@@ -42,6 +42,7 @@ HEAD_NAMES = {"abmil": "ABMIL", "transmil": "TransMIL (hidden 128)", "mambamil":
 # CPU-sized TransMIL / MambaMIL: hidden 512 costs ~0.5 s per 500-instance bag on one core (ABMIL: 0.02 s)
 HEAD_OVERRIDES: dict[str, dict[str, Any]] = {"transmil": {"mil_hidden": 128}, "mambamil": {"mil_hidden": 64}}
 NO_EMA = {"ema_momentum": 1.0}
+TABLES = ("main", "ema", "ablation")
 # the study's settings (chosen on fold 0's validation part, docs/method.md "Experiments"); --override adds to it
 STUDY_OVERRIDES: dict[str, Any] = {"patch_size": 64, "num_clusters": 16, "translated_bag": "full"}
 # the study's synthetic data (docs/synthetic_data.md): lesions on 8% of the tissue, doubled stain variation
@@ -55,8 +56,8 @@ PREPARE_S = 300.0
 THREADS = {"OMP_NUM_THREADS": "1"}
 
 
-def settings(heads: list[str]) -> list[dict[str, Any]]:
-    """Table rows: ``{"table", "label", "head", "views", "extra", "all_seeds"}``; ABMIL first."""
+def settings(heads: list[str], tables: tuple[str, ...] = TABLES) -> list[dict[str, Any]]:
+    """Table rows: ``{"table", "label", "head", "views", "extra", "all_seeds"}`` of ``tables``; ABMIL first."""
     rows: list[dict[str, Any]] = []
 
     def add(table: str, label: str, head: str, views: tuple[str, ...], extra: dict[str, Any], all_seeds: bool):
@@ -75,19 +76,19 @@ def settings(heads: list[str]) -> list[dict[str, Any]]:
         add("ablation", "frozen", "abmil", ("frozen",), {}, True)
         add("ablation", "e2e + frozen", "abmil", ("frozen", "e2e"), {"lambda_dist": 0}, False)
         add("ablation", "e2e + frozen + translated (FBTA)", "abmil", ALL_VIEWS, {}, True)
-    return rows
+    return [r for r in rows if r["table"] in tables]
 
 
 def run_key(head: str, views: tuple[str, ...], extra: dict[str, Any]) -> str:
     return "_".join([head, *views, *(f"{k}{v}" for k, v in sorted(extra.items()))])
 
 
-def plan_runs(heads: list[str], seeds: list[int], folds: list[int]) -> list[dict[str, Any]]:
+def plan_runs(heads: list[str], seeds: list[int], folds: list[int], tables: tuple[str, ...] = TABLES) -> list[dict[str, Any]]:
     """Distinct (head, views, overrides) x folds x seeds; tables share runs (ABMIL's vanilla and FBTA rows).
 
     Runs are ordered head by head (ABMIL first), then seed, then fold, so a stopped study has whole folds."""
     unique: dict[str, dict[str, Any]] = {}
-    for s in settings(heads):
+    for s in settings(heads, tables):
         key = run_key(s["head"], s["views"], s["extra"])
         entry = unique.setdefault(key, {"head": s["head"], "views": s["views"], "extra": s["extra"], "all_seeds": False})
         entry["all_seeds"] |= s["all_seeds"]
@@ -167,11 +168,9 @@ def make_data(args) -> dict[str, Any]:
     (the generator is deterministic, and it keeps intact slides written with the same settings)."""
     data = {**DATA, **{k: float(v) if "." in v else int(v) for k, v in (i.split("=", 1) for i in args.data)}}
     if not (Path(args.dataset_dir) / "datalist.json").is_file():
-        from monai_fbta.data.synthetic import SyntheticSlideConfig, generate_dataset
+        from monai_fbta.data.synthetic import generate_dataset
 
-        config = SyntheticSlideConfig(size=data["size"], stain_jitter=data["stain_jitter"])
-        generate_dataset(args.dataset_dir, data["num_slides"], 3, data["size"], data["tumour_fraction"], data["seed"],
-                         config=config)
+        generate_dataset(args.dataset_dir, num_classes=3, **data)
     return data
 
 
@@ -182,10 +181,11 @@ def mean_std(values: list[float]) -> str:
     return f"{arr.mean():.3f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.3f}"
 
 
-def summarise(results: dict[str, list[dict[str, Any]]], heads: list[str]) -> dict[str, list[dict[str, Any]]]:
+def summarise(results: dict[str, list[dict[str, Any]]], heads: list[str],
+              which: tuple[str, ...] = TABLES) -> dict[str, list[dict[str, Any]]]:
     """``{table: rows}``; each row the mean ± std over folds and seeds of its runs."""
     tables: dict[str, list[dict[str, Any]]] = {}
-    for s in settings(heads):
+    for s in settings(heads, which):
         res = results.get(run_key(s["head"], s["views"], s["extra"]), [])
         if not s["all_seeds"] and res:
             first_seed = min(r["seed"] for r in res)
@@ -247,6 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="test folds of the 5-fold split")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the bundle's num_epochs)")
     p.add_argument("--heads", nargs="+", default=list(HEAD_NAMES), choices=list(HEAD_NAMES))
+    p.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES, help="which tables' rows to run")
     p.add_argument("--quick", action="store_true", help="1 fold, 1 seed, 2 epochs, ABMIL only")
     p.add_argument("--workdir", default=None, help="runs, shared cache and splits (default: a new temp folder); "
                    "rerunning with the same folder skips finished runs")
@@ -270,7 +271,7 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     shared = Path(args.workdir) / "shared"
     shared.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(args.heads, args.seeds, args.folds)
+    runs = plan_runs(args.heads, args.seeds, args.folds, tuple(args.tables))
     data = make_data(args)
     est = estimate_s(runs, prepared=(shared / "splits.json").is_file())
     print(f"accuracy study: {len(runs)} bundle runs, folds {args.folds}, seeds {args.seeds}, {args.epochs} epochs "
@@ -289,7 +290,7 @@ def main(argv=None) -> dict[str, Any]:
         left, elapsed = estimate_s(runs[i:], True, scale), time.perf_counter() - start
         print(f"[{i}/{len(runs)}] {run_name(run)}: test bacc {res['bacc']:.3f} auc {res['auc']:.3f} "
               f"({elapsed / 60:.1f} min so far, ~{left / 60:.1f} min left)", flush=True)
-    tables = summarise(results, args.heads)
+    tables = summarise(results, args.heads, tuple(args.tables))
     head = (f"Held-out test folds {args.folds} of a 5-fold patient-level split, {args.epochs} epochs, mean ± std over "
             f"folds x training seeds {args.seeds} (ABMIL main rows; other rows: seed {args.seeds[0]})")
     print(f"\n{head}\n")

@@ -1,4 +1,4 @@
-"""benchmarks/bench_accuracy.py: plan, argument handling and the summary table (no bundle run: too slow here)."""
+"""benchmarks/bench_accuracy.py: plan, argument handling, summary tables and target checks (no bundle run: too slow)."""
 
 from __future__ import annotations
 
@@ -18,28 +18,45 @@ def bench():
     return module
 
 
-def test_plan_shares_runs_between_tables_and_puts_abmil_first(bench):
-    runs = bench.plan_runs(["abmil", "transmil"], seeds=[0, 1])
-    keys = [r["key"] for r in runs]
-    # ABMIL: 4 ablation settings (its frozen and FBTA rows are the main table's); TransMIL: vanilla and FBTA
-    assert len(set(keys)) == 6 and len(runs) == 12
-    assert all(r["head"] == "abmil" for r in runs[:8])
-    e2e = next(r for r in runs if r["views"] == ("e2e",))
-    assert e2e["extra"] == {"cons_weight": 0, "lambda_dist": 0}
+def test_plan_shares_runs_between_tables_orders_heads_and_seeds(bench):
+    runs = bench.plan_runs(["transmil", "abmil"], seeds=[0, 1], folds=[0, 1, 2])
+    names = [bench.run_name(r) for r in runs]
+    assert len(names) == len(set(names))
+    # ABMIL: vanilla, FBTA (both seeds), their no-EMA twins and e2e+frozen (first seed); TransMIL: vanilla, FBTA
+    abmil = [r for r in runs if r["head"] == "abmil"]
+    assert len(abmil) == 3 * (5 + 2) and runs[: len(abmil)] == abmil, "ABMIL first, whole"
+    assert {r["seed"] for r in runs if r["extra"].get("ema_momentum") == 1.0} == {0}
+    assert sum(r["head"] == "transmil" for r in runs) == 3 * 2
+    assert all(r["extra"]["mil_hidden"] == 128 for r in runs if r["head"] == "transmil"), "CPU-sized TransMIL"
+    e2e = next(r for r in runs if r["views"] == ("frozen", "e2e"))
+    assert e2e["extra"] == {"lambda_dist": 0}
 
 
 def test_quick_args_and_bundle_command(bench, tmp_path):
     args = bench.parse_args(["--quick", "--workdir", str(tmp_path), "--override", "num_workers=0"])
-    assert args.seeds == [0] and args.heads == ["abmil"] and args.epochs == 2
-    run = bench.plan_runs(args.heads, args.seeds)[1]
+    assert args.seeds == [0] and args.folds == [0] and args.heads == ["abmil"] and args.epochs == 2
+    run = bench.plan_runs(args.heads, args.seeds, args.folds)[1]
     cmd = bench.bundle_command(run, args, tmp_path / "r", tmp_path)
-    i = cmd.index("--views")
-    assert cmd[i + 1] == '["e2e"]' and cmd[cmd.index("--num_workers") + 1] == "0"
+    assert cmd[cmd.index("--views") + 1] == '["frozen", "e2e", "translated"]'
+    assert cmd[cmd.index("--fold") + 1] == "0" and cmd[cmd.index("--num_workers") + 1] == "0"
+    assert cmd[cmd.index("--translated_bag") + 1] == "full"
     assert "--encoder_weights" not in cmd  # the first run makes the shared extractor
 
 
-def test_summary_mean_std_and_missing_rows(bench):
-    results = {bench.run_key("abmil", ("frozen",), {}): [{"bacc": 0.5, "auc": 0.6}, {"bacc": 0.7, "auc": 0.8}]}
-    main, ablation = bench.summarise(results, ["abmil"])
-    assert main[0]["test balanced acc"] == "0.600 ± 0.141" and main[0]["seeds"] == 2
-    assert main[1]["seeds"] == 0 and ablation[0]["test macro AUC"] == "0.700 ± 0.141"
+def test_summary_tables_and_targets(bench):
+    def res(bacc, fold, seed=0):
+        return {"bacc": bacc, "auc": 0.9, "fold": fold, "seed": seed}
+
+    results = {
+        bench.run_key("abmil", ("frozen",), {}): [res(0.5, 0), res(0.7, 1)],
+        bench.run_key("abmil", bench.ALL_VIEWS, {}): [res(0.9, 0), res(0.8, 1), res(0.85, 0, seed=1)],
+    }
+    tables = bench.summarise(results, ["abmil"])
+    main = {r["method"]: r for r in tables["main"]}
+    assert main["ABMIL"]["test balanced acc"] == "0.600 ± 0.141" and main["ABMIL"]["folds x seeds"] == "2 x 1"
+    assert main["ABMIL + FBTA"]["folds x seeds"] == "2 x 2"
+    assert tables["ablation"][1]["folds x seeds"] == "0"
+    targets = bench.checks(tables)
+    assert targets["ABMIL + FBTA test bacc"]["met"] is True
+    assert targets["ABMIL + FBTA - ABMIL (test bacc)"]["value"] == pytest.approx(0.25)
+    assert targets["ablation: e2e+frozen - frozen"]["met"] is None, "a missing row is not a pass"

@@ -666,6 +666,7 @@ def generate_dataset(
     progress: bool = True,
     overwrite: bool = False,
     config: SyntheticSlideConfig | None = None,
+    stain_jitter: float | None = None,
 ) -> list[dict]:
     """Write ``num_slides`` balanced synthetic slides, ``labels.csv`` and ``datalist.json`` to ``out_dir``.
 
@@ -674,7 +675,7 @@ def generate_dataset(
     the same config are kept (resumable); ``overwrite=True`` regenerates them. Slide ``i`` draws
     from ``default_rng([seed, i])``, so a slide is identical whether or not others were skipped.
     ``config`` overrides the other rendering fields (its ``num_classes`` / ``size`` /
-    ``tumour_fraction`` / ``seed`` are replaced by the arguments).
+    ``tumour_fraction`` / ``seed`` are replaced by the arguments, and ``stain_jitter`` when given).
 
     Returns the datalist rows with absolute paths; the files store paths relative to ``out_dir``.
     """
@@ -684,6 +685,8 @@ def generate_dataset(
         raise ValueError(f"num_slides must be >= 1, got {num_slides}")
     cfg = dataclasses.replace(config or SyntheticSlideConfig(), num_classes=num_classes, size=size,
                               tumour_fraction=tumour_fraction, seed=seed)
+    if stain_jitter is not None:
+        cfg = dataclasses.replace(cfg, stain_jitter=stain_jitter)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels, cases = _plan(num_slides, num_classes, seed)
