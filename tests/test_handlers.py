@@ -43,6 +43,20 @@ def test_ema_one_step_exact_formula():
         assert not torch.equal(new, old)
 
 
+def test_ema_momentum_one_makes_the_teacher_a_copy_of_the_student():
+    """``momentum=1`` (the accuracy study's "no EMA teacher" rows): after each step teacher == student."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    ema = ModelEMA(model, momentum=1.0)
+    engine = _stepping_engine(model)
+    ema.attach(engine)
+    engine.run(range(3), max_epochs=1)
+    for teacher, student in zip(ema.ema_model.parameters(), model.parameters()):
+        assert torch.equal(teacher, student.detach())
+    with pytest.raises(ValueError, match="momentum must be in"):
+        ModelEMA(model, momentum=1.5)
+
+
 def test_ema_moves_only_on_optimizer_steps():
     torch.manual_seed(0)
     model = nn.Linear(4, 3)

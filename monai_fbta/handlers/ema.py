@@ -26,7 +26,8 @@ class ModelEMA(EMAHandler):
 
     Args:
         model: the student module.
-        momentum: weight of the student in each update after warm-up (``0.001`` = decay 0.999).
+        momentum: weight of the student in each update after warm-up (``0.001`` = decay 0.999; ``1``: the
+            teacher is a copy of the student, i.e. no EMA).
         momentum_warmup: weight at the first optimiser step (``None``: no warm-up).
         warmup_steps: optimiser steps over which the weight goes linearly from ``momentum_warmup`` to ``momentum``.
         handle_buffers: ignite's option: ``"copy"`` (default), ``"update"`` or ``"ema_train"``.
@@ -46,7 +47,11 @@ class ModelEMA(EMAHandler):
             raise ValueError("ModelEMA: give both momentum_warmup and warmup_steps, or neither")
         if momentum_warmup is not None and not 0 < momentum_warmup <= 1:
             raise ValueError(f"ModelEMA: momentum_warmup must be in (0, 1], got {momentum_warmup}")
-        super().__init__(model, momentum=momentum, handle_buffers=handle_buffers)
+        if not 0 < momentum <= 1:
+            raise ValueError(f"ModelEMA: momentum must be in (0, 1], got {momentum}")
+        # ignite refuses momentum 1; here it means "the teacher is a copy of the student after each step"
+        super().__init__(model, momentum=min(momentum, 0.5), handle_buffers=handle_buffers)
+        self.momentum = float(momentum)
         self._warmup = None if warmup_steps is None else EMAWarmUp(momentum_warmup, int(warmup_steps), momentum)
         self.name = name
 
