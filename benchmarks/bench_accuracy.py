@@ -86,21 +86,28 @@ def run_key(head: str, views: tuple[str, ...], extra: dict[str, Any]) -> str:
 def plan_runs(heads: list[str], seeds: list[int], folds: list[int], tables: tuple[str, ...] = TABLES) -> list[dict[str, Any]]:
     """Distinct (head, views, overrides) x folds x seeds; tables share runs (ABMIL's vanilla and FBTA rows).
 
-    Runs are ordered head by head (ABMIL first), then seed, then fold, so a stopped study has whole folds."""
+    Runs come in phases, each fold by fold, so a study stopped early has whole folds of the most important rows:
+    ABMIL vanilla / FBTA / ablation (first seed), ABMIL's other seeds, TransMIL, the no-EMA rows, MambaMIL."""
     unique: dict[str, dict[str, Any]] = {}
     for s in settings(heads, tables):
         key = run_key(s["head"], s["views"], s["extra"])
-        entry = unique.setdefault(key, {"head": s["head"], "views": s["views"], "extra": s["extra"], "all_seeds": False})
+        entry = unique.setdefault(key, {"head": s["head"], "views": s["views"], "extra": s["extra"], "all_seeds": False,
+                                        "tables": set()})
         entry["all_seeds"] |= s["all_seeds"]
-    runs = []
-    for head in sorted({s["head"] for s in unique.values()}, key=list(HEAD_NAMES).index):
-        for seed_index, seed in enumerate(seeds):
-            for fold in folds:
-                for key, s in unique.items():
-                    if s["head"] == head and (seed_index == 0 or s["all_seeds"]):
-                        runs.append({"head": s["head"], "views": s["views"], "extra": s["extra"], "key": key,
-                                     "fold": fold, "seed": seed})
+        entry["tables"].add(s["table"])
+    runs = [{"head": s["head"], "views": s["views"], "extra": s["extra"], "key": key, "fold": fold, "seed": seed,
+             "phase": _phase(s, i)}
+            for i, seed in enumerate(seeds) for fold in folds for key, s in unique.items() if i == 0 or s["all_seeds"]]
+    runs.sort(key=lambda r: (r["phase"], r["seed"], r["fold"]))
     return runs
+
+
+def _phase(setting: dict[str, Any], seed_index: int) -> int:
+    if seed_index > 0:
+        return 1
+    if setting["head"] != "abmil":
+        return 2 if setting["head"] == "transmil" else 4
+    return 3 if setting["tables"] == {"ema"} else 0
 
 
 def run_name(run: dict[str, Any]) -> str:

@@ -24,7 +24,11 @@ def test_plan_shares_runs_between_tables_orders_heads_and_seeds(bench):
     assert len(names) == len(set(names))
     # ABMIL: vanilla, FBTA (both seeds), their no-EMA twins and e2e+frozen (first seed); TransMIL: vanilla, FBTA
     abmil = [r for r in runs if r["head"] == "abmil"]
-    assert len(abmil) == 3 * (5 + 2) and runs[: len(abmil)] == abmil, "ABMIL first, whole"
+    assert len(abmil) == 3 * (5 + 2)
+    phases = [r["phase"] for r in runs]
+    assert phases == sorted(phases) and [r["head"] for r in runs[: 3 * 3 + 3 * 2]] == ["abmil"] * 15, (
+        "ABMIL vanilla / FBTA / ablation, then its second seed, come first")
+    assert runs[15]["head"] == "transmil" and runs[-1]["extra"].get("ema_momentum") == 1.0
     assert {r["seed"] for r in runs if r["extra"].get("ema_momentum") == 1.0} == {0}
     assert sum(r["head"] == "transmil" for r in runs) == 3 * 2
     assert all(r["extra"]["mil_hidden"] == 128 for r in runs if r["head"] == "transmil"), "CPU-sized TransMIL"
