@@ -190,6 +190,11 @@ def test_copied_bundle_trains_evaluates_infers_exports_from_another_cwd(travelle
         net = monai.bundle.load("fbta_stad", bundle_dir=str(root.parent), workflow_type=workflow_type, device="cpu").eval()
         assert torch.allclose(net(x), expected, atol=1e-6), workflow_type
     assert torch.allclose(torch.jit.load(str(ts))(x), expected, atol=1e-5)
+    from monai_fbta.networks import FeatureTranslator, TranslatedMIL, build_mil_head
+
+    other = TranslatedMIL(build_mil_head("abmil", in_features=128, num_classes=3), FeatureTranslator(128))  # e.g. GPU defaults
+    with pytest.raises(ValueError, match="another network architecture"):  # not a silently half-loaded network
+        monai.bundle.load("fbta_stad", bundle_dir=str(root.parent), model=other, device="cpu")
 
 
 def test_metadata_schema_rejects_incomplete_metadata(tmp_path):

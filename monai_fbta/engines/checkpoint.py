@@ -23,7 +23,7 @@ from ignite.handlers import Checkpoint
 
 from monai_fbta._io import atomic_open
 from monai_fbta.networks.encoder import _is_weights_file
-from monai_fbta.networks.inference import METADATA_KEY
+from monai_fbta.networks.inference import LAYOUT_KEY, METADATA_KEY, state_layout
 
 __all__ = [
     "RunMismatchError",
@@ -186,7 +186,7 @@ def save_inference_model(
     """Write ``model.pt``: the state dict of ``TranslatedMIL(head, translator)`` plus a ``metadata`` entry.
 
     The tensors sit at the top level under :class:`~monai_fbta.networks.TranslatedMIL`'s keys (``mil_head.*``,
-    ``translator.*``), MONAI's layout for a bundle's ``models/model.pt``: ``monai.bundle.load`` and
+    ``translator.*``, ``layout``), MONAI's layout for a bundle's ``models/model.pt``: ``monai.bundle.load`` and
     ``ckpt_export`` load it into ``network_def`` without ``key_in_ckpt``. ``metadata`` must be plain Python
     (str, int, float, bool, lists/dicts of them) to stay weights_only-loadable; its encoder weights file is
     stored relative to ``path``'s folder, so the bundle can be moved.
@@ -194,6 +194,7 @@ def save_inference_model(
     blob: dict[str, Any] = {f"mil_head.{k}": v for k, v in mil_head.state_dict().items()}
     if translator is not None:
         blob.update({f"translator.{k}": v for k, v in translator.state_dict().items()})
+    blob[LAYOUT_KEY] = state_layout(blob)
     blob[METADATA_KEY] = _portable_metadata(metadata or {}, Path(path).parent)
     return _atomic_torch_save(blob, path)
 
