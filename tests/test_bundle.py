@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 from conftest import REAL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundles" / "fbta_stad" / "configs"
+BUNDLE = REPO / "bundles" / "fbta_stad"
+CONFIGS = BUNDLE / "configs"
 TRAIN, INFER, EVALUATE, MULTI = (str(CONFIGS / n) for n in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json"))
 TINY = [
     "--synthetic#num_slides", "12", "--synthetic#size", "1024", "--num_epochs", "2", "--encoder_name", "tiny_cnn",
@@ -62,9 +64,10 @@ def test_training_from_empty_dataset_dir(trained):
     for name in ("model.pt", "last.pt", "splits.json"):
         assert (trained / "models" / name).is_file()
     metrics = json.loads((trained / "eval" / "test_metrics.json").read_text())
-    assert metrics["num_slides"] == 4 and set(metrics["class_names"]) == {"inflammation", "pleomorphic", "glandular"}
+    num_test = len(json.loads((trained / "models" / "splits.json").read_text())["folds"][0]["test"])  # 4 or 5: patients
+    assert metrics["num_slides"] == num_test and set(metrics["class_names"]) == {"inflammation", "pleomorphic", "glandular"}
     assert {"test_auc", "test_bacc", "test_auc_vanilla"} <= set(metrics["metrics"])
-    assert "held-out test set (4 slides)" in (trained / "train_stdout.txt").read_text()
+    assert f"held-out test set ({num_test} slides)" in (trained / "train_stdout.txt").read_text()
     blob = torch.load(trained / "models" / "model.pt", weights_only=True)
     assert blob["metadata"]["encoder_name"] == "tiny_cnn" and blob["metadata"]["views"] == ["frozen", "e2e", "translated"]
     assert not list(trained.glob("cufile.log"))
@@ -117,6 +120,83 @@ def test_bundle_start_prints_no_codec_load_errors(tmp_path):
     assert "[ERROR]" not in out.stderr and "Failed to load" not in out.stderr, out.stderr[-2000:]
 
 
+def test_verify_net_in_out(tmp_path):
+    """metadata.json's network_data_format describes network_def: [1, D=64, N] features in, [1, 3] probabilities out."""
+    out = bundle(["verify_net_in_out", "network_def", "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", TRAIN,
+                  "--encoder_name", "tiny_cnn", "--device", "cpu"], cwd=tmp_path)
+    assert "data shape of network is verified with no error" in out.stdout + out.stderr
+    assert not list(tmp_path.iterdir())  # building network_def writes nothing
+
+
+def _absolute_paths(value) -> list[str]:
+    """Every string in a (nested) checkpoint that is an absolute path."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _absolute_paths(k) + _absolute_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _absolute_paths(v)]
+    return [value] if isinstance(value, str) and os.path.isabs(value) else []
+
+
+@pytest.fixture(scope="module")
+def travelled(tmp_path_factory) -> Path:
+    """The bundle copied to a new folder and trained there with its own default paths, from another working directory."""
+    base = tmp_path_factory.mktemp("travel")
+    root = base / "fbta_stad"
+    shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("data", "models", "cache", "eval"))
+    (base / "elsewhere").mkdir()
+    bundle(["run", "training", "--config_file", str(root / "configs" / "train.json"), *TINY], cwd=base / "elsewhere")
+    return root
+
+
+def test_copied_bundle_trains_evaluates_infers_exports_from_another_cwd(travelled, tmp_path, monkeypatch):
+    root, configs = travelled, travelled / "configs"
+    train, evaluate, infer = (str(configs / n) for n in ("train.json", "evaluate.json", "inference.json"))
+    model_pt = root / "models" / "model.pt"
+    for name in ("models/frozen_encoder_tiny_cnn.pt", "models/splits.json", "data/synthetic/labels.csv", "eval/test_metrics.json"):
+        assert (root / name).is_file(), name
+    blob = torch.load(model_pt, weights_only=True)
+    assert blob["metadata"]["encoder_weights"] == "frozen_encoder_tiny_cnn.pt" and not _absolute_paths(blob)
+
+    # what happened in training, on disk
+    rows = list(csv.DictReader(open(root / "eval" / "train_metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss", "cls", "cons", "dist", "val_auc", "val_bacc", "val_auc_vanilla"} <= set(rows[0])
+    assert (root / "eval" / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
+    log = (root / "eval" / "train.log").read_text()
+    assert "fbta.metrics - INFO - epoch 2/2: loss=" in log and "fbta.val - INFO - Epoch[2] Metrics" in log
+    assert "\r" not in log  # no progress bar in a redirected log
+
+    (root / "eval" / "test_metrics.json").unlink()
+    bundle(["run", "evaluating", "--config_file", repr([train, evaluate]), *TINY], cwd=tmp_path)
+    assert json.loads((root / "eval" / "test_metrics.json").read_text())["split"] == "test"
+
+    slides = [str(s) for s in sorted((root / "data" / "synthetic").glob("*.tiff"))[:2]]
+    bundle(["run", "--config_file", infer, "--input", repr(slides), "--num_workers", "0", "--heatmaps", "False"], cwd=tmp_path)
+    assert len(list(csv.DictReader(open(root / "eval" / "inference" / "predictions.csv")))) == 2
+
+    ts = root / "models" / "model.ts"
+    bundle(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model_pt), "--meta_file",
+            str(configs / "metadata.json"), "--config_file", infer, "--use_trace", "True", "--input_shape", "[1, 64, 50]"],
+           cwd=tmp_path)
+
+    import monai.bundle
+
+    from monai_fbta.pipeline.report import build_inference_network
+
+    monkeypatch.chdir(tmp_path)
+    x = torch.rand(1, 64, 37)
+    expected = build_inference_network(model_pt, channels_first=True)(x)
+    for workflow_type in ("train", "inference"):  # MONAI's defaults (train.json's network_def), and inference.json's
+        net = monai.bundle.load("fbta_stad", bundle_dir=str(root.parent), workflow_type=workflow_type, device="cpu").eval()
+        assert torch.allclose(net(x), expected, atol=1e-6), workflow_type
+    assert torch.allclose(torch.jit.load(str(ts))(x), expected, atol=1e-5)
+    from monai_fbta.networks import FeatureTranslator, TranslatedMIL, build_mil_head
+
+    other = TranslatedMIL(build_mil_head("abmil", in_features=128, num_classes=3), FeatureTranslator(128))  # e.g. GPU defaults
+    with pytest.raises(ValueError, match="another network architecture"):  # not a silently half-loaded network
+        monai.bundle.load("fbta_stad", bundle_dir=str(root.parent), model=other, device="cpu")
+
+
 def test_metadata_schema_rejects_incomplete_metadata(tmp_path):
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     del meta["network_data_format"]
@@ -130,14 +210,14 @@ def test_metadata_schema_rejects_incomplete_metadata(tmp_path):
 def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):
     model_pt = trained / "models" / "model.pt"
     ts = tmp_path / "model.ts"
-    bundle(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model_pt), "--key_in_ckpt", "network",
+    bundle(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model_pt),
             "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", INFER, "--model_path", str(model_pt),
-            "--use_trace", "True", "--input_shape", "[1, 50, 64]"], cwd=tmp_path)
+            "--use_trace", "True", "--input_shape", "[1, 64, 50]"], cwd=tmp_path)
     from monai_fbta.pipeline.report import build_inference_network
 
-    eager = build_inference_network(model_pt)
+    eager = build_inference_network(model_pt, channels_first=True)
     scripted = torch.jit.load(str(ts))
-    x = torch.randn(1, 137, 64)  # another bag size than the one traced with
+    x = torch.randn(1, 64, 137)  # [B, D, N], another bag size than the one traced with
     assert torch.allclose(scripted(x), eager(x), atol=1e-5)
 
 

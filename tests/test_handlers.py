@@ -139,3 +139,57 @@ def test_ema_copies_buffers_by_value():
     model.train()(torch.randn(4, 3) + 5)  # the student's statistics move after the optimiser step...
     assert not torch.equal(student, teacher)  # ...the teacher keeps those of the last step
     assert teacher.data_ptr() != student.data_ptr()
+
+
+def test_training_record_on_disk_log_csv_curves(tmp_path, caplog):
+    """Log file, per-epoch metrics CSV (every loss term, both validation paths), curves PNG, TensorBoard note."""
+    import csv
+    import logging
+
+    from monai_fbta.handlers import EpochMetricsCSV, LogFile, OptionalTensorBoard, TrainingCurves, tensorboard_available
+
+    engine = _stepping_engine(nn.Linear(2, 2))
+    evaluator = Engine(lambda e, b: None)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def validate(trainer):  # stands in for ValidationHandler (attached before the CSV writer)
+        evaluator.state.epoch = trainer.state.epoch
+        evaluator.state.metrics = {"val_auc": 0.5 + 0.1 * trainer.state.epoch, "val_auc_vanilla": 0.5}
+
+    (tmp_path / "train.log").write_text("an earlier run\n")
+    log = LogFile(tmp_path / "train.log")
+    for handler in (log, EpochMetricsCSV(tmp_path / "m.csv", evaluator), TrainingCurves(tmp_path / "m.csv", tmp_path / "c.png")):
+        handler.attach(engine)
+    with caplog.at_level(logging.WARNING, logger="fbta.tensorboard"):
+        OptionalTensorBoard(tmp_path / "tb").attach(engine)
+    logging.getLogger("fbta.record_test").warning("hello from the run")
+    engine.run(range(3), max_epochs=2)
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {k: float(rows[1][k]) for k in ("loss", "cls", "cons", "dist", "val_auc", "val_auc_vanilla")} == pytest.approx(
+        {"loss": 1.0, "cls": 0.5, "cons": 0.25, "dist": 0.125, "val_auc": 0.7, "val_auc_vanilla": 0.5})
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    text = (tmp_path / "train.log").read_text()
+    assert text.startswith("an earlier run\n") and "hello from the run" in text  # appended, never overwritten
+    assert log.handler is None  # closed at the end of the run
+    notes = [r.getMessage() for r in caplog.records if r.name == "fbta.tensorboard"]
+    assert notes == ([] if tensorboard_available() else [notes[0]]) and all("pip install" in n for n in notes)
+
+    engine.state.epoch = 1  # a run resumed after epoch 1 keeps row 1 and rewrites the rest
+    resumed = EpochMetricsCSV(tmp_path / "m.csv")
+    resumed.started(engine)
+    assert [r["epoch"] for r in resumed.rows] == ["1"]
+    (tmp_path / "other.csv").write_text("name,value\n")
+    with pytest.raises(ValueError, match="other.csv exists and is not a metrics file"):
+        EpochMetricsCSV(tmp_path / "other.csv").started(engine)
+
+
+def test_progress_bar_is_off_when_stderr_is_not_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from monai_fbta.handlers import LossProgressBar
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert LossProgressBar().tqdm_kwargs["disable"] is True
+    assert LossProgressBar(disable=False).tqdm_kwargs["disable"] is False

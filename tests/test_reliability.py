@@ -293,6 +293,41 @@ def _tiny_model(tmp_path: Path, tiling: dict) -> Path:
     return models / "model.pt"
 
 
+def test_model_pt_names_its_frozen_encoder_relative_to_itself_and_travels(tmp_path):
+    """model.pt used to store the encoder file's absolute path: a moved bundle lost its encoder."""
+    from monai_fbta.engines import load_inference_model
+
+    model_pt = _tiny_model(tmp_path / "a", {"patch_size": 64})
+    assert torch.load(model_pt, weights_only=True)["metadata"]["encoder_weights"] == "frozen_encoder_tiny_cnn.pt"
+    moved = tmp_path / "b"
+    (tmp_path / "a").rename(moved)
+    assert load_inference_model(moved / "models" / "model.pt")["metadata"]["encoder_weights"] == str(
+        moved / "models" / "frozen_encoder_tiny_cnn.pt")
+
+    blob = torch.load(moved / "models" / "model.pt", weights_only=True)  # monai-fbta 0.1: nested, absolute path
+    old = {"network": {k: v for k, v in blob.items() if k.startswith(("mil_head.", "translator."))}, "has_translator": True,
+           "metadata": dict(blob["metadata"], encoder_weights=str(tmp_path / "a" / "models" / "frozen_encoder_tiny_cnn.pt"))}
+    torch.save(old, moved / "models" / "old.pt")
+    loaded = load_inference_model(moved / "models" / "old.pt")
+    assert loaded["metadata"]["encoder_weights"] == str(moved / "models" / "frozen_encoder_tiny_cnn.pt")
+    assert loaded["translator"] is not None and loaded["mil_head"].keys() == {k[9:] for k in old["network"] if k.startswith("mil_head.")}
+
+
+def test_frozen_encoder_weights_are_kept_in_the_ckpt_dir(tmp_path):
+    from monai_fbta.networks.encoder import PatchEncoder
+    from monai_fbta.pipeline.prepare import frozen_encoder
+
+    given = tmp_path / "pretrained.pt"
+    torch.save(PatchEncoder("tiny_cnn").backbone.state_dict(), given)
+    enc = frozen_encoder("tiny_cnn", given, tmp_path / "run1")
+    assert enc.weights_file == str(tmp_path / "run1" / "frozen_encoder_tiny_cnn.pt")
+    assert frozen_encoder("tiny_cnn", given, tmp_path / "run1").weights_file == enc.weights_file  # same weights: reused
+    other = tmp_path / "other.pt"
+    torch.save(PatchEncoder("tiny_cnn").backbone.state_dict(), other)
+    with pytest.raises(ValueError, match="other.pt differs from .*run1/frozen_encoder_tiny_cnn.pt"):
+        frozen_encoder("tiny_cnn", other, tmp_path / "run1")
+
+
 def test_inference_killed_then_rerun_reuses_features_and_writes_whole_files(tmp_path):
     slides = tmp_path / "slides"
     slides.mkdir()

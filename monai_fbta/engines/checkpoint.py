@@ -22,6 +22,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from monai_fbta._io import atomic_open
+from monai_fbta.networks.encoder import _is_weights_file
+from monai_fbta.networks.inference import LAYOUT_KEY, METADATA_KEY, state_layout
 
 __all__ = [
     "RunMismatchError",
@@ -144,22 +146,56 @@ def load_checkpoint(path: str | os.PathLike, objects: Mapping[str, Any], strict:
     return state
 
 
+ENCODER_WEIGHTS_KEY = "encoder_weights"
+"""Metadata entry naming the frozen encoder's weights file, stored relative to ``model.pt``'s folder."""
+
+
+def _portable_metadata(metadata: Mapping[str, Any], model_dir: Path) -> dict[str, Any]:
+    """``metadata`` with the encoder weights file written relative to ``model_dir`` when it lies inside it."""
+    meta = dict(metadata)
+    weights = meta.get(ENCODER_WEIGHTS_KEY)
+    if weights and Path(weights).is_absolute():
+        rel = os.path.relpath(Path(weights).resolve(), model_dir.resolve())
+        if not rel.startswith(os.pardir):
+            meta[ENCODER_WEIGHTS_KEY] = Path(rel).as_posix()
+    return meta
+
+
+def _resolve_encoder_weights(metadata: dict[str, Any], model_dir: Path) -> None:
+    """Turn a stored encoder weights path into one that exists here (in place).
+
+    A relative path is read against ``model_dir``. An absolute path (``model.pt`` of monai-fbta <= 0.1) that
+    no longer exists, because the bundle was moved, is replaced by the file of the same name beside ``model.pt``.
+    """
+    weights = metadata.get(ENCODER_WEIGHTS_KEY)
+    if not weights or not _is_weights_file(weights):
+        return
+    path = Path(weights)
+    if not path.is_absolute():
+        metadata[ENCODER_WEIGHTS_KEY] = str(model_dir / path)
+    elif not path.is_file() and (model_dir / path.name).is_file():
+        metadata[ENCODER_WEIGHTS_KEY] = str(model_dir / path.name)
+
+
 def save_inference_model(
     path: str | os.PathLike,
     mil_head: nn.Module,
     translator: nn.Module | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model.pt``: ``{"network": state dict of TranslatedMIL(head, translator), "metadata": {...}}``.
+    """Write ``model.pt``: the state dict of ``TranslatedMIL(head, translator)`` plus a ``metadata`` entry.
 
-    The ``network`` entry uses :class:`~monai_fbta.networks.TranslatedMIL`'s keys (``mil_head.*``,
-    ``translator.*``), so MONAI's ``ckpt_export --key_in_ckpt network`` loads it as is. Metadata values must
-    be plain Python (str, int, float, bool, lists/dicts of them) to stay weights_only-loadable.
+    The tensors sit at the top level under :class:`~monai_fbta.networks.TranslatedMIL`'s keys (``mil_head.*``,
+    ``translator.*``, ``layout``), MONAI's layout for a bundle's ``models/model.pt``: ``monai.bundle.load`` and
+    ``ckpt_export`` load it into ``network_def`` without ``key_in_ckpt``. ``metadata`` must be plain Python
+    (str, int, float, bool, lists/dicts of them) to stay weights_only-loadable; its encoder weights file is
+    stored relative to ``path``'s folder, so the bundle can be moved.
     """
-    network = {f"mil_head.{k}": v for k, v in mil_head.state_dict().items()}
+    blob: dict[str, Any] = {f"mil_head.{k}": v for k, v in mil_head.state_dict().items()}
     if translator is not None:
-        network.update({f"translator.{k}": v for k, v in translator.state_dict().items()})
-    blob = {"network": network, "has_translator": translator is not None, "metadata": dict(metadata or {})}
+        blob.update({f"translator.{k}": v for k, v in translator.state_dict().items()})
+    blob[LAYOUT_KEY] = state_layout(blob)
+    blob[METADATA_KEY] = _portable_metadata(metadata or {}, Path(path).parent)
     return _atomic_torch_save(blob, path)
 
 
@@ -172,20 +208,30 @@ def load_inference_model(
 ) -> dict[str, Any]:
     """Read ``model.pt``; load its weights into the given modules.
 
-    Returns ``{"mil_head": state dict, "translator": state dict or None, "metadata": dict, "network": ...}``.
+    Returns ``{"mil_head": state dict, "translator": state dict or None, "metadata": dict, "network": state
+    dict of TranslatedMIL}``; the metadata's encoder weights file is resolved against ``path``'s folder. Also
+    reads the layout of monai-fbta <= 0.1 (``{"network": ..., "has_translator": ..., "metadata": ...}``).
     """
     blob = _load(path)
-    if "network" not in blob:
-        raise KeyError(f"{path} is not an inference model written by save_inference_model (no 'network' entry)")
-    blob["mil_head"] = _part(blob["network"], "mil_head.")
-    blob["translator"] = _part(blob["network"], "translator.") if blob.get("has_translator") else None
+    if "network" in blob:  # monai-fbta <= 0.1
+        network = blob["network"]
+    else:
+        network = {k: v for k, v in blob.items() if isinstance(v, torch.Tensor)}
+    if METADATA_KEY not in blob or not _part(network, "mil_head."):
+        raise KeyError(f"{path} is not an inference model written by save_inference_model "
+                       f"(it holds {sorted(blob)[:6]}...; expected 'mil_head.*' weights and '{METADATA_KEY}')")
+    metadata = dict(blob[METADATA_KEY])
+    _resolve_encoder_weights(metadata, Path(path).parent)
+    translator_state = _part(network, "translator.") or None
+    result = {"network": network, "mil_head": _part(network, "mil_head."), "translator": translator_state,
+              "metadata": metadata}
     if mil_head is not None:
-        mil_head.load_state_dict(blob["mil_head"])
+        mil_head.load_state_dict(result["mil_head"])
     if translator is not None:
-        if blob["translator"] is None:
+        if translator_state is None:
             raise ValueError(f"{path} holds no translator (it was trained without one)")
-        translator.load_state_dict(blob["translator"])
-    return blob
+        translator.load_state_dict(translator_state)
+    return result
 
 
 class TrainingCheckpoint:

@@ -1,9 +1,14 @@
-"""monai_fbta.handlers: EMA teachers, curriculum weight, loss logging."""
+"""monai_fbta.handlers: EMA teachers, curriculum weight, loss logging, training log file, metrics CSV, curves."""
 
 from monai_fbta.handlers.curriculum import CurriculumWeight
+from monai_fbta.handlers.curves import TrainingCurves, plot_training_curves
 from monai_fbta.handlers.ema import ModelEMA
 from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
-from monai_fbta.handlers.stats import LOSS_TERMS, LossProgressBar, loss_terms, training_log_handlers
+from monai_fbta.handlers.log_file import LogFile
+from monai_fbta.handlers.metrics_csv import EpochMetricsCSV
+from monai_fbta.handlers.progress import LossProgressBar
+from monai_fbta.handlers.stats import LOSS_TERMS, loss_terms, training_log_handlers
+from monai_fbta.handlers.tensorboard import OptionalTensorBoard, tensorboard_available
 
 __all__ = [
     "CurriculumWeight",
@@ -14,4 +19,10 @@ __all__ = [
     "LossProgressBar",
     "loss_terms",
     "training_log_handlers",
+    "LogFile",
+    "EpochMetricsCSV",
+    "TrainingCurves",
+    "plot_training_curves",
+    "OptionalTensorBoard",
+    "tensorboard_available",
 ]

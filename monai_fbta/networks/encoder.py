@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["PatchEncoder", "TinyCNN", "copy_frozen", "copy_trainable", "ENCODER_NAMES"]
+__all__ = ["PatchEncoder", "TinyCNN", "copy_frozen", "copy_trainable", "encoder_features", "ENCODER_NAMES"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESNETS = {"resnet18": ("resnet18", 512, 4), "resnet50": ("resnet50", 2048, 4), "resnet50_trunc": ("resnet50", 1024, 3)}
 _TIMM = {"vit_small": "vit_small_patch16_224", "vit_b_32": "vit_base_patch32_224"}
+_TIMM_FEATURES = {"vit_small": 384, "vit_b_32": 768}
 ENCODER_NAMES = ("tiny_cnn", *_RESNETS, *_TIMM)
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _DROPPED_PREFIXES = ("fc.", "layer4.", "head.")  # only dropped when the model has no such keys
@@ -109,6 +110,17 @@ def _build_timm(name: str, tag: str | None) -> nn.Module:
         return timm.create_model(arch, pretrained=tag is not None, num_classes=0, dynamic_img_size=True)
     except Exception as err:  # hub / connection errors when offline, unknown tags
         raise _offline_error(name, tag or "", err) from err
+
+
+def encoder_features(name: str) -> int:
+    """Feature size D of ``PatchEncoder(name)`` (default ``out_features``), without building the network."""
+    if name == "tiny_cnn":
+        return 64
+    if name in _RESNETS:
+        return _RESNETS[name][1]
+    if name in _TIMM_FEATURES:
+        return _TIMM_FEATURES[name]
+    raise ValueError(f"PatchEncoder: unknown backbone {name!r}; valid: {list(ENCODER_NAMES)}")
 
 
 def _is_weights_file(weights: str | os.PathLike) -> bool:

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["TranslatedMIL"]
+__all__ = ["TranslatedMIL", "METADATA_KEY", "LAYOUT_KEY", "state_layout"]
+
+METADATA_KEY = "metadata"
+"""Entry of ``model.pt`` holding the plain-Python description of the model (not a weight)."""
+
+LAYOUT_KEY = "layout"
+"""Buffer of :class:`TranslatedMIL` (and entry of ``model.pt``): a checksum of the weights' names and shapes."""
+
+
+def state_layout(state: Mapping[str, Any]) -> torch.Tensor:
+    """``[1]`` int64 checksum of the tensor names and shapes of ``state`` (``layout`` and non-tensors left out).
+
+    Two networks have the same layout exactly when every weight of one fits the other.
+    """
+    text = ";".join(f"{k}:{tuple(v.shape)}" for k, v in sorted(state.items())
+                    if k != LAYOUT_KEY and isinstance(v, torch.Tensor))
+    return torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64)
 
 
 class TranslatedMIL(nn.Module):
@@ -14,17 +34,45 @@ class TranslatedMIL(nn.Module):
     Args:
         mil_head: the (EMA teacher) MIL head, ``[B, N, D] -> [B, C]``.
         translator: f_T, ``[..., D] -> [..., D]``; ``None`` for a vanilla MIL model.
+        channels_first: take ``[B, D, N]`` (MONAI's channel-first layout: D feature channels, N patches),
+            as the bundle's ``network_def`` and ``metadata.json`` do; default ``[B, N, D]``.
 
-    ``forward(features [B, N, D]) -> probabilities [B, C]``. State dict keys are ``mil_head.*`` and
-    ``translator.*``, the layout of ``model.pt``'s ``network`` entry, so MONAI's ``ckpt_export``
-    loads it with ``--key_in_ckpt network``.
+    ``forward(features) -> probabilities [B, C]``. State dict keys are ``mil_head.*``, ``translator.*`` and
+    ``layout`` (:func:`state_layout`), the layout of ``model.pt``, so ``monai.bundle.load`` and ``ckpt_export``
+    load it as is. Loading weights of another architecture (other feature size, classes, head or translator)
+    raises, even through MONAI's ``copy_model_state``, which would otherwise skip what does not fit.
     """
 
-    def __init__(self, mil_head: nn.Module, translator: nn.Module | None = None) -> None:
+    def __init__(self, mil_head: nn.Module, translator: nn.Module | None = None, channels_first: bool = False) -> None:
         super().__init__()
         self.mil_head = mil_head
         self.translator = translator
+        self.channels_first = bool(channels_first)
+        self.metadata: dict[str, Any] = {}
+        self.register_buffer(LAYOUT_KEY, state_layout(self.state_dict()))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, refusing weights of another architecture (``ValueError``).
+
+        The ``metadata`` entry of ``model.pt`` (classes, encoder, tiling...) is kept as ``self.metadata``
+        instead of being read as a weight (MONAI's ``ckpt_export`` loads strictly).
+        """
+        state = dict(state_dict)
+        if METADATA_KEY in state:
+            self.metadata = dict(state.pop(METADATA_KEY))
+        own = getattr(self, LAYOUT_KEY)
+        given = state.get(LAYOUT_KEY, own)
+        if not torch.equal(torch.as_tensor(given).to(own.device), own):
+            raise ValueError(
+                "these weights were saved from another network architecture than this TranslatedMIL (other feature "
+                "size, number of classes, MIL head or translator), so they would only partly load: build the "
+                "network from model.pt's own metadata (monai.bundle.load(..., workflow_type='inference') or "
+                "monai_fbta.pipeline.report.build_inference_network), or set the bundle settings it was trained with"
+            )
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            features = features.transpose(1, 2)
         bag = features if self.translator is None else self.translator(features)
         return torch.softmax(self.mil_head(bag), dim=-1)

@@ -1,14 +1,17 @@
 """Where the bundle lives and where it may write.
 
-``python -m monai.bundle run training --config_file bundles/fbta_stad/configs/train.json`` can be
-started from any directory, so the bundle root is found from the config file named on the command
-line (or ``$FBTA_BUNDLE_ROOT``, or the working directory when it is a bundle). Every output path
-the bundle writes goes through :func:`inside`, which refuses paths that escape the output folder.
+The bundle root is the parent of the ``configs/`` folder MONAI was given: ``python -m monai.bundle run
+--config_file /anywhere/fbta_stad/configs/train.json`` (from any working directory), ``ckpt_export`` /
+``verify_net_in_out`` with such a config, and ``monai.bundle.load("fbta_stad", bundle_dir=...)`` all
+resolve ``@bundle_root`` to ``/anywhere/fbta_stad``. ``--bundle_root`` (or ``$FBTA_BUNDLE_ROOT``) overrides
+it. Every output path the bundle writes goes through :func:`inside`, which refuses paths that escape the
+output folder.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -34,19 +37,45 @@ def config_files_from_argv(argv: list[str]) -> list[str]:
     return []
 
 
-def bundle_root(default: str | None = None) -> str:
-    """Absolute path of the bundle folder (the parent of ``configs/``)."""
+def _running_config_dir() -> Path | None:
+    """The config folder of the MONAI bundle workflow or script that is evaluating this call, if any.
+
+    ``ConfigWorkflow`` (``run``, ``monai.bundle.load``) keeps it as ``config_root_path``; the scripts that parse
+    a config themselves (``ckpt_export``, ``verify_net_in_out``) hold the config file(s) as ``config_file_``.
+    """
+    workflows = sys.modules.get("monai.bundle.workflows")
+    workflow_class = getattr(workflows, "ConfigWorkflow", ())
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            local = frame.f_locals
+            if workflow_class and isinstance(local.get("self"), workflow_class):
+                return Path(local["self"].config_root_path)
+            files = local.get("config_file_") if frame.f_globals.get("__name__") == "monai.bundle.scripts" else None
+            if files:
+                first = files if isinstance(files, (str, os.PathLike)) else next(iter(files))
+                return Path(first).parent
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def bundle_root() -> str:
+    """Absolute path of the bundle folder (the parent of the ``configs/`` folder being run).
+
+    Looked up in order: ``$FBTA_BUNDLE_ROOT``; the config folder of the running MONAI bundle workflow;
+    the working directory when it holds ``configs/metadata.json``. Raises ``RuntimeError`` otherwise.
+    """
     env = os.environ.get("FBTA_BUNDLE_ROOT")
     if env:
         return str(Path(env).resolve())
-    config = next(iter(config_files_from_argv(sys.argv)), None)
-    if config and Path(config).is_file():
-        parent = Path(config).resolve().parent
-        return str(parent.parent if parent.name == "configs" else parent)
+    configs = _running_config_dir()
+    if configs is not None:
+        configs = configs.resolve()
+        return str(configs.parent if configs.name == "configs" else configs)
     if (Path.cwd() / "configs" / "metadata.json").is_file():
         return str(Path.cwd())
-    if default is not None:
-        return str(Path(default).resolve())
     raise RuntimeError(
         "cannot tell where the bundle is: pass --bundle_root /path/to/fbta_stad or set FBTA_BUNDLE_ROOT"
     )

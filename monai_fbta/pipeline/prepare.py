@@ -42,29 +42,35 @@ def _slides_in(folder: Path) -> list[Path]:
 
 
 def frozen_encoder(name: str, weights: str | os.PathLike | None, ckpt_dir: str | os.PathLike) -> torch.nn.Module:
-    """The frozen extractor f_FFE, with weights that later runs (resume, inference) can find again.
+    """The frozen extractor f_FFE, with its weights kept in ``ckpt_dir`` (the bundle's ``models/``).
 
-    ``weights=None`` (random initialisation, for demos and tests: no pretrained weights can be
-    downloaded offline) would give other features at every run; the first run therefore saves its
-    random weights to ``ckpt_dir/frozen_encoder_<name>.pt`` and every later run loads them.
-    Returns ``copy_frozen(encoder)``; its ``weights_file`` attribute names the file used.
+    The backbone's weights live in ``ckpt_dir/frozen_encoder_<name>.pt``, so later runs (resume, evaluation,
+    inference) and a copy of the bundle on another machine find them beside ``model.pt``. The file is written
+    once (atomically): from ``weights`` (a local file or a pretrained tag), or from a random initialisation
+    when ``weights`` is ``None`` (demos and tests: nothing can be downloaded offline). When it exists it is
+    used; given ``weights`` that differ from it are refused (``ValueError``): that folder belongs to another run.
+    Returns ``copy_frozen(encoder)``; its ``weights_file`` attribute names the file in ``ckpt_dir``.
     """
     from monai_fbta._io import atomic_open
     from monai_fbta.networks.encoder import PatchEncoder, copy_frozen
 
-    if weights is None:
-        saved = Path(ckpt_dir) / f"frozen_encoder_{name}.pt"
-        if saved.is_file():
-            weights = saved
-        else:
-            encoder = PatchEncoder(name)
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(saved, "wb") as f:
-                torch.save(encoder.backbone.state_dict(), f)
+    saved = Path(ckpt_dir) / f"frozen_encoder_{name}.pt"
+    same_file = weights is not None and saved.is_file() and Path(weights).resolve() == saved.resolve()
+    if saved.is_file() and weights is not None and not same_file:
+        encoder = PatchEncoder(name, weights=weights)
+        kept = PatchEncoder(name, weights=saved)
+        differ = [k for k, v in encoder.backbone.state_dict().items() if not torch.equal(v, kept.backbone.state_dict()[k])]
+        if differ:
+            raise ValueError(f"--encoder_weights {os.fspath(weights)} differs from {saved}, the frozen encoder of the run "
+                             "in this --ckpt_dir: use a new --ckpt_dir for other encoder weights")
+    elif not saved.is_file():
+        encoder = PatchEncoder(name, weights=weights)
+        if weights is None:
             logger.warning("no encoder weights given: %s starts from random weights, saved to %s", name, saved)
-            weights = saved
-    encoder = copy_frozen(PatchEncoder(name, weights=weights))
-    encoder.weights_file = os.fspath(weights)
+        with atomic_open(saved, "wb") as f:
+            torch.save(encoder.backbone.state_dict(), f)
+    encoder = copy_frozen(PatchEncoder(name, weights=saved))
+    encoder.weights_file = os.fspath(saved)
     return encoder
 
 

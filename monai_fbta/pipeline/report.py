@@ -98,12 +98,15 @@ def load_inference_networks(path: str | os.PathLike, device: str | torch.device 
     return head.to(device).eval(), translator, meta
 
 
-def build_inference_network(model_path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """:class:`~monai_fbta.networks.TranslatedMIL` with the weights of ``model.pt`` (the bundle's ``network_def``)."""
+def build_inference_network(
+    model_path: str | os.PathLike, device: str | torch.device = "cpu", channels_first: bool = False
+):
+    """:class:`~monai_fbta.networks.TranslatedMIL` with the weights of ``model.pt`` (the bundle's ``network_def``,
+    with ``channels_first=True``: input ``[B, D, N]`` as ``metadata.json`` describes it)."""
     from monai_fbta.networks import TranslatedMIL
 
     head, translator, _ = load_inference_networks(model_path, device)
-    return TranslatedMIL(head, translator).eval()
+    return TranslatedMIL(head, translator, channels_first=channels_first).eval()
 
 
 @torch.no_grad()
