@@ -79,12 +79,14 @@ def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_d
         lines.append(format_table(payload["rows"], COLUMNS.get(name), markdown=True))
     elif "results" in payload:
         lines.append("\n\n".join(_results_tables(payload["results"])))
-    elif "main" in payload:  # accuracy study
-        lines.append(f"Held-out test split ({payload.get('split')}), {payload.get('epochs') or 'bundle default'} epochs, "
-                     f"mean ± std over training seeds {payload.get('seeds')}.\n")
-        lines.append(format_table(payload["main"], markdown=True))
-        if payload.get("ablation"):
-            lines += ["", "View ablation (ABMIL):", "", format_table(payload["ablation"], markdown=True)]
+    elif "tables" in payload:  # accuracy study
+        lines.append(f"{payload.get('split')}; synthetic data {payload.get('data')}; bundle overrides "
+                     f"{payload.get('study_overrides')}.\n")
+        titles = {"main": "Vanilla MIL vs + FBTA (the same EMA teacher, head, optimiser, epochs, model selection)",
+                  "ema": "What EMA buys (ABMIL; `ema_momentum 1` = no EMA teacher)",
+                  "ablation": "View ablation (ABMIL)"}
+        for name, rows in payload["tables"].items():
+            lines += [f"{titles.get(name, name)}:", "", format_table(rows, markdown=True), ""]
     for config, fit in payload.get("fits", {}).items():
         if "n_exceeding_limit" in fit:
             lines.append(f"\n{config}: {fit['peak_mb_per_patch']:.2f} MB per patch; exceeds "
