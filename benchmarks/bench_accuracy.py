@@ -87,7 +87,7 @@ def plan_runs(heads: list[str], seeds: list[int], folds: list[int], tables: tupl
     """Distinct (head, views, overrides) x folds x seeds; tables share runs (ABMIL's vanilla and FBTA rows).
 
     Runs come in phases, each fold by fold, so a study stopped early has whole folds of the most important rows:
-    ABMIL vanilla / FBTA / ablation (first seed), ABMIL's other seeds, TransMIL, the no-EMA rows, MambaMIL."""
+    ABMIL vanilla / FBTA / ablation (first seed), TransMIL, ABMIL's other seeds, the no-EMA rows, MambaMIL."""
     unique: dict[str, dict[str, Any]] = {}
     for s in settings(heads, tables):
         key = run_key(s["head"], s["views"], s["extra"])
@@ -104,9 +104,9 @@ def plan_runs(heads: list[str], seeds: list[int], folds: list[int], tables: tupl
 
 def _phase(setting: dict[str, Any], seed_index: int) -> int:
     if seed_index > 0:
-        return 1
+        return 2
     if setting["head"] != "abmil":
-        return 2 if setting["head"] == "transmil" else 4
+        return 1 if setting["head"] == "transmil" else 4
     return 3 if setting["tables"] == {"ema"} else 0
 
 

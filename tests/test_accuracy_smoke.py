@@ -26,9 +26,10 @@ def test_plan_shares_runs_between_tables_orders_heads_and_seeds(bench):
     abmil = [r for r in runs if r["head"] == "abmil"]
     assert len(abmil) == 3 * (5 + 2)
     phases = [r["phase"] for r in runs]
-    assert phases == sorted(phases) and [r["head"] for r in runs[: 3 * 3 + 3 * 2]] == ["abmil"] * 15, (
-        "ABMIL vanilla / FBTA / ablation, then its second seed, come first")
-    assert runs[15]["head"] == "transmil" and runs[-1]["extra"].get("ema_momentum") == 1.0
+    assert phases == sorted(phases) and [r["head"] for r in runs[: 3 * 3]] == ["abmil"] * 9, (
+        "ABMIL vanilla / FBTA / ablation come first, then TransMIL, then ABMIL's second seed")
+    assert [r["head"] for r in runs[9:15]] == ["transmil"] * 6 and {r["seed"] for r in runs[15:21]} == {1}
+    assert runs[-1]["extra"].get("ema_momentum") == 1.0
     assert {r["seed"] for r in runs if r["extra"].get("ema_momentum") == 1.0} == {0}
     assert sum(r["head"] == "transmil" for r in runs) == 3 * 2
     assert all(r["extra"]["mil_hidden"] == 128 for r in runs if r["head"] == "transmil"), "CPU-sized TransMIL"
