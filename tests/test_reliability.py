@@ -161,7 +161,8 @@ def test_bundle_exposes_fail_fast_resume_assume_mpp_and_slide_check():
     assert "skip_errors=not @fail_fast" in train["prepared_rows"] and "check_slides=@check_slides" in train["dataset_rows"]
     assert "skip_errors=not @fail_fast" in infer["inference"] and "assume_mpp=@assume_mpp" in infer["inference"]
     assert train["strict"] is False and infer["strict"] is False and infer["assume_mpp"] is None
-    assert "ResumeTraining(@ckpt_dir + '/last.pt', enabled=@resume" in train["train"]["handlers"]
+    resume = [h for h in train["train"]["handlers"] if h["_target_"].endswith("ResumeTraining")]
+    assert len(resume) == 1 and resume[0]["enabled"] == "@resume" and resume[0]["path"] == "$@ckpt_dir + '/last.pt'"
 
 
 # ----------------------------------------------------------------------------- 4. numerics
