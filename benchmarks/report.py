@@ -72,6 +72,8 @@ def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_d
              f"- command: `{payload.get('command', '?')}`",
              f"- date: {machine.get('date', '?')}",
              f"- machine: {_machine(machine)}"]
+    if payload.get("stale"):
+        lines.append(f"- **out of date**: {payload['stale']}")
     if payload.get("memory_metric"):
         lines.append(f"- memory metric: `{payload['memory_metric']}` (peak growth over the memory held after setup)")
     lines.append("")
