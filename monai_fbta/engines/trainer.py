@@ -3,7 +3,8 @@
 Per iteration (batch size 1, the sample dict of :class:`monai_fbta.data.dataset.FBTADataset`):
 
 * views: ``frozen = F^FB`` (the whole cached bag ``features [1, N, D]``, as in the paper; ``frozen_bag="pseudo"``
-  is a deviation that uses ``F^FB[S]``), ``e2e = f_TFE(pb_image)``, ``translated = f_T(F^FB[S])``; one shared
+  is a deviation that uses ``F^FB[S]``), ``e2e = f_TFE(pb_image)``, ``translated = f_T(F^FB[S])`` (``translated_bag=
+  "full"``: ``f_T(F^FB)``); one shared
   MIL head predicts each view (views of equal shape are stacked into one batch ``[V, S, D]``);
 * teacher logits ``f*_MIL(F^v)`` and the distillation target ``f*_TFE(pb_image_clean)`` without gradient;
 * :class:`~monai_fbta.engines.losses.FBTALoss` with ``engine.state.curriculum`` = t/T;
