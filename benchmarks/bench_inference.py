@@ -2,7 +2,7 @@
 re-extracting the features with the trainable encoder end to end, measured in one run.
 
 * ``translate``: read the ``[N, D]`` fp16 features of an ``--n`` patch slide from its HDF5 store,
-  translator + ABMIL (:func:`monai_fbta.pipeline.report.predict_bag`); median of ``--repeats``.
+  translator + ABMIL (:class:`monai_fbta.networks.TranslatedMIL`, with attention); median of ``--repeats``.
 * ``reextract``: read ``--subset`` patches of ``--patch`` px from a generated pyramidal TIFF with the
   extraction DataLoader (:class:`~monai_fbta.data.extraction.PatchBatches`, ``--workers``), encode
   them (``encode_batch``: inference mode, channels_last, bf16 autocast where the CPU has it), then
@@ -36,11 +36,14 @@ from bench_frozen_pipeline import make_slide  # noqa: E402
 def translate_time(store: str, head: torch.nn.Module, translator: torch.nn.Module, device: torch.device) -> float:
     """Seconds to load the cached features of ``store`` and predict with translation (one slide)."""
     from monai_fbta.data.store import read_array
-    from monai_fbta.pipeline.report import predict_bag
+    from monai_fbta.networks import TranslatedMIL
+
+    network = TranslatedMIL(head, translator).to(device).eval()
 
     def run() -> None:
         feats = torch.from_numpy(read_array(store, "features")).to(device)
-        probs, attention = predict_bag(head, translator, feats)
+        with torch.no_grad():
+            probs, attention = network(feats[None], return_attention=True)
         probs.cpu(), attention.cpu()
 
     return timed(run, device)[0]

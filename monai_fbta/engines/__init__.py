@@ -11,9 +11,10 @@ from monai_fbta.engines.checkpoint import (
     save_inference_model,
     training_objects,
 )
-from monai_fbta.engines.evaluator import FBTAEvaluator, macro_auc, translate_bag
+from monai_fbta.engines.evaluator import FBTAEvaluator, macro_auc
 from monai_fbta.engines.losses import VIEWS, FBTALoss, validate_views
 from monai_fbta.engines.trainer import FBTATrainer, encode_patches, fbta_param_groups, mil_logits, prepare_slide_batch
+from monai_fbta.networks.translator import translate_bag
 
 __all__ = [
     "VIEWS",

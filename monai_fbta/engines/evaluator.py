@@ -21,14 +21,14 @@ from ignite.metrics import EpochMetric
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from monai_fbta._quiet import quiet_import
-from monai_fbta.engines.trainer import mil_logits, prepare_slide_batch
-from monai_fbta.networks.translator import translate_bag
+from monai_fbta.engines.trainer import prepare_slide_batch
+from monai_fbta.networks.inference import TranslatedMIL
 
 quiet_import("monai.engines")
 from monai.engines import Evaluator  # noqa: E402
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn  # noqa: E402
 
-__all__ = ["FBTAEvaluator", "SLIDE_METRICS", "macro_auc", "translate_bag"]
+__all__ = ["FBTAEvaluator", "SLIDE_METRICS", "macro_auc"]
 
 
 def macro_auc(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -92,7 +92,7 @@ class FBTAEvaluator(Evaluator):
             raise ValueError(f"key_metric must be one of {sorted(SLIDE_METRICS)}, got {key_metric!r}")
         self.mil_head = mil_head
         self.translator = translator
-        self.translate_chunk_size = translate_chunk_size
+        self.network = TranslatedMIL(mil_head, translator, chunk_size=translate_chunk_size)
         self.outputs = ["pred"] + (["pred_vanilla"] if translator is not None and report_vanilla else [])
         metrics = {}
         for out_key in self.outputs:
@@ -136,16 +136,16 @@ class FBTAEvaluator(Evaluator):
             setattr(engine.state, name, cm.tolist())
 
     def predict(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Class probabilities ``{"pred": [1, C], "pred_vanilla": [1, C]}`` for one prepared slide batch."""
-        bag = batch["features"].float()
-        out = {}
+        """Class probabilities ``{"pred": [1, C], "pred_vanilla": [1, C]}`` for one prepared slide batch.
+
+        Both are :attr:`network` (:class:`~monai_fbta.networks.TranslatedMIL`) on ``features [1, N, D]``; the
+        vanilla path is the same call with ``translate=False``.
+        """
+        bag = batch["features"]
         with torch.no_grad(), self.mode(*(m for m in (self.mil_head, self.translator) if m is not None)):
-            if self.translator is not None:
-                translated = translate_bag(self.translator, bag, self.translate_chunk_size)
-                out["pred"] = torch.softmax(mil_logits(self.mil_head, translated).float(), -1)
-            if self.translator is None or "pred_vanilla" in self.outputs:
-                key = "pred" if self.translator is None else "pred_vanilla"
-                out[key] = torch.softmax(mil_logits(self.mil_head, bag).float(), -1)
+            out = {"pred": self.network(bag)}
+            if "pred_vanilla" in self.outputs:
+                out["pred_vanilla"] = self.network(bag, translate=False)
         return out
 
     def _iteration(self, engine: FBTAEvaluator, batchdata: Mapping[str, Any]) -> dict:  # type: ignore[override]

@@ -29,6 +29,7 @@ from monai_fbta.engines.losses import FBTALoss, validate_views
 from monai_fbta.handlers.curriculum import CurriculumWeight
 from monai_fbta.handlers.ema import ModelEMA
 from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
+from monai_fbta.networks.mil_base import mil_logits
 from monai_fbta.networks.translator import translate_bag
 
 quiet_import("monai.engines")
@@ -67,16 +68,6 @@ def prepare_slide_batch(
         out[key] = value
     if "features" in out and out["features"].shape[0] != 1:
         raise ValueError(f"FBTATrainer expects batch size 1 (one slide per iteration), got {out['features'].shape[0]}")
-    return out
-
-
-def mil_logits(head: nn.Module, bag: torch.Tensor) -> torch.Tensor:
-    """Logits ``[B, C]`` of a MIL head for ``bag [B, N, D]`` (a tuple/dict output gives its logits)."""
-    out = head(bag)
-    if isinstance(out, Mapping):
-        return out["logits"]
-    if isinstance(out, (tuple, list)):
-        return out[0]
     return out
 
 

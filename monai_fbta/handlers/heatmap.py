@@ -15,10 +15,10 @@ import numpy as np
 
 from monai_fbta._io import atomic_open
 
-__all__ = ["attention_to_grid", "render_heatmap", "write_heatmap", "HeatmapWriter"]
+__all__ = ["rank_normalise", "attention_to_grid", "render_heatmap", "write_heatmap", "HeatmapWriter"]
 
 
-def _rank_normalise(scores: np.ndarray) -> np.ndarray:
+def rank_normalise(scores: np.ndarray) -> np.ndarray:
     """Scores [N] -> [N] in [0, 1] by rank (ties share a rank); a constant input gives 0.5."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
@@ -51,7 +51,7 @@ def attention_to_grid(
     rows, cols = grid_shape
     values = np.zeros(grid_shape, dtype=np.float64)
     counts = np.zeros(grid_shape, dtype=np.float64)
-    normed = _rank_normalise(scores)
+    normed = rank_normalise(scores)
     sx, sy = cols / slide_size[0], rows / slide_size[1]
     for (x, y), v in zip(np.asarray(coords), normed):
         c0, r0 = int(np.floor(x * sx)), int(np.floor(y * sy))

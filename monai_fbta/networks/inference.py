@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_fbta.networks.mil_base import mil_logits
+from monai_fbta.networks.translator import translate_bag
+
 __all__ = ["TranslatedMIL", "METADATA_KEY", "LAYOUT_KEY", "state_layout"]
 
 METADATA_KEY = "metadata"
@@ -29,25 +32,42 @@ def state_layout(state: Mapping[str, Any]) -> torch.Tensor:
 
 
 class TranslatedMIL(nn.Module):
-    """``probs = softmax(f*_MIL(f_T(F^FB)))`` on one whole bag of frozen features.
+    """``probs = softmax(f*_MIL(f_T(F^FB)))`` on whole bags of frozen features: the one predictor of the package.
+
+    Training validation (:class:`~monai_fbta.engines.FBTAEvaluator`), held-out evaluation, bundle inference and
+    ``network_def`` (export, serving) all call this module.
 
     Args:
         mil_head: the (EMA teacher) MIL head, ``[B, N, D] -> [B, C]``.
         translator: f_T, ``[..., D] -> [..., D]``; ``None`` for a vanilla MIL model.
         channels_first: take ``[B, D, N]`` (MONAI's channel-first layout: D feature channels, N patches),
             as the bundle's ``network_def`` and ``metadata.json`` do; default ``[B, N, D]``.
+        chunk_size: instances per translator call (:func:`~monai_fbta.networks.translator.translate_bag`;
+            exact, f_T acts per instance); ``None`` translates the whole bag at once.
 
-    ``forward(features) -> probabilities [B, C]``. State dict keys are ``mil_head.*``, ``translator.*`` and
+    ``forward(features, return_attention=False, translate=True)``: features are cast to float32; returns
+    float32 probabilities ``[B, C]``, or ``(probabilities [B, C], attention [B, N])`` with ``return_attention``
+    (the head must accept ``return_attention=True``). ``translate=False`` skips f_T: the vanilla path
+    ``f*_MIL(F^FB)`` of the same head. No ``no_grad`` inside: callers choose.
+
+    State dict keys are ``mil_head.*``, ``translator.*`` and
     ``layout`` (:func:`state_layout`), the layout of ``model.pt``, so ``monai.bundle.load`` and ``ckpt_export``
     load it as is. Loading weights of another architecture (other feature size, classes, head or translator)
     raises, even through MONAI's ``copy_model_state``, which would otherwise skip what does not fit.
     """
 
-    def __init__(self, mil_head: nn.Module, translator: nn.Module | None = None, channels_first: bool = False) -> None:
+    def __init__(
+        self,
+        mil_head: nn.Module,
+        translator: nn.Module | None = None,
+        channels_first: bool = False,
+        chunk_size: int | None = 16384,
+    ) -> None:
         super().__init__()
         self.mil_head = mil_head
         self.translator = translator
         self.channels_first = bool(channels_first)
+        self.chunk_size = chunk_size
         self.metadata: dict[str, Any] = {}
         self.register_buffer(LAYOUT_KEY, state_layout(self.state_dict()))
 
@@ -71,8 +91,15 @@ class TranslatedMIL(nn.Module):
             )
         return super().load_state_dict(state, strict=strict, assign=assign)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, return_attention: bool = False, translate: bool = True
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.channels_first:
             features = features.transpose(1, 2)
-        bag = features if self.translator is None else self.translator(features)
-        return torch.softmax(self.mil_head(bag), dim=-1)
+        bag = features.float()
+        if translate and self.translator is not None:
+            bag = translate_bag(self.translator, bag, self.chunk_size)
+        if not return_attention:
+            return torch.softmax(mil_logits(self.mil_head, bag).float(), dim=-1)
+        logits, attention = self.mil_head(bag, return_attention=True)
+        return torch.softmax(logits.float(), dim=-1), attention.float()

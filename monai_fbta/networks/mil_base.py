@@ -13,12 +13,22 @@ each bag. Sequence models (TransMIL, MambaMIL) read the real instances of each b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["MILHead", "GatedAttentionPool", "masked_softmax", "run_per_bag"]
+__all__ = ["MILHead", "GatedAttentionPool", "masked_softmax", "run_per_bag", "mil_logits"]
+
+
+def mil_logits(head: nn.Module, bag: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, C]`` of a MIL head for ``bag [B, N, D]`` (a tuple/dict output gives its logits)."""
+    out = head(bag)
+    if isinstance(out, Mapping):
+        return out["logits"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:

@@ -71,7 +71,10 @@ class FeatureTranslator(nn.Module):
 
 
 def translate_bag(translator: nn.Module, bag: torch.Tensor, chunk_size: int | None = 16384) -> torch.Tensor:
-    """``f_T(bag)`` for ``bag [B, N, D]``, in chunks of instances (f_T acts per instance, so this is exact)."""
-    if not chunk_size or bag.shape[1] <= chunk_size:
+    """``f_T(bag)`` for ``bag [B, N, D]``, in chunks of instances (f_T acts per instance, so this is exact).
+
+    Under ``torch.jit.trace`` the whole bag is translated at once (a traced branch would be fixed by the example).
+    """
+    if not chunk_size or torch.jit.is_tracing() or bag.shape[1] <= chunk_size:
         return translator(bag)
     return torch.cat([translator(c) for c in bag.split(chunk_size, dim=1)], dim=1)

@@ -2,10 +2,14 @@
 
 No patch is pushed through the trainable extractor: the frozen features of every tissue patch are
 read from the cache (or extracted once, with the frozen encoder named in ``model.pt``), translated
-by f_T and classified by the EMA teacher head. Outputs, all inside ``output_dir``:
+by f_T and classified by the EMA teacher head, all by :class:`~monai_fbta.networks.TranslatedMIL` (the one
+predictor). Inference is a loop over slides, not an evaluator, so it calls the writers' ``write_one`` per
+slide. Outputs, all inside ``output_dir``:
 
 * ``predictions.csv``: slide id, one probability per class, predicted index and class name;
 * ``heatmaps/<slide_id>_heatmap.png``: attention over the slide thumbnail;
+* ``attention/<slide_id>_attention.csv`` and ``.geojson``: per-patch attention with level-0 coordinates, the
+  GeoJSON importable into QuPath (:mod:`monai_fbta.handlers.attention`);
 * ``cache/``: the per-slide feature stores (reused by the next run) and ``extraction_report.csv``.
 """
 
@@ -24,7 +28,7 @@ from monai_fbta.data.extraction import extract_features, slide_id_of, store_path
 from monai_fbta.data.store import read_array, read_coords
 from monai_fbta.pipeline.paths import inside, safe_name
 from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, frozen_encoder
-from monai_fbta.pipeline.report import load_inference_networks, predict_bag, write_predictions_csv
+from monai_fbta.pipeline.report import build_inference_network, write_predictions_csv
 
 __all__ = ["InferenceError", "inference_rows", "run_inference"]
 
@@ -67,6 +71,15 @@ def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any
     return rows
 
 
+def _slide_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of the slide at level 0."""
+    from monai_fbta.data.slide import open_slide
+
+    with open_slide(path) as slide:
+        width, height = slide.level_dimensions[0]
+    return int(width), int(height)
+
+
 def run_inference(
     model_path: str | os.PathLike,
     inputs: str | os.PathLike | Sequence[str],
@@ -74,6 +87,7 @@ def run_inference(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     heatmaps: bool = True,
+    attention_maps: bool = True,
     assume_mpp: float | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -83,10 +97,12 @@ def run_inference(
     """Predict every input slide; returns one record per slide (``slide_id``, ``probs``, ``pred_name``...).
 
     ``assume_mpp`` (um/px) is the pixel size of slides whose metadata has none (a datalist's ``mpp`` column
-    wins). ``predictions.csv`` holds the slides that worked; then :class:`InferenceError` is raised when no
-    slide could be predicted, or, with ``strict``, when any slide failed (so a script's exit status tells).
+    wins). ``heatmaps`` / ``attention_maps``: write the PNG heatmaps / the per-patch attention CSV and GeoJSON.
+    ``predictions.csv`` holds the slides that worked; then :class:`InferenceError` is raised when no slide could
+    be predicted, or, with ``strict``, when any slide failed (so a script's exit status tells).
     """
-    head, translator, meta = load_inference_networks(model_path, device)
+    network = build_inference_network(model_path, device)
+    meta = network.metadata
     output_dir = os.fspath(output_dir)
     cache_dir = os.fspath(cache_dir) if cache_dir else inside(output_dir, "cache")
     rows = inference_rows(inputs, meta["class_names"])
@@ -96,11 +112,15 @@ def run_inference(
                               num_workers=num_workers, device=device, skip_errors=skip_errors)
     failed = {r.slide_id: r.error for r in report.failed}
     names = meta["class_names"]
-    records, writer = [], None
+    records, writer, tables = [], None, None
     if heatmaps:
         from monai_fbta.handlers.heatmap import HeatmapWriter
 
         writer = HeatmapWriter(inside(output_dir, "heatmaps"))
+    if attention_maps:
+        from monai_fbta.handlers.attention import AttentionWriter
+
+        tables = AttentionWriter(inside(output_dir, "attention"))
     for row in rows:
         sid = slide_id_of(row)
         if sid in failed:
@@ -109,16 +129,20 @@ def run_inference(
         store = store_path(cache_dir, sid)
         coords, attrs = read_coords(store)
         features = torch.as_tensor(read_array(store, "features")).to(device)
-        probs, attention = predict_bag(head, translator, features)
-        probs = probs.cpu().tolist()
+        with torch.no_grad():
+            probs, attention = network(features[None], return_attention=True)  # [1, C], [1, N]
+        probs, attention = probs[0].cpu().tolist(), attention[0].cpu().numpy()
         pred = int(max(range(len(probs)), key=probs.__getitem__))
         record = {"slide_id": sid, "image": row["image"], "probs": probs, "pred": pred, "pred_name": names[pred],
                   "label": row.get("label"), "num_patches": len(coords)}
         if writer is not None:
             record["heatmap"] = writer.write_one(
-                safe_name(sid), row["image"], coords, attention.cpu().numpy(), float(attrs["patch_size_level0"]),
+                safe_name(sid), row["image"], coords, attention, float(attrs["patch_size_level0"]),
                 title=f"{sid}: {names[pred]} (p={probs[pred]:.2f})",
             )
+        if tables is not None:
+            record["attention_csv"], record["attention_geojson"] = tables.write_one(
+                safe_name(sid), coords, attention, float(attrs["patch_size_level0"]), _slide_size(row["image"]))
         records.append(record)
         logger.info("%s: %s (p=%.3f)", sid, names[pred], probs[pred])
     path = write_predictions_csv(inside(output_dir, "predictions.csv"), records, names)

@@ -26,7 +26,6 @@ __all__ = [
     "model_metadata",
     "load_inference_networks",
     "build_inference_network",
-    "predict_bag",
     "check_model",
     "evaluate_checkpoint",
     "write_predictions_csv",
@@ -101,31 +100,15 @@ def load_inference_networks(path: str | os.PathLike, device: str | torch.device 
 def build_inference_network(
     model_path: str | os.PathLike, device: str | torch.device = "cpu", channels_first: bool = False
 ):
-    """:class:`~monai_fbta.networks.TranslatedMIL` with the weights of ``model.pt`` (the bundle's ``network_def``,
-    with ``channels_first=True``: input ``[B, D, N]`` as ``metadata.json`` describes it)."""
+    """:class:`~monai_fbta.networks.TranslatedMIL` with the weights of ``model.pt``, in eval mode on ``device``,
+    its ``metadata`` set from the file (the bundle's ``network_def``, with ``channels_first=True``: input
+    ``[B, D, N]`` as ``metadata.json`` describes it; bundle inference, with ``[B, N, D]``)."""
     from monai_fbta.networks import TranslatedMIL
 
-    head, translator, _ = load_inference_networks(model_path, device)
-    return TranslatedMIL(head, translator, channels_first=channels_first).eval()
-
-
-@torch.no_grad()
-def predict_bag(head: torch.nn.Module, translator: torch.nn.Module | None, features: torch.Tensor):
-    """Translation-based inference on one whole bag: ``y = f*_MIL(f_T(F^FB))``.
-
-    Args:
-        features: frozen features of every patch, ``[N, D]``.
-
-    Returns:
-        (probabilities ``[C]``, attention ``[N]``).
-    """
-    from monai_fbta.engines import translate_bag
-
-    bag = features.float().unsqueeze(0)
-    if translator is not None:
-        bag = translate_bag(translator, bag)
-    logits, attention = head(bag, return_attention=True)
-    return torch.softmax(logits.float(), -1)[0], attention[0].float()
+    head, translator, meta = load_inference_networks(model_path, device)
+    network = TranslatedMIL(head, translator, channels_first=channels_first).to(device).eval()
+    network.metadata = dict(meta)
+    return network
 
 
 def write_predictions_csv(path: str | os.PathLike, records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> str:
