@@ -288,3 +288,19 @@ def test_two_process_torchrun_training(trained, tmp_path):
                  launcher=launcher)
     assert (root / "models" / "model.pt").is_file() and (root / "eval" / "test_metrics.json").is_file()
     assert out.stdout.count("held-out test set") == 1  # only rank 0 reports
+
+
+def test_inference_config_writes_attention_csv_and_qupath_geojson(tmp_path):
+    """inference.json passes ``attention_maps``: per slide a CSV and a GeoJSON beside the heatmaps (tiny model, no training)."""
+    from test_reliability import TILING, _tissue_slide, _tiny_model
+
+    model, slide = _tiny_model(tmp_path, TILING), _tissue_slide(tmp_path / "s.tif")
+    args = ["run", "--config_file", INFER, "--model_path", str(model), "--input", slide, "--num_workers", "0",
+            "--heatmaps", "False"]
+    bundle(args + ["--output_dir", str(tmp_path / "out")], cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "out" / "attention").iterdir()) == ["s_attention.csv", "s_attention.geojson"]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "attention" / "s_attention.csv")))
+    geo = json.loads((tmp_path / "out" / "attention" / "s_attention.geojson").read_text())
+    assert len(geo["features"]) == len(rows) > 0 and abs(sum(float(r["attention"]) for r in rows) - 1) < 1e-4
+    bundle(args + ["--output_dir", str(tmp_path / "off"), "--attention_maps", "False"], cwd=tmp_path)
+    assert (tmp_path / "off" / "predictions.csv").is_file() and not (tmp_path / "off" / "attention").exists()
