@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -80,8 +81,10 @@ def _check_outputs(csv_path: str, geojson_path: str, coords: np.ndarray, attenti
 
     collection = json.load(open(geojson_path))
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == len(coords)
-    for feature, (x, y), a in zip(collection["features"], coords.tolist(), attention):
-        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon"
+    assert len({f["id"] for f in collection["features"]}) == len(coords)
+    for i, (feature, (x, y), a) in enumerate(zip(collection["features"], coords.tolist(), attention)):
+        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon" and uuid.UUID(feature["id"])
+        assert feature["properties"]["name"] == f"patch {i}"
         (ring,) = feature["geometry"]["coordinates"]
         assert len(ring) == 5 and ring[0] == ring[-1]  # closed ring
         xs, ys = [p[0] for p in ring], [p[1] for p in ring]
@@ -103,6 +106,16 @@ def test_attention_writer_csv_and_geojson(tmp_path):
     with pytest.raises(ValueError, match="4 patch coordinates but 3"):
         AttentionWriter(tmp_path / "x").write_one("s", coords, attention[:3], 64, (140, 128))
     assert not (tmp_path / "x").exists()
+
+    from ignite.engine import Engine  # as an evaluator handler: attach(engine), one slide per iteration
+
+    item = {"slide_id": "e", "coords": coords, "attention": attention, "patch_size_level0": 64, "slide_size": (140, 128)}
+    writer = AttentionWriter(tmp_path / "engine")
+    engine = Engine(lambda e, b: item)
+    writer.attach(engine)
+    engine.run([0])
+    assert writer.written == [str(tmp_path / "engine" / "e_attention.csv"), str(tmp_path / "engine" / "e_attention.geojson")]
+    _check_outputs(*writer.written, coords, attention, 64, (140, 128))
 
 
 def test_inference_writes_attention_csv_and_geojson(tmp_path):

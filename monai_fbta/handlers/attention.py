@@ -5,7 +5,8 @@ For each slide two files are written atomically into ``output_dir``:
 * ``<slide_id>_attention.csv``: ``x, y, patch_size_level0, attention, attention_rank`` per patch (top-left
   corner and side at level 0; the raw attention weight; its rank-normalised score in [0, 1], as in the heatmaps);
 * ``<slide_id>_attention.geojson``: a ``FeatureCollection`` with one ``Polygon`` per patch (closed ring,
-  clipped to the slide), ``properties`` in QuPath's GeoJSON form: ``objectType: "tile"``, a ``classification``
+  clipped to the slide), a deterministic UUID ``id``, ``properties`` in QuPath's GeoJSON form (0.4+):
+  ``objectType: "tile"``, ``name`` (``patch <i>``, i the CSV's data row from 0), a ``classification``
   (name ``attention``), a per-object ``color`` (inferno colour of the rank score) and ``measurements``
   ``{"attention", "attention_rank"}``. In QuPath: *File > Import objects from file*.
 """
@@ -16,6 +17,7 @@ import csv
 import io
 import json
 import os
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,10 +63,11 @@ def attention_geojson(
         a, b, c, d = float(x0[i]), float(y0[i]), float(x1[i]), float(y1[i])
         features.append({
             "type": "Feature",
-            "id": f"{slide_id}_patch{i}",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"monai-fbta/{slide_id}/patch{i}")),  # QuPath reads ids as UUIDs
             "geometry": {"type": "Polygon", "coordinates": [[[a, b], [c, b], [c, d], [a, d], [a, b]]]},
             "properties": {
                 "objectType": "tile",
+                "name": f"patch {i}",
                 "classification": {"name": "attention", "color": [255, 128, 0]},
                 "color": colours[i].tolist(),
                 "measurements": {"attention": float(attention[i]), "attention_rank": float(rank[i])},
