@@ -1,4 +1,5 @@
-"""Atomic file writes shared across the package: write a temp file next to the target, then ``os.replace``.
+"""File-writing rules shared across the package: atomic writes (a temp file next to the target, then
+``os.replace``), and safe names / paths for files named after slide ids (:func:`safe_name`, :func:`inside`).
 
 :func:`atomic_path` is the one implementation (temp name, fsync, umask-derived permissions,
 rename, clean-up); :func:`atomic_open` wraps it for plain file objects and the HDF5 store uses it
@@ -14,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_open", "atomic_path"]
+__all__ = ["atomic_open", "atomic_path", "inside", "safe_name"]
 
 
 def _umask() -> int:
@@ -54,3 +55,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
     moved over ``path`` by :func:`atomic_path`."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+def safe_name(name: str) -> str:
+    """A slide id made safe to use as a file name (no separators, no '..')."""
+    cleaned = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(name))
+    cleaned = cleaned.lstrip(".") or "_"
+    return cleaned
+
+
+def inside(root: str | os.PathLike, *parts: str) -> str:
+    """``root/parts...``, refusing any result outside ``root`` (e.g. a slide id of '../../x')."""
+    base = Path(root).resolve()
+    path = base.joinpath(*parts).resolve()
+    if path != base and base not in path.parents:
+        raise ValueError(f"refusing to write outside the output folder {base}: {path}")
+    return str(path)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from monai_fbta._io import atomic_open
+from monai_fbta._io import atomic_open, inside, safe_name
 from monai_fbta.data.errors import SlideError, SlideNotFoundError, SlideReadError
 from monai_fbta.data.store import StoreError, add_arrays, check_ours, read_attrs, read_coords, store_is_complete, write_coords
 from monai_fbta.transforms.patches import SlideCache, patches_to_tensor
@@ -121,8 +121,6 @@ def slide_id_of(row: Mapping[str, Any] | str | os.PathLike) -> str:
 
 def store_path(out_dir: str | os.PathLike, slide_id: str) -> str:
     """``<out_dir>/<safe slide_id>.h5``: ids like ``../../x`` or ``a/b`` cannot leave ``out_dir``."""
-    from monai_fbta.pipeline.paths import inside, safe_name
-
     return inside(os.fspath(out_dir), f"{safe_name(slide_id)}.h5")
 
 
@@ -402,8 +400,6 @@ def _normalise_rows(rows: Iterable[Mapping[str, Any] | str | os.PathLike]) -> li
             raise ValueError(f"datalist row has no 'image' (slide path): {row}")
         row["slide_id"] = slide_id_of(row)
         out.append(row)
-    from monai_fbta.pipeline.paths import safe_name
-
     counts = Counter(safe_name(r["slide_id"]) for r in out)
     dupes = sorted({r["slide_id"] for r in out if counts[safe_name(r["slide_id"])] > 1})
     if dupes:

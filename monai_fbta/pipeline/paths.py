@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from monai_fbta._io import inside, safe_name  # noqa: F401  (re-exported: the bundle configs name them here)
+
 __all__ = ["bundle_root", "config_files_from_argv", "inside", "safe_name"]
 
 
@@ -79,19 +81,3 @@ def bundle_root() -> str:
     raise RuntimeError(
         "cannot tell where the bundle is: pass --bundle_root /path/to/fbta_stad or set FBTA_BUNDLE_ROOT"
     )
-
-
-def safe_name(name: str) -> str:
-    """A slide id made safe to use as a file name (no separators, no '..')."""
-    cleaned = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(name))
-    cleaned = cleaned.lstrip(".") or "_"
-    return cleaned
-
-
-def inside(root: str | os.PathLike, *parts: str) -> str:
-    """``root/parts...``, refusing any result outside ``root`` (e.g. a slide id of '../../x')."""
-    base = Path(root).resolve()
-    path = base.joinpath(*parts).resolve()
-    if path != base and base not in path.parents:
-        raise ValueError(f"refusing to write outside the output folder {base}: {path}")
-    return str(path)
