@@ -284,11 +284,14 @@ class FBTATrainer(Trainer):
         try:
             if "frozen" in self.views:
                 feats["frozen"] = batch["features" if self.frozen_bag == "full" else "pb_features"]
-            if self.translator is not None and ("translated" in self.views or self.loss_function.uses_distillation):
-                mean, heads = self.translator(batch["pb_features"], return_heads=True)
-                if "translated" in self.views:
-                    full = self.translated_bag == "full"
-                    feats["translated"] = translate_bag(self.translator, batch["features"]) if full else mean
+            full = self.translated_bag == "full"
+            pseudo_translated = "translated" in self.views and not full
+            if self.translator is not None and (pseudo_translated or self.loss_function.uses_distillation):
+                mean, heads = self.translator(batch["pb_features"], return_heads=True)  # heads: L_dist's input
+                if pseudo_translated:
+                    feats["translated"] = mean
+            if self.translator is not None and "translated" in self.views and full:
+                feats["translated"] = translate_bag(self.translator, batch["features"])
             if "e2e" in self.views:
                 e2e = encode_patches(
                     self.trainable_encoder, batch["pb_image"], self.encoder_chunk_size, self.grad_checkpointing

@@ -71,7 +71,8 @@ class RandStackTransform(RandomizableTransform):
         """Draw the per-patch parameters of ``num`` patches (``self.R``)."""
 
     def apply(self, sel: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """Transform ``sel [s, 3, H, W]`` (float), the patches ``rows`` (indices into the stack) of this draw."""
+        """Transform ``sel [s, 3, H, W]`` (float; a copy, may be changed in place), the patches ``rows``
+        (indices into the stack) of this draw."""
         raise NotImplementedError
 
     def randomize(self, num: int) -> None:
@@ -138,7 +139,7 @@ class RandFlipRotate90(RandStackTransform):
         self._code = flips[:, 0] + 2 * flips[:, 1] + 4 * k  # 0..15
 
     def apply(self, sel: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        out = sel.clone()
+        out = sel  # a copy already (RandStackTransform indexes the stack); each group is read before it is written
         codes = self._code[rows]
         for code in np.unique(codes):
             if code == 0:
@@ -172,7 +173,7 @@ class RandContrastNoise(RandStackTransform):
         self._noise_seed = int(self.R.randint(0, 2**31 - 1))
 
     def apply(self, sel: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        out = sel.clone()
+        out = sel  # a copy already (RandStackTransform indexes the stack)
         gamma, sigma = self._gamma[rows], self._sigma[rows]
         shape = (-1, 1, 1, 1)
         if (gamma != 1.0).any():  # only the patches drawn for contrast: pow is the costly op
