@@ -182,13 +182,16 @@ class SavedTensorMeter:
             yield self
 
 
-def run_child(script: str, args: Sequence[str], timeout: float | None = None) -> dict[str, Any]:
+def run_child(
+    script: str, args: Sequence[str], timeout: float | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``python script --child ... args`` in a fresh process; its last stdout line is a JSON dict.
 
-    A failure (non-zero exit, e.g. killed for memory) returns ``{"error": ...}`` instead of raising.
+    ``env`` adds environment variables for the child. A failure (non-zero exit, e.g. killed for
+    memory) returns ``{"error": ...}`` instead of raising.
     """
     cmd = [sys.executable, script, *args]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

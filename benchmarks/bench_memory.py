@@ -1,11 +1,18 @@
-"""Peak memory of ONE training iteration vs bag size N: FBTA vs direct end-to-end (with and without
-gradient checkpointing), same patch encoder, all measured in one run.
+"""Peak memory of ONE training iteration vs bag size N: FBTA (per MIL head) vs direct end-to-end
+(with and without gradient checkpointing), same patch encoder, every figure measured in one run.
+
+Defaults are the paper's setting: ResNet-50 truncated after layer 3 (1024-d), 256 px patches,
+C = 100 clusters x M = 1 patch, K = 10 translator heads, heads of width 512.
 
 Configurations (random tensors as patches: the memory is the model's, not the reader's):
 
-* ``fbta``: a real :class:`~monai_fbta.engines.FBTATrainer` iteration with all three views, C*M
-  patches (default 100) through the trainable extractor, the EMA extractor on the clean patches,
-  the translator, and the shared ABMIL; the sample holds the full frozen bag ``[N, D]``.
+* ``fbta_<head>``: a real :class:`~monai_fbta.engines.FBTATrainer` iteration with all three views
+  and the library defaults: the frozen view is the WHOLE bag ``F^FB [N, D]`` (``frozen_bag="full"``),
+  the translated view ``f_T(F^FB[S])`` (``translated_bag="pseudo"``), C*M patches through the
+  trainable extractor, the EMA extractor on the clean patches, the EMA teacher head on ``F^FB``
+  (consistency), the shared MIL head with gradients over all N (chunked and checkpointed beyond
+  ``bag_chunk_size`` instances, see ``monai_fbta.networks.mil_base``). ``--translated-bag full``
+  measures the bundle's ``f_T(F^FB)`` instead.
 * ``direct``: all N patches through the trainable extractor (chunks of ``--chunk``), then ABMIL,
   cross-entropy, backward, AdamW step: what FBTA avoids.
 * ``direct_ckpt``: the same with gradient checkpointing per chunk
@@ -15,14 +22,20 @@ Every configuration runs in a fresh subprocess. ``peak_mb`` = growth of the proc
 (CPU; ``VmHWM`` reset just before the step) or of ``torch.cuda.max_memory_allocated`` (CUDA) over
 the memory held after the models, optimiser and inputs were created: it includes activations,
 gradients, optimiser state and transient buffers, not the input patches themselves.
+On CPU each child runs with glibc's ``M_MMAP_THRESHOLD`` fixed at 1 MiB (``MALLOC_MMAP_THRESHOLD_``):
+buffers above it are returned to the OS when freed, so RSS follows the live tensors. With glibc's
+default *dynamic* threshold, freed buffers of up to 32 MiB stay in the heap and the RSS peak
+depends on allocation order and fragmentation (we saw a chunked MambaMIL "peak" grow when its
+segments got smaller), not on what the iteration holds.
 ``saved_mb`` = the autograd saved-tensor bytes at the end of the forward pass (activations only).
 
-Direct e2e is measured at ``--calib-n`` (small N, fast) and at the bag sizes whose predicted
-peak is under ``--cap-gb`` and that are ``<= --direct-max-n`` (time on a CPU); other sizes are
-extrapolated linearly from the fit over every measured point and marked ``extrapolated``.
+Direct e2e is measured at ``--direct-n``, in increasing order, while the peak predicted from the
+points measured so far stays under ``--cap-gb`` (and the machine's free memory): nothing is
+extrapolated into the table. The N where direct training would pass ``--limit-gb`` is printed
+from the measured slope, labelled as such.
 
-    python benchmarks/bench_memory.py [--n 1000 2000 ...] [--encoder resnet18] [--patch 224]
-        [--cap-gb 16] [--json out.json] [--plot out.png]
+    python benchmarks/bench_memory.py [--n 1000 5000 ...] [--heads abmil transmil mambamil]
+        [--encoder resnet50_trunc] [--patch 256] [--cap-gb 16] [--json out.json] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -39,11 +52,16 @@ from _common import (  # noqa: E402
     print_ratios, print_table, ratio, resolve_device, rss_mb, run_child, timed,
 )
 
-DEFAULT_N = [1000, 2000, 5000, 10000, 20000, 50000, 100000]
+DEFAULT_N = [1000, 5000, 20000, 50000, 100000]
+DEFAULT_DIRECT_N = [16, 32, 64, 128, 256, 512, 1024, 2048]
 LIMIT_GB = 24.0  # the "modest GPU" the method targets
+CPU_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}  # see the module docstring
+TARGET_RATIO = 1.5  # issue 14: peak at N = 50k within 1.5x of N = 1k, every head
 
 
-def _fbta_child(n: int, encoder: str, patch: int, pseudo: int, device: torch.device) -> dict:
+def _fbta_child(
+    n: int, head_name: str, encoder: str, patch: int, pseudo: int, translated_bag: str, device: torch.device
+) -> dict:
     from monai_fbta.engines import FBTALoss, FBTATrainer
     from monai_fbta.engines.trainer import fbta_param_groups
     from monai_fbta.networks.registry import build_encoder, build_mil_head, build_translator
@@ -51,7 +69,7 @@ def _fbta_child(n: int, encoder: str, patch: int, pseudo: int, device: torch.dev
     enc = build_encoder(encoder).to(device)
     with torch.no_grad():
         dim = int(enc(torch.rand(2, 3, patch, patch, device=device)).shape[-1])
-    head = build_mil_head("abmil", in_features=dim, num_classes=2).to(device)
+    head = build_mil_head(head_name, in_features=dim, num_classes=2).to(device)
     translator = build_translator(in_features=dim).to(device)
     opt = torch.optim.AdamW(fbta_param_groups(head, translator, enc))
     s = min(pseudo, n)
@@ -61,7 +79,8 @@ def _fbta_child(n: int, encoder: str, patch: int, pseudo: int, device: torch.dev
         "slide_id": "bench", "label": 1, "features": features, "pb_index": index, "pb_features": features[index],
         "pb_image": torch.rand(s, 3, patch, patch), "pb_image_clean": torch.rand(s, 3, patch, patch),
     }
-    trainer = FBTATrainer(device, 1, [sample], head, opt, FBTALoss(), translator=translator, trainable_encoder=enc)
+    trainer = FBTATrainer(device, 1, [sample], head, opt, FBTALoss(), translator=translator, trainable_encoder=enc,
+                          frozen_bag="full", translated_bag=translated_bag)
     params = [p for g in opt.param_groups for p in g["params"]]
     meter = SavedTensorMeter(exclude=params)
     with PeakMemory(device) as peak, meter():
@@ -104,8 +123,8 @@ def child(args) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     config, n = args.child[0], int(args.child[1])
-    if config == "fbta":
-        out = _fbta_child(n, args.encoder, args.patch, args.pseudo_bag, device)
+    if config.startswith("fbta_"):
+        out = _fbta_child(n, config[5:], args.encoder, args.patch, args.pseudo_bag, args.translated_bag, device)
     else:
         out = _direct_child(n, args.encoder, args.patch, args.chunk, config == "direct_ckpt", device)
     return {"config": config, "n": n, "rss_after_setup_mb": rss_mb(), **out}
@@ -113,10 +132,10 @@ def child(args) -> dict:
 
 def _measure(args, config: str, n: int) -> dict:
     cli = ["--child", config, str(n), "--encoder", args.encoder, "--patch", str(args.patch), "--chunk", str(args.chunk),
-           "--pseudo-bag", str(args.pseudo_bag), "--device", args.device]
+           "--pseudo-bag", str(args.pseudo_bag), "--translated-bag", args.translated_bag, "--device", args.device]
     if args.threads:
         cli += ["--threads", str(args.threads)]
-    row = run_child(os.path.abspath(__file__), cli, timeout=args.child_timeout)
+    row = run_child(os.path.abspath(__file__), cli, timeout=args.child_timeout, env=CPU_ALLOCATOR_ENV)
     row.setdefault("config", config)
     row.setdefault("n", n)
     row["source"] = "measured" if "error" not in row else "failed"
@@ -125,44 +144,42 @@ def _measure(args, config: str, n: int) -> dict:
     return row
 
 
-def _direct_rows(args, config: str, cap_mb: float) -> tuple[list[dict], tuple[float, float], tuple[float, float]]:
-    """Calibration points, then the requested N that fit the cap; the rest extrapolated."""
-    measured = [r for r in (_measure(args, config, n) for n in args.calib_n) if r["source"] == "measured"]
-    if len(measured) < 2:
-        raise SystemExit(f"{config}: fewer than two calibration points succeeded: {measured}")
-    rows = []
-    for n in args.n:
-        fit = linear_fit([r["n"] for r in measured], [r["peak_mb"] for r in measured])
-        predicted = fit[0] + fit[1] * n
-        if predicted <= cap_mb and n <= args.direct_max_n:
-            row = _measure(args, config, n)
-            if row["source"] == "measured":
-                measured.append(row)
-                rows.append(row)
-                continue
-        rows.append({"config": config, "n": n})
-    peak_fit = linear_fit([r["n"] for r in measured], [r["peak_mb"] for r in measured])
-    saved_fit = linear_fit([r["n"] for r in measured], [r["saved_mb"] for r in measured])
-    time_fit = linear_fit([r["n"] for r in measured], [r["seconds"] for r in measured])
-    for row in rows:
-        if "peak_mb" not in row:
-            n = row["n"]
-            row.update(source="extrapolated", peak_mb=peak_fit[0] + peak_fit[1] * n,
-                       saved_mb=saved_fit[0] + saved_fit[1] * n, seconds=max(0.0, time_fit[0] + time_fit[1] * n))
-    calib = [dict(r, source="measured (calibration)") for r in measured if r["n"] not in args.n]
-    return calib + rows, peak_fit, time_fit
+def _direct_rows(args, config: str, cap_mb: float) -> tuple[list[dict], dict]:
+    """``config`` measured at ``--direct-n`` in increasing order while the predicted peak fits ``cap_mb``."""
+    rows: list[dict] = []
+    for n in sorted(args.direct_n):
+        if len(rows) >= 2:
+            intercept, slope = linear_fit([r["n"] for r in rows], [r["peak_mb"] for r in rows])
+            if intercept + slope * n > cap_mb:
+                print(f"  {config:<12s} N={n:<7d} not run: predicted {(intercept + slope * n) / 1024:.1f} GB > cap "
+                      f"{cap_mb / 1024:.1f} GB", flush=True)
+                break
+        row = _measure(args, config, n)
+        if row["source"] != "measured":
+            break
+        rows.append(row)
+    fit: dict = {"largest_measured_n": max((r["n"] for r in rows), default=0)}
+    if len(rows) >= 2:
+        intercept, slope = linear_fit([r["n"] for r in rows], [r["peak_mb"] for r in rows])
+        fit.update(peak_mb_intercept=intercept, peak_mb_per_patch=slope,
+                   seconds_per_patch=linear_fit([r["n"] for r in rows], [r["seconds"] for r in rows])[1])
+        if slope > 0:
+            fit["n_exceeding_limit_from_slope"] = int(max(0.0, (args.limit_gb * 1024 - intercept) / slope))
+    return rows, fit
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", nargs="+", type=int, default=DEFAULT_N, help="bag sizes N")
-    p.add_argument("--encoder", default="resnet18")
-    p.add_argument("--patch", type=int, default=224)
+    p.add_argument("--n", nargs="+", type=int, default=DEFAULT_N, help="bag sizes N of the FBTA rows")
+    p.add_argument("--heads", nargs="+", default=["abmil", "transmil", "mambamil"], help="MIL heads of the FBTA rows")
+    p.add_argument("--encoder", default="resnet50_trunc")
+    p.add_argument("--patch", type=int, default=256)
     p.add_argument("--pseudo-bag", type=int, default=100, help="C*M patches through the extractor in FBTA")
+    p.add_argument("--translated-bag", choices=["pseudo", "full"], default="pseudo",
+                   help="FBTA's translated view: f_T(F^FB[S]) (the paper) or f_T(F^FB) (the bundle's default)")
     p.add_argument("--chunk", type=int, default=16, help="encoder chunk (and checkpoint segment) size")
-    p.add_argument("--calib-n", nargs="+", type=int, default=[16, 32, 64], help="small N always measured for direct e2e")
-    p.add_argument("--direct-max-n", type=int, default=None,
-                   help="largest requested N measured (not extrapolated) for direct e2e (default: 2000 on CUDA, 0 on CPU)")
+    p.add_argument("--direct-n", nargs="+", type=int, default=DEFAULT_DIRECT_N,
+                   help="bag sizes of the direct e2e rows, measured in order while they fit --cap-gb")
     p.add_argument("--cap-gb", type=float, default=16.0, help="memory cap for measured direct e2e runs (GiB)")
     p.add_argument("--limit-gb", type=float, default=LIMIT_GB, help="report the N where direct e2e exceeds this")
     p.add_argument("--configs", nargs="+", default=["fbta", "direct", "direct_ckpt"])
@@ -174,8 +191,6 @@ def main(argv: list[str] | None = None) -> dict:
         child_main(child, args=args)
         return {}
     device = resolve_device(args.device)
-    if args.direct_max_n is None:
-        args.direct_max_n = 2000 if device.type == "cuda" else 0
     if device.type == "cuda":
         cap_mb = min(args.cap_gb * 1024, torch.cuda.get_device_properties(device).total_memory / 2**20 * 0.9)
     else:
@@ -187,14 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows, fits = [], {}
     for config in args.configs:
         if config == "fbta":
-            rows += [_measure(args, "fbta", n) for n in args.n]
+            rows += [_measure(args, f"fbta_{head}", n) for head in args.heads for n in args.n]
         elif config in ("direct", "direct_ckpt"):
-            config_rows, peak_fit, time_fit = _direct_rows(args, config, cap_mb)
+            config_rows, fits[config] = _direct_rows(args, config, cap_mb)
             rows += config_rows
-            fits[config] = {"peak_mb_intercept": peak_fit[0], "peak_mb_per_patch": peak_fit[1],
-                            "seconds_per_patch": time_fit[1]}
-            if peak_fit[1] > 0:
-                fits[config]["n_exceeding_limit"] = int(max(0.0, (args.limit_gb * 1024 - peak_fit[0]) / peak_fit[1]))
         else:
             raise SystemExit(f"unknown config {config!r}: choose from fbta, direct, direct_ckpt")
     for r in rows:
@@ -209,19 +220,18 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {}
     n_lo, n_hi = min(args.n), (50000 if 50000 in args.n else max(args.n))
     if "fbta" in args.configs:
-        v = peak("fbta", n_hi) / peak("fbta", n_lo)
-        ratios[f"fbta_peak_N{n_hi}/N{n_lo}"] = ratio(v, "<= 1.2", v <= 1.2)
-    n_cmp = 2000 if 2000 in args.n else n_lo
-    for config in ("direct", "direct_ckpt"):
-        if config in args.configs and "fbta" in args.configs:
-            v = peak(config, n_cmp) / peak("fbta", n_cmp)
-            src = next(r["source"] for r in rows if r["config"] == config and r["n"] == n_cmp)
-            ratios[f"{config}/fbta peak at N={n_cmp} ({src})"] = ratio(v, ">= 10" if config == "direct" else "-",
-                                                                       v >= 10 if config == "direct" else None)
+        for head in args.heads:
+            v = peak(f"fbta_{head}", n_hi) / peak(f"fbta_{head}", n_lo)
+            ratios[f"{head} + FBTA peak N={n_hi} / N={n_lo}"] = ratio(v, f"<= {TARGET_RATIO:g}", v <= TARGET_RATIO)
     for config, fit in fits.items():
-        if "n_exceeding_limit" in fit:
-            print(f"{config}: {fit['peak_mb_per_patch']:.2f} MB per patch (+{fit['peak_mb_intercept']:.0f} MB); "
-                  f"exceeds {args.limit_gb:g} GB at N ~ {fit['n_exceeding_limit']:,} (linear fit, on paper)")
+        if "peak_mb_per_patch" in fit:
+            n_big = fit["largest_measured_n"]
+            print(f"{config}: measured up to N = {n_big} ({peak(config, n_big) / 1024:.1f} GB); "
+                  f"{fit['peak_mb_per_patch']:.2f} MB per patch; the measured slope passes {args.limit_gb:g} GB at "
+                  f"N ~ {fit.get('n_exceeding_limit_from_slope', 0):,}")
+            if "fbta" in args.configs and "abmil" in args.heads:
+                v = peak(config, n_big) / peak("fbta_abmil", n_lo)
+                ratios[f"{config} at N={n_big} / ABMIL + FBTA at N={n_lo} (both measured)"] = ratio(v, "-", None)
     print_ratios(ratios)
 
     payload = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k not in ("child", "json", "plot")},
@@ -229,16 +239,14 @@ def main(argv: list[str] | None = None) -> dict:
                "rows": rows, "fits": fits, "ratios": ratios}
 
     def draw(ax) -> None:
-        for config, style in (("fbta", "o-"), ("direct", "s-"), ("direct_ckpt", "^-")):
-            pts = [r for r in rows if r["config"] == config and r["n"] in args.n]
-            if not pts:
-                continue
-            ax.plot([r["n"] for r in pts], [r["peak_gb"] for r in pts], style, label=config, mfc="none")
-            meas = [r for r in pts if r["source"] == "measured"]
-            ax.plot([r["n"] for r in meas], [r["peak_gb"] for r in meas], style[0], color=ax.lines[-1].get_color())
+        styles = [(f"fbta_{h}", m) for h, m in zip(args.heads, ("o-", "D-", "v-"))] + [("direct", "s--"), ("direct_ckpt", "^--")]
+        for config, style in styles:
+            pts = [r for r in rows if r["config"] == config and r["source"] == "measured"]
+            if pts:
+                ax.plot([r["n"] for r in pts], [r["peak_gb"] for r in pts], style, label=config)
         ax.axhline(args.limit_gb, color="grey", ls="--", lw=1, label=f"{args.limit_gb:g} GB")
         ax.set(xscale="log", yscale="log", xlabel="patches per slide N", ylabel="peak memory of one iteration (GB)",
-               title=f"{args.encoder} {args.patch} px on {device} (hollow = extrapolated)")
+               title=f"{args.encoder} {args.patch} px, C*M = {args.pseudo_bag}, on {device} (all measured)")
         ax.legend()
 
     finish(args, "memory", payload, draw)

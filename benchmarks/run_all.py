@@ -29,7 +29,8 @@ from _common import machine_info, write_json  # noqa: E402
 BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "accuracy": ("bench_accuracy.py", "own", [], ["--quick"]),
     "memory": ("bench_memory.py", "own", [], [
-        "--encoder", "tiny_cnn", "--patch", "32", "--n", "200", "400", "--calib-n", "8", "16", "--pseudo-bag", "20"]),
+        "--encoder", "tiny_cnn", "--patch", "32", "--n", "200", "400", "--heads", "abmil", "--direct-n", "8", "16",
+        "--pseudo-bag", "20"]),
     "epoch_time": ("bench_epoch_time.py", "own", ["--encoder", "tiny_cnn", "--patch", "128", "--slide-size", "6144"], [
         "--slides", "2", "--slide-size", "512", "--encoder", "tiny_cnn", "--clusters", "8"]),
     "inference": ("bench_inference.py", "own", [], [

@@ -62,7 +62,7 @@ def _child_json(capsys, module, argv):
 def test_memory_children_fbta_and_checkpointing(capsys):
     bench = importlib.import_module("bench_memory")
     common_args = ["--encoder", "tiny_cnn", "--patch", "32", "--chunk", "8", "--threads", "1", "--device", "cpu"]
-    fbta = _child_json(capsys, bench, ["--child", "fbta", "300", "--pseudo-bag", "12", *common_args])
+    fbta = _child_json(capsys, bench, ["--child", "fbta_abmil", "300", "--pseudo-bag", "12", *common_args])
     assert fbta["patches_through_encoder"] == 12 and fbta["saved_mb"] > 0 and fbta["peak_mb"] >= 0
     direct = _child_json(capsys, bench, ["--child", "direct", "64", *common_args])
     ckpt = _child_json(capsys, bench, ["--child", "direct_ckpt", "64", *common_args])

@@ -117,7 +117,7 @@ def _saved_bytes(head: torch.nn.Module, n: int) -> int:
 
 def test_transmil_memory_is_linear_in_bag_size():
     torch.manual_seed(0)
-    head = TransMIL(8, 2, hidden=32, heads=4, num_landmarks=16)
+    head = TransMIL(8, 2, hidden=32, heads=4, num_landmarks=16, bag_chunk_size=None)  # the whole-bag forward
     small, large = _saved_bytes(head, 5000), _saved_bytes(head, 20000)
     # linear: ~4x for 4x the instances; quadratic attention would be ~16x
     assert 3.0 < large / small < 5.0, (small, large)
@@ -179,3 +179,58 @@ def test_feature_stats_standardise_the_input_and_travel_with_the_state_dict(name
         head.set_feature_stats(mean[:3], std)
     with pytest.raises(ValueError, match="NaN"):
         head.set_feature_stats(mean * float("nan"), std)
+
+
+@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.parametrize("n, chunk, masked", [(600, 64, False), (451, 50, True), (97, 5, False)])
+def test_chunked_forward_equals_the_whole_bag_forward(name, n, chunk, masked):
+    """Long bags go through the chunked, checkpointed forward: same logits, attention and gradients."""
+    head = make(name).double()
+    head.set_feature_stats(torch.randn(D), torch.rand(D) + 0.5)
+    x = torch.randn(2, n, D, dtype=torch.double)
+    mask = torch.rand(2, n, generator=torch.Generator().manual_seed(1)) > 0.3 if masked else None
+    results = []
+    for bag_chunk_size in (None, chunk):
+        head.zero_grad()
+        head.bag_chunk_size = bag_chunk_size
+        logits, attention = head(x, mask, return_attention=True)
+        (logits * torch.arange(1.0, 4.0, dtype=torch.double)).sum().backward()
+        results.append((logits, attention, [p.grad.clone() for p in head.parameters()]))
+    (whole_logits, whole_att, whole_grads), (chunk_logits, chunk_att, chunk_grads) = results
+    torch.testing.assert_close(chunk_logits, whole_logits)
+    torch.testing.assert_close(chunk_att, whole_att)
+    for chunked, whole in zip(chunk_grads, whole_grads):
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)  # MambaMIL scans in float32
+
+
+def _saved_floats_per_instance(head: torch.nn.Module, n_small: int = 1000, n_large: int = 4000) -> float:
+    """Autograd-saved floats per extra instance of the forward pass (the bag itself excluded)."""
+    def saved(n: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(1, n, D)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            head(x)
+        for t in (x, *head.parameters()):
+            storages.pop(t.untyped_storage().data_ptr(), None)
+        return sum(storages.values())
+
+    return (saved(n_large) - saved(n_small)) / (n_large - n_small) / 4
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_chunked_training_keeps_a_few_hidden_vectors_per_instance(name):
+    """With gradients on, a chunked bag keeps O(hidden) per instance, far below the whole-bag forward
+    (TransMIL's [heads, N, landmarks] kernels, MambaMIL's [N, expand * hidden] scan inputs)."""
+    head = make(name)
+    hidden = head.hidden
+    head.bag_chunk_size = None
+    whole = _saved_floats_per_instance(head)
+    head.bag_chunk_size = 250
+    chunked = _saved_floats_per_instance(head)
+    assert chunked <= 5 * hidden, (chunked, whole)
+    assert chunked < whole / 3, (chunked, whole)

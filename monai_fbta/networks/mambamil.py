@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_fbta.networks.mil_base import GatedAttentionPool, MILHead, run_per_bag
+from monai_fbta.networks.mil_base import (
+    DEFAULT_BAG_CHUNK_SIZE, GatedAttentionPool, MILHead, checkpointed, run_per_bag, segment_bounds,
+)
 from monai_fbta.networks.selective_scan import selective_scan
 
 __all__ = ["MambaMIL", "SRMamba", "stride_order"]
@@ -50,15 +52,25 @@ class _SSMBranch(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        length = x.shape[1]
-        u = F.silu(self.conv(x.transpose(1, 2))[..., :length])  # [B, d_inner, L]
+        return self.forward_segment(x, 0, None)[0]
+
+    def forward_segment(
+        self, x: torch.Tensor, num_context: int, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continue the branch over a segment: ``x [B, num_context + r, d_inner]`` -> ``(y [B, r, d_inner], state)``.
+
+        The first ``num_context`` rows (the ``d_conv - 1`` rows before the segment, or none at the
+        start) only feed the causal conv; ``state [B, d_inner, d_state]`` is the scan state after them.
+        """
+        u = F.silu(self.conv(x.transpose(1, 2))[..., : x.shape[1]])[..., num_context:]  # [B, d_inner, r]
         dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # [B, d_inner, L]
-        y = selective_scan(
+        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # [B, d_inner, r]
+        y, state = selective_scan(
             u, delta, -torch.exp(self.A_log), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
             self.D, delta_bias=self.dt_proj.bias, delta_softplus=True, chunk_size=self.chunk_size,
+            initial_state=state, return_last_state=True,
         )
-        return y.transpose(1, 2)
+        return y.transpose(1, 2), state
 
 
 class SRMamba(nn.Module):
@@ -83,6 +95,35 @@ class SRMamba(nn.Module):
         y = self.forward_branch(h) + self.reordered_branch(h[:, order])[:, restore]
         return self.out_proj(y * F.silu(z))
 
+    def residual_chunked(self, x: torch.Tensor, norm: nn.Module, chunk_size: int) -> torch.Tensor:
+        """``x + self(norm(x))`` for ``x [B, L, dim]``, segment by segment along each branch's order, exactly.
+
+        ``out_proj`` has no bias, so ``out_proj((y_f + y_r) * silu(z))`` splits into one term per branch;
+        each segment computes its term from the rows it covers (plus ``d_conv - 1`` rows of conv
+        context) and hands the scan state to the next segment.
+        """
+        length = x.shape[1]
+        context = self.forward_branch.conv.padding[0]  # d_conv - 1
+
+        def segment(x, rows, num_context, state, branch):
+            h, z = self.in_proj(norm(x[:, rows])).chunk(2, dim=-1)
+            y, state = branch.forward_segment(h, num_context, state)
+            return self.out_proj(y * F.silu(z[:, num_context:])), state
+
+        def run(branch: _SSMBranch, order: torch.Tensor) -> torch.Tensor:
+            terms, state = [], None
+            for start, stop in segment_bounds(length, chunk_size):
+                lo = max(0, start - context)
+                term, state = checkpointed(segment, x, order[lo:stop], start - lo, state, branch)
+                terms.append(term)
+            return torch.cat(terms, dim=1)  # in the branch's order
+
+        order = stride_order(length, self.rate, x.device)
+        restore = torch.empty_like(order)
+        restore[order] = torch.arange(length, device=x.device)
+        natural = torch.arange(length, device=x.device)
+        return x + run(self.forward_branch, natural) + run(self.reordered_branch, order)[:, restore]
+
 
 class MambaMIL(MILHead):
     """MambaMIL head with SR-Mamba blocks; see the module docstring.
@@ -99,6 +140,8 @@ class MambaMIL(MILHead):
         rate: reordering stride R (default 10).
         attention_dim: width of the gated attention pooling (default 128).
         chunk_size: chunk length of the PyTorch selective scan.
+        bag_chunk_size: bags longer than this are run segment by segment under checkpointing, exactly
+            (:meth:`SRMamba.residual_chunked`; the PyTorch scan, since mamba-ssm's kernel takes no initial state).
 
     Bags in a padded batch are processed one at a time on their real instances (B is usually 1 in
     MIL), so padding cannot enter the scans or the reordering.
@@ -117,8 +160,9 @@ class MambaMIL(MILHead):
         rate: int = 10,
         attention_dim: int = 128,
         chunk_size: int = 256,
+        bag_chunk_size: int | None = DEFAULT_BAG_CHUNK_SIZE,
     ) -> None:
-        super().__init__(in_features, num_classes, hidden, dropout)
+        super().__init__(in_features, num_classes, hidden, dropout, bag_chunk_size)
         self.projection = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(num_layers))
         self.blocks = nn.ModuleList(
@@ -135,5 +179,16 @@ class MambaMIL(MILHead):
         pooled, attention = self.pool(self.norm(h))
         return self.classifier(pooled), attention
 
+    def _forward_bags_chunked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.bag_chunk_size
+        h = torch.cat(self._project_segments(x), dim=1)
+        for norm, block in zip(self.norms, self.blocks):
+            h = block.residual_chunked(h, norm, chunk)
+        pooled, attention = self.pool.forward_chunked(h, self.norm, chunk)
+        return self.classifier(pooled), attention
+
     def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return run_per_bag(x, mask, self._forward_bags)
+
+    def _forward_chunked(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_per_bag(x, mask, self._forward_bags_chunked)

@@ -9,16 +9,52 @@ Every head maps a padded batch of bags to slide logits::
 change the output, and ``attention`` is 0 on them and sums to 1 over the real instances of
 each bag. Sequence models (TransMIL, MambaMIL) read the real instances of each bag with
 :func:`run_per_bag`, so padding cannot leak through convolutions, scans or reorderings.
+
+Bags longer than ``bag_chunk_size`` (default 2048) go through each head's chunked forward: the
+same function, computed over segments of ``bag_chunk_size`` instances, each segment under
+activation checkpointing when gradients are on. Softmax-weighted sums over the whole bag are
+combined exactly from per-segment ``(logsumexp, weighted mean)`` pairs (:func:`combine_softmax_parts`),
+so training memory holds a few ``[N, hidden]`` tensors plus one segment's activations, never an
+``[N, heads, landmarks]`` attention kernel or ``[N, expand * hidden]`` scan inputs (docs/benchmarks.md,
+"Peak memory").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MILHead", "GatedAttentionPool", "masked_softmax", "run_per_bag", "mil_logits"]
+__all__ = [
+    "MILHead", "GatedAttentionPool", "masked_softmax", "run_per_bag", "mil_logits", "checkpointed",
+    "segment_bounds", "combine_softmax_parts",
+]
+
+DEFAULT_BAG_CHUNK_SIZE = 2048
+
+
+def checkpointed(fn: Callable[..., object], *args: object) -> object:
+    """``fn(*args)``, under activation checkpointing when gradients are on (activations recomputed in backward)."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def segment_bounds(length: int, size: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(length)`` in segments of at most ``size``."""
+    return [(start, min(length, start + size)) for start in range(0, length, size)]
+
+
+def combine_softmax_parts(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact softmax-weighted sum over a sequence cut into segments.
+
+    Segment ``i`` gives ``(lse_i [...], mean_i [..., D])`` with ``lse_i = logsumexp(s_i)`` and
+    ``mean_i = softmax(s_i) @ v_i``; the result is ``softmax(cat(s)) @ cat(v)`` ``[..., D]``.
+    """
+    weights = torch.softmax(torch.stack([lse for lse, _ in parts]), dim=0)  # [segments, ...]
+    return sum(w[..., None] * mean for w, (_, mean) in zip(weights, parts))  # type: ignore[return-value]
 
 
 def mil_logits(head: nn.Module, bag: torch.Tensor) -> torch.Tensor:
@@ -57,6 +93,31 @@ class GatedAttentionPool(nn.Module):
         pooled = torch.einsum("bn,bnd->bd", attention, h)
         return pooled, attention
 
+    def forward_chunked(
+        self,
+        x: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        chunk_size: int,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(transform(x), mask)`` over segments of ``chunk_size`` instances, exactly.
+
+        ``x [B, N, *]`` is what ``transform`` maps row-wise to ``h [B, n, D]`` (e.g. the head's
+        projection); neither ``h`` nor the attention branches are ever held for all N at once.
+        """
+
+        def segment(x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+            h = transform(x[:, start:stop])
+            scores = self.score(self.value(h) * self.gate(h)).squeeze(-1)  # [B, n]
+            if mask is not None:
+                scores = scores.masked_fill(~mask[:, start:stop], torch.finfo(scores.dtype).min)
+            return torch.logsumexp(scores, 1), torch.einsum("bn,bnd->bd", torch.softmax(scores, 1), h), scores
+
+        parts = [checkpointed(segment, x, a, b) for a, b in segment_bounds(x.shape[1], chunk_size)]
+        pooled = combine_softmax_parts([(lse, mean) for lse, mean, _ in parts])
+        scores = torch.cat([s for _, _, s in parts], dim=1)
+        return pooled, masked_softmax(scores, mask)
+
 
 def run_per_bag(
     x: torch.Tensor,
@@ -93,9 +154,17 @@ class MILHead(nn.Module):
         num_classes: number of slide classes.
         hidden: width of the first projection (default 512).
         dropout: dropout probability used by the head.
+        bag_chunk_size: bags with more instances take the chunked forward (module docstring); None = never.
     """
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: int = 512,
+        dropout: float = 0.0,
+        bag_chunk_size: int | None = DEFAULT_BAG_CHUNK_SIZE,
+    ) -> None:
         super().__init__()
         if in_features < 1 or num_classes < 1 or hidden < 1:
             raise ValueError(
@@ -104,6 +173,9 @@ class MILHead(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout}")
+        if bag_chunk_size is not None and bag_chunk_size < 1:
+            raise ValueError(f"{type(self).__name__}: bag_chunk_size must be >= 1 or None, got {bag_chunk_size}")
+        self.bag_chunk_size = bag_chunk_size
         self.in_features = in_features
         self.num_classes = num_classes
         self.hidden = hidden
@@ -123,8 +195,21 @@ class MILHead(nn.Module):
         self.feature_std.copy_(std.clamp_min(eps))
         return self
 
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - feature_mean) / feature_std`` for ``x [..., D]``."""
+        return (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
+
+    def _project_segments(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``self.projection(standardise(x))`` per segment of ``bag_chunk_size`` rows: ``[B, n_i, hidden]`` each."""
+        project = lambda rows: self.projection(self.standardise(rows))  # noqa: E731
+        return [checkpointed(project, x[:, a:b]) for a, b in segment_bounds(x.shape[1], self.bag_chunk_size)]
+
     def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [B, N, D]``, ``mask [B, N] | None`` -> ``(logits [B, C], attention [B, N])``."""
+        """Standardised ``x [B, N, D]``, ``mask [B, N] | None`` -> ``(logits [B, C], attention [B, N])``."""
+        raise NotImplementedError
+
+    def _forward_chunked(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`_forward` for a long bag, from the *raw* ``x`` (standardised segment by segment)."""
         raise NotImplementedError
 
     def forward(
@@ -143,6 +228,8 @@ class MILHead(nn.Module):
                 raise ValueError(f"{name}: every bag needs at least one real instance (a mask row is all False)")
             if bool(mask.all()):
                 mask = None
-        x = (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
-        logits, attention = self._forward(x, mask)
+        if self.bag_chunk_size is not None and x.shape[1] > self.bag_chunk_size:
+            logits, attention = self._forward_chunked(x, mask)
+        else:
+            logits, attention = self._forward(self.standardise(x), mask)
         return (logits, attention) if return_attention else logits

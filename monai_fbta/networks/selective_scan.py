@@ -108,31 +108,39 @@ def selective_scan(
     delta_softplus: bool = False,
     backend: str = "auto",
     chunk_size: int = 256,
-) -> torch.Tensor:
+    initial_state: torch.Tensor | None = None,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan; shapes in the module docstring.
 
     Args:
         backend: ``"auto"`` (mamba-ssm's CUDA kernel when it is importable and ``u`` is on CUDA,
             else PyTorch), ``"torch"`` or ``"mamba_ssm"``.
         chunk_size: steps per chunk of the PyTorch path (memory ~ chunk_size * Dm * S per chunk).
+        initial_state: ``h_0 [B, Dm, S]`` (float32; default zeros), to continue a scan over the next
+            part of a sequence. mamba-ssm's kernel takes no initial state, so this uses the PyTorch path.
+        return_last_state: also return ``h_L [B, Dm, S]`` (float32).
     """
     if backend not in ("auto", "torch", "mamba_ssm"):
         raise ValueError(f"selective_scan: backend must be 'auto', 'torch' or 'mamba_ssm', got {backend!r}")
     kernel = _mamba_ssm_fn()
     if backend == "mamba_ssm" and (kernel is None or not u.is_cuda):
         raise RuntimeError("selective_scan: backend='mamba_ssm' needs the mamba-ssm package and CUDA tensors")
-    if backend != "torch" and kernel is not None and u.is_cuda:
-        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "mamba_ssm" and initial_state is not None:
+        raise RuntimeError("selective_scan: mamba-ssm's kernel takes no initial_state; use backend='auto' or 'torch'")
+    if backend != "torch" and kernel is not None and u.is_cuda and initial_state is None:
+        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if chunk_size < 1:
         raise ValueError(f"selective_scan: chunk_size must be >= 1, got {chunk_size}")
 
     dt, A32, B32, C32, u32 = _discretise_inputs(delta, delta_bias, delta_softplus), A.float(), B.float(), C.float(), u.float()
-    h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+    h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.float()
+    use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, h))
     ys = []
     chunks = (t.split(chunk_size, dim=2) for t in (u32, dt, B32, C32))  # views; one SplitBackward each
     for u_c, dt_c, B_c, C_c in zip(*chunks):
         args = (h, u_c, dt_c, A32, B_c, C_c)
         y, h = checkpoint(_scan_chunk, *args, use_reentrant=False) if use_checkpoint else _scan_chunk(*args)
         ys.append(y)
-    return _finish(torch.cat(ys, dim=-1), u, D, z)
+    y = _finish(torch.cat(ys, dim=-1), u, D, z)
+    return (y, h) if return_last_state else y

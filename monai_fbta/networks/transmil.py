@@ -14,6 +14,13 @@ Two choices differ from the reference implementation and are deliberate:
 * PPEG pads the instance tokens to a square by repeating the first tokens, convolves, then crops
   back to N, so every instance appears once in the attention (the padding never enters it).
 
+Bags longer than ``bag_chunk_size`` take :meth:`TransMIL._forward_chunked`: the same computation
+segment by segment under checkpointing. Nystrom attention factors into per-row terms
+(``softmax(q_i K~^T)``) and softmax-weighted sums over all tokens (landmark means,
+``softmax(Q~ K^T) V``, the class-token row), which are combined exactly across segments; PPEG is
+computed over bands of grid rows with a 3-row halo; the value-residual convolution over rows with a
+16-row halo. Memory: a few ``[N, hidden]`` tensors instead of ``[heads, N, landmarks]`` kernels.
+
 Heatmap attention (``return_attention=True``): the class-token attention of layer 2, averaged
 over heads, restricted to the instance tokens and renormalised to sum to 1 per bag.
 """
@@ -25,7 +32,9 @@ import math
 import torch
 from torch import nn
 
-from monai_fbta.networks.mil_base import MILHead, run_per_bag
+from monai_fbta.networks.mil_base import (
+    DEFAULT_BAG_CHUNK_SIZE, MILHead, checkpointed, combine_softmax_parts, run_per_bag, segment_bounds,
+)
 
 __all__ = ["TransMIL", "NystromAttention", "PPEG", "segment_means", "iterative_pinv"]
 
@@ -128,6 +137,25 @@ class PPEG(nn.Module):
         grid = grid + sum(conv(grid) for conv in self.convs)
         return torch.cat([cls_token, grid.flatten(2).transpose(1, 2)[:, :n]], dim=1)
 
+    def forward_chunked(self, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """:meth:`forward` over bands of grid rows (about ``chunk_size`` tokens each), exactly."""
+        tokens = x[:, 1:]
+        n = tokens.shape[1]
+        side = math.ceil(math.sqrt(n))
+        halo = max(conv.padding[0] for conv in self.convs)
+        bands = [checkpointed(self._band, tokens, r0, r1, side, halo)
+                 for r0, r1 in segment_bounds(math.ceil(n / side), max(1, chunk_size // side))]
+        return torch.cat([x[:, :1], *bands], dim=1)[:, : 1 + n]
+
+    def _band(self, tokens: torch.Tensor, r0: int, r1: int, side: int, halo: int) -> torch.Tensor:
+        """Grid rows ``[r0, r1)`` of the PPEG output as tokens ``[B, (r1 - r0) * side, C]``."""
+        b, n, c = tokens.shape
+        w0, w1 = max(0, r0 - halo), min(side, r1 + halo)  # the band and the rows its kernels reach
+        index = torch.arange(w0 * side, w1 * side, device=tokens.device) % n
+        grid = tokens[:, index].transpose(1, 2).reshape(b, c, w1 - w0, side)
+        grid = (grid + sum(conv(grid) for conv in self.convs))[:, :, r0 - w0 : r1 - w0]
+        return grid.flatten(2).transpose(1, 2)
+
 
 class _TransLayer(nn.Module):
     """``x + NystromAttention(LayerNorm(x))``."""
@@ -144,6 +172,64 @@ class _TransLayer(nn.Module):
         out, attention = self.attention.class_token(self.norm(x))
         return x[:, :1] + out, attention
 
+    def _qkv(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.attention._split(self.norm(rows))  # each [B, h, r, d]
+
+    def forward_chunked(self, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """:meth:`forward` for ``x [B, n, dim]`` segment by segment (module docstring), exactly."""
+        att, n = self.attention, x.shape[1]
+        if n <= att.num_landmarks:
+            return self.forward(x)
+        bounds = segment_bounds(n, chunk_size)
+        m = att.num_landmarks
+        segment = torch.arange(n, device=x.device) * m // n  # as segment_means
+        counts = torch.bincount(segment, minlength=m).to(x.dtype)[:, None]
+
+        def landmark_sums(x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            q, k, _ = self._qkv(x[:, start:stop])
+            zeros = q.new_zeros(*q.shape[:2], m, q.shape[-1])
+            return zeros.index_add(2, segment[start:stop], q), zeros.index_add(2, segment[start:stop], k)
+
+        sums = [checkpointed(landmark_sums, x, a, b) for a, b in bounds]
+        q_l, k_l = sum(s[0] for s in sums) / counts, sum(s[1] for s in sums) / counts  # [B, h, m, d]
+
+        def kernel3_v(x: torch.Tensor, start: int, stop: int, q_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            _, k, v = self._qkv(x[:, start:stop])
+            scores = q_l @ k.transpose(-1, -2)  # [B, h, m, r]
+            return torch.logsumexp(scores, -1), torch.softmax(scores, -1) @ v
+
+        kernel3_v_all = combine_softmax_parts([checkpointed(kernel3_v, x, a, b, q_l) for a, b in bounds])
+        kernel2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # [B, h, m, m]
+        right = iterative_pinv(kernel2, att.pinv_iterations) @ kernel3_v_all  # [B, h, m, d]
+        pad = att.residual.padding[0]
+
+        def rows_out(x: torch.Tensor, start: int, stop: int, k_l: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+            lo, hi = max(0, start - pad), min(n, stop + pad)  # the rows the residual kernel reaches
+            q, _, v = self._qkv(x[:, lo:hi])
+            keep = slice(start - lo, stop - lo)
+            out = torch.softmax(q[:, :, keep] @ k_l.transpose(-1, -2), dim=-1) @ right + att.residual(v)[:, :, keep]
+            return x[:, start:stop] + att._merge(out)
+
+        return torch.cat([checkpointed(rows_out, x, a, b, k_l, right) for a, b in bounds], dim=1)
+
+    def class_token_chunked(self, x: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`class_token` segment by segment, exactly: ``(out [B, 1, dim], attention [B, heads, n])``."""
+        att = self.attention
+        pad = att.residual.padding[0]
+        q0, _, v_head = self._qkv(x[:, : pad + 1])
+        q0 = q0[:, :, :1]
+
+        def row_part(x: torch.Tensor, start: int, stop: int, q0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            _, k, v = self._qkv(x[:, start:stop])
+            scores = q0 @ k.transpose(-1, -2)  # [B, h, 1, r]
+            return torch.logsumexp(scores, -1), torch.softmax(scores, -1) @ v, scores
+
+        parts = [checkpointed(row_part, x, a, b, q0) for a, b in segment_bounds(x.shape[1], chunk_size)]
+        row = combine_softmax_parts([(lse, mean) for lse, mean, _ in parts])  # [B, h, 1, d]
+        attention = torch.softmax(torch.cat([s for _, _, s in parts], dim=-1), dim=-1)[:, :, 0]
+        residual = att.residual(v_head)[:, :, :1]  # the conv output at token 0
+        return x[:, :1] + att._merge(row + residual), attention
+
 
 class TransMIL(MILHead):
     """TransMIL head; see the module docstring for the layout and the attention it returns.
@@ -155,6 +241,7 @@ class TransMIL(MILHead):
         dropout: dropout after the projection and on the attention outputs.
         heads: attention heads (default 8).
         num_landmarks: Nystrom landmarks (default ``hidden // 2``, as in TransMIL).
+        bag_chunk_size: bags longer than this take the chunked forward (module docstring).
 
     Bags in a padded batch are processed one at a time on their real instances (B is usually 1 in
     MIL), so padding cannot reach PPEG or the attention.
@@ -168,8 +255,9 @@ class TransMIL(MILHead):
         dropout: float = 0.0,
         heads: int = 8,
         num_landmarks: int | None = None,
+        bag_chunk_size: int | None = DEFAULT_BAG_CHUNK_SIZE,
     ) -> None:
-        super().__init__(in_features, num_classes, hidden, dropout)
+        super().__init__(in_features, num_classes, hidden, dropout, bag_chunk_size)
         landmarks = num_landmarks or max(1, hidden // 2)
         self.projection = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
@@ -179,14 +267,27 @@ class TransMIL(MILHead):
         self.norm = nn.LayerNorm(hidden)
         self.classifier = nn.Linear(hidden, num_classes)
 
-    def _forward_bags(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.projection(x)
-        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)  # [B, 1 + N, hidden]
-        h = self.ppeg(self.layer1(h))
-        cls_token, attention = self.layer2.class_token(h)  # [B, 1, hidden], [B, heads, 1 + N]
+    def _with_class_token(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)  # [B, 1 + N, hidden]
+
+    def _readout(self, cls_token: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits from the class token ``[B, 1, hidden]``; heatmap from its attention ``[B, heads, 1 + N]``."""
         attention = attention[:, :, 1:].mean(1)
         attention = attention / attention.sum(-1, keepdim=True)
         return self.classifier(self.norm(cls_token[:, 0])), attention
 
+    def _forward_bags(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.ppeg(self.layer1(self._with_class_token(self.projection(x))))
+        return self._readout(*self.layer2.class_token(h))
+
+    def _forward_bags_chunked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.bag_chunk_size
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), *self._project_segments(x)], dim=1)
+        h = self.ppeg.forward_chunked(self.layer1.forward_chunked(h, chunk), chunk)
+        return self._readout(*self.layer2.class_token_chunked(h, chunk))
+
     def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return run_per_bag(x, mask, self._forward_bags)
+
+    def _forward_chunked(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_per_bag(x, mask, self._forward_bags_chunked)
