@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,25 @@ def test_inference_on_a_real_aperio_slide(trained, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
     assert [r["slide_id"] for r in rows] == ["cmu-1-small-region"]
     assert (tmp_path / "out" / "heatmaps" / "cmu-1-small-region_heatmap.png").stat().st_size > 10_000
+
+
+def test_one_override_changes_the_pseudo_bag_size_or_an_augmentation(trained, tmp_path):
+    """train.json's data pipeline is a MONAI Dataset with a Compose declared by ``_target_``: ``--num_per_cluster 2`` sets
+    the pseudo-bag size, ``--train#augmentation#transforms#0 {...}`` replaces the HED jitter (here by a DataStatsd probe
+    that logs the shape of every augmented pseudo-bag)."""
+    shutil.copytree(trained / "cache", tmp_path / "cache")  # the trained run's stores and encoder: nothing re-extracted
+    (tmp_path / "models").mkdir()
+    shutil.copy(trained / "models" / "frozen_encoder_tiny_cnn.pt", tmp_path / "models")
+    tiny = [v if prev != "--num_epochs" else "1" for prev, v in zip([None, *TINY], TINY)]
+    probe = "{'_target_': 'DataStatsd', 'keys': 'pb_image', 'prefix': 'probe', 'data_type': False, 'value_range': False}"
+    dirs = [a if a != str(tmp_path / "data") else str(trained / "data") for a in run_dirs(tmp_path)]
+    out = bundle(["run", "training", "--config_file", TRAIN, *dirs, *tiny,
+                  "--num_per_cluster", "2", "--train#augmentation#transforms#0", probe], cwd=tmp_path)
+    sizes = [int(s) for s in re.findall(r"probe statistics:\s*Shape: torch\.Size\(\[(\d+), 3, 64, 64\]\)", out.stdout)]
+    num_train = len(json.loads((tmp_path / "models" / "splits.json").read_text())["folds"][0]["train"])
+    assert len(sizes) == num_train, out.stdout[-3000:]  # the probe ran once per training slide of the one epoch
+    assert all(8 < s <= 16 for s in sizes), sizes  # 8 clusters: M=1 gives at most 8 patches, M=2 up to 16
+    assert (tmp_path / "models" / "model.pt").is_file()
 
 
 def test_evaluate_config(trained):

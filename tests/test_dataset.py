@@ -150,3 +150,46 @@ def test_new_pseudo_bags_every_epoch_with_persistent_workers(stores):
     assert len(set(epochs)) == len(epochs), f"the same pseudo-bags in several epochs: {epochs}"
     assert _pseudo_bags_per_epoch(rows, out, seed=5) == epochs, "the same seed gives the same sequence"
     assert _pseudo_bags_per_epoch(rows, out, seed=6) != epochs
+
+
+def test_slide_dataset_with_the_declared_chain_gives_fbta_items(stores):
+    """The chain train.json declares (LoadStored, PseudoBagSampled, ReadPatchesd, CopyItemsd, augmentations) in a
+    SlideDataset gives FBTADataset's items, re-seeded per (seed, epoch, index)."""
+    from monai.transforms import Compose, CopyItemsd
+
+    from monai_fbta.data.dataset import SlideDataset
+    from monai_fbta.transforms import LoadStored, PseudoBagSampled, RandContrastNoised, RandFlipRotate90d, RandHEDJitterd, ReadPatchesd
+
+    rows, out = stores
+    chain = Compose([
+        LoadStored(out, num_clusters=5),
+        PseudoBagSampled(num_per_cluster=2),
+        ReadPatchesd("pb_coords", out_keys="pb_image_clean"),
+        CopyItemsd("pb_image_clean", names="pb_image"),
+        Compose([RandHEDJitterd("pb_image"), RandFlipRotate90d("pb_image"), RandContrastNoised("pb_image")]),
+    ])
+    declared, built = SlideDataset(rows, chain, seed=7), FBTADataset(rows, out, num_per_cluster=2, num_clusters=5, seed=7)
+    for epoch in (0, 3):
+        declared.set_epoch(epoch)
+        built.set_epoch(epoch)
+        for i in range(len(rows)):
+            a, b = declared[i], built[i]
+            assert a.keys() == b.keys() and a["slide_id"] == b["slide_id"] and a["label"] == b["label"] == i
+            for key in ("features", "coords", "clusters", "pb_index", "pb_features", "pb_image_clean", "pb_image"):
+                assert torch.equal(a[key], b[key]), (epoch, i, key)
+            assert not torch.equal(a["pb_image"], a["pb_image_clean"])
+    assert a["coords_meta_dict"]["patch_size"] == 64 and a["pb_coords_meta_dict"] == a["coords_meta_dict"]
+
+
+def test_load_stored_reads_only_the_indexed_rows(stores):
+    from monai_fbta.transforms import LoadStored
+
+    rows, out = stores
+    full = LoadStored(out, keys=("features", "coords"))(rows[0])
+    index = torch.tensor([0, 3, 5])
+    part = LoadStored(out, keys="features", index_key="pb_index")({**rows[0], "pb_index": index})
+    assert "features" not in part and torch.equal(part["pb_features"], full["features"][index])
+    assert full["features"].dtype == torch.float32 and full["coords"].dtype == torch.int64
+    assert LoadStored(out, keys=("features", "nothing"), allow_missing_keys=True)(rows[0]).keys() >= {"features", "slide_id"}
+    with pytest.raises(StoreError, match="no dataset 'nothing'"):
+        LoadStored(out, keys="nothing")(rows[0])

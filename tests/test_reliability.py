@@ -158,11 +158,14 @@ def test_bundle_exposes_fail_fast_resume_assume_mpp_and_slide_check():
     infer = json.loads((REPO / "bundles/fbta_stad/configs/inference.json").read_text())
     assert train["fail_fast"] is False and infer["fail_fast"] is False and train["resume"] is True
     assert train["tiling"]["assume_mpp"] == "@assume_mpp" and train["assume_mpp"] is None
-    assert "skip_errors=not @fail_fast" in train["prepared_rows"] and "check_slides=@check_slides" in train["dataset_rows"]
-    assert "skip_errors=not @fail_fast" in infer["inference"] and "assume_mpp=@assume_mpp" in infer["inference"]
+    prepare = train["prepare"]
+    assert prepare["_target_"].endswith("Preprocessor") and prepare["fail_fast"] == "@fail_fast"
+    assert prepare["check_slides"] == "@check_slides" and prepare["strict"] == "@strict"
+    assert infer["inference"]["skip_errors"] == "$not @fail_fast" and infer["inference"]["assume_mpp"] == "@assume_mpp"
     assert train["strict"] is False and infer["strict"] is False and infer["assume_mpp"] is None
     resume = [h for h in train["train"]["handlers"] if h["_target_"].endswith("ResumeTraining")]
-    assert len(resume) == 1 and resume[0]["enabled"] == "@resume" and resume[0]["path"] == "$@ckpt_dir + '/last.pt'"
+    assert len(resume) == 1 and resume[0]["enabled"] == "@resume" and resume[0]["path"] == "@last_ckpt"
+    assert train["last_ckpt"] == "$@ckpt_dir + '/last.pt'"
 
 
 # ----------------------------------------------------------------------------- 4. numerics

@@ -210,3 +210,16 @@ def test_read_patchesd_reads_at_the_size_and_level_tissue_tiled_recorded(tiny_sl
     with pytest.raises(KeyError, match="read level/size.*TissueTiled"):
         ReadPatchesd(keys="c")({"image": str(path), "c": np.zeros((1, 2), np.int64)})
     assert ReadPatchesd(keys="c", allow_missing_keys=True)({"image": str(path)}) == {"image": str(path)}
+
+
+def test_read_patchesd_outputs_the_tiled_patch_size_when_it_reads_a_larger_region(tiny_slide):
+    """At target_mpp 0.75 on a 0.5 mpp slide a 32 px patch is a 48 px region at level 0: ReadPatchesd gives 32 px
+    patches (what the frozen encoder saw), not the 48 px read size."""
+    path, _ = tiny_slide
+    tiled = TissueTiled(keys="image", patch_size=32, target_mpp=0.75, tissue_threshold=0.0)({"image": str(path)})
+    meta = tiled["coords_meta_dict"]
+    assert meta["patch_size"] == 32 and (meta["patch_level"], meta["patch_size_level"]) == (0, 48)
+    d = ReadPatchesd(keys="coords")(tiled)
+    assert d["coords_image"].shape == (len(tiled["coords"]), 3, 32, 32)
+    expect = ReadPatches(0, 48, out_size=32)(str(path), tiled["coords"])
+    assert torch.equal(d["coords_image"], expect)

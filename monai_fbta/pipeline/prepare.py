@@ -1,11 +1,13 @@
 """Data preparation used by the bundle: find (or make) the slides, preprocess them, split them.
 
-The three steps are plain functions so the bundle configs stay declarative and a script can call
-them too::
+The three steps are plain functions a script can call::
 
     rows = find_or_make_dataset("/slides", datalist="/slides/labels.csv", classes=["a", "b"])
     rows = preprocess(rows, cache_dir="cache", encoder=frozen_encoder, tiling={"patch_size": 256})
     parts = split_rows(rows, "models/splits.json", fold=0)   # {"train": rows, "val": rows, "test": rows}
+
+:class:`Preprocessor` is the three as one component the bundle names by ``_target_``; its work happens in
+:meth:`Preprocessor.run`, an explicit step of the bundle's ``preprocessing`` / ``training`` / ``evaluating``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -28,7 +31,7 @@ from monai_fbta.data.datalist import (
     select_fold,
 )
 
-__all__ = ["SLIDE_EXTENSIONS", "feature_stats", "default_class_names", "frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
+__all__ = ["Preprocessor", "SLIDE_EXTENSIONS", "feature_stats", "default_class_names", "frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
 
 logger = logging.getLogger("fbta.prepare")
 
@@ -247,3 +250,73 @@ def split_rows(
     parts = select_fold(splits, fold, rows)
     logger.info("fold %d: %s", fold, {k: len(v) for k, v in parts.items()})
     return parts
+
+
+class Preprocessor:
+    """The bundle's data preparation: find (or make) the dataset, tile + extract + cluster it, split it.
+
+    Building it does nothing; :attr:`rows` validates the table (cheap, no slide is read); :meth:`run` does the
+    (cached, resumable) work of :func:`preprocess` and :func:`split_rows`; :meth:`part` gives a split's rows.
+
+    Args:
+        dataset_dir, datalist, class_names, synthetic, check_slides: see :func:`find_or_make_dataset`.
+        cache_dir, encoder, tiling, batch_size, num_workers, device, strict, num_clusters, cluster_seed:
+            see :func:`preprocess`; ``fail_fast``: stop at the first failing slide (``skip_errors=False``).
+        splits_file, fold, num_folds, split_seed, val_fraction: see :func:`split_rows`.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | os.PathLike,
+        cache_dir: str | os.PathLike,
+        encoder: torch.nn.Module,
+        splits_file: str | os.PathLike,
+        datalist: str | os.PathLike | None = None,
+        class_names: Sequence[str] | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        check_slides: bool = False,
+        tiling: Mapping[str, Any] | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        device: str | torch.device | None = None,
+        fail_fast: bool = False,
+        strict: bool = False,
+        num_clusters: int | None = None,
+        cluster_seed: int = 0,
+        fold: int = 0,
+        num_folds: int = 5,
+        split_seed: int = 0,
+        val_fraction: float | None = 0.2,
+    ) -> None:
+        self.dataset_dir, self.datalist, self.class_names = dataset_dir, datalist, class_names
+        self.synthetic, self.check_slides = synthetic, check_slides
+        self.cache_dir, self.encoder, self.tiling = cache_dir, encoder, tiling
+        self.extract_kwargs = {"batch_size": batch_size, "num_workers": num_workers, "device": device,
+                               "skip_errors": not fail_fast, "strict": strict, "num_clusters": num_clusters,
+                               "cluster_seed": cluster_seed}
+        self.splits_file = splits_file
+        self.split_kwargs = {"fold": fold, "num_folds": num_folds, "seed": split_seed, "val_fraction": val_fraction}
+        self.parts: dict[str, list[dict[str, Any]]] | None = None
+
+    @cached_property
+    def rows(self) -> list[dict[str, Any]]:
+        """The datalist rows (validated; the synthetic demo dataset is generated here when the folder is empty)."""
+        return find_or_make_dataset(self.dataset_dir, self.datalist, self.class_names, self.synthetic,
+                                    check_slides=self.check_slides)
+
+    def run(self) -> Preprocessor:
+        """Extract and cluster every slide into ``cache_dir`` (cached), then split the slides that worked."""
+        kept = preprocess(self.rows, self.cache_dir, self.encoder, self.tiling, **self.extract_kwargs)
+        self.parts = split_rows(kept, self.splits_file, **self.split_kwargs)
+        print(len(kept), "slides ready in", self.cache_dir, flush=True)
+        return self
+
+    def part(self, name: str) -> list[dict[str, Any]]:
+        """Rows of split ``name`` (``"train"``, ``"val"`` or ``"test"``); :meth:`run` must have run."""
+        if self.parts is None:
+            raise RuntimeError("Preprocessor.part: call run() first (the bundle's steps do: '$@prepare.run()')")
+        return self.parts[name]
+
+    def feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean and std ``[D]`` of the training slides (:func:`feature_stats`)."""
+        return feature_stats(self.part("train"), self.cache_dir)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_fbta._io import atomic_open
+from monai_fbta._io import atomic_open, inside
 
 __all__ = [
     "resolve_class_names",
@@ -164,15 +164,16 @@ def evaluate_checkpoint(
     Also writes ``<split>_predictions.csv`` beside ``metrics_path``. ``class_names`` / ``identity``: see
     :func:`check_model`.
     """
-    from monai_fbta.data.dataset import FBTADataset, collate_single
+    from monai_fbta.data.dataset import SlideDataset, collate_single
     from monai_fbta.engines import FBTAEvaluator
+    from monai_fbta.transforms.store import LoadStored
 
     if not rows:
         logger.warning("no %s slides: nothing to evaluate", split)
         return {}
     check_model(model_path, class_names, identity)
     head, translator, meta = load_inference_networks(model_path, device)
-    dataset = FBTADataset(rows, store_dir, num_clusters=1, load_patches=False, cluster_on_init=False)
+    dataset = SlideDataset(rows, LoadStored(store_dir, keys=("coords", "features")))  # the full bags, nothing else
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_single)
     evaluator = FBTAEvaluator(device, loader, head, translator, prefix=split)
     evaluator.run()
@@ -198,3 +199,28 @@ def evaluate_checkpoint(
         write_predictions_csv(os.path.join(os.path.dirname(os.fspath(metrics_path)), f"{split}_predictions.csv"),
                               records, meta["class_names"])
     return result
+
+
+class CheckpointEvaluation:
+    """The bundle's evaluation of ``model.pt`` on one split of a :class:`~monai_fbta.pipeline.prepare.Preprocessor`:
+    :meth:`run` writes ``<output_dir>/<split>_metrics.json`` and ``<split>_predictions.csv`` (:func:`evaluate_checkpoint`).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        prepare: Any,
+        output_dir: str | os.PathLike,
+        split: str = "test",
+        device: str | torch.device = "cpu",
+        class_names: Sequence[str] | None = None,
+        identity: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model_path, self.prepare, self.output_dir, self.split = model_path, prepare, output_dir, split
+        self.device, self.class_names, self.identity = device, class_names, identity
+
+    def run(self) -> dict[str, Any]:
+        """Evaluate (after ``prepare.run()``); returns the metrics report."""
+        return evaluate_checkpoint(self.model_path, self.prepare.part(self.split), self.prepare.cache_dir, self.device,
+                                   inside(os.fspath(self.output_dir), f"{self.split}_metrics.json"), split=self.split,
+                                   class_names=self.class_names, identity=self.identity)

@@ -25,11 +25,13 @@ from monai_fbta.transforms.augment import (  # noqa: E402
 from monai_fbta.transforms.clustering import ClusterFeatures, ClusterFeaturesd  # noqa: E402
 from monai_fbta.transforms.patches import ReadPatches, ReadPatchesd, SlideCache, patches_to_tensor, tiling_meta  # noqa: E402
 from monai_fbta.transforms.pseudobag import PseudoBagSample, PseudoBagSampled, sample_pseudo_bag  # noqa: E402
+from monai_fbta.transforms.store import LoadStored  # noqa: E402
 from monai_fbta.transforms.tiling import TissueTile, TissueTiled  # noqa: E402
 
 __all__ = [
     "ClusterFeatures",
     "ClusterFeaturesd",
+    "LoadStored",
     "PerPatchd",
     "PseudoBagSample",
     "PseudoBagSampled",

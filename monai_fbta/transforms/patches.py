@@ -140,7 +140,9 @@ class ReadPatchesd(MapTransform):
         keys: coordinates keys (``[S, 2]`` level-0 ``(x, y)``).
         slide_key: slide path or open ``Slide`` (default: the metadata's ``filename_or_obj``).
         out_keys: where the ``[S, 3, out, out]`` patches go, one per key (default ``<key>_image``).
-        level, size, out_size, backend, mpp: see :class:`ReadPatches`.
+        level, size, backend, mpp: see :class:`ReadPatches`.
+        out_size: output size (default: the tiling's ``patch_size``, i.e. the size the frozen features saw, else
+            the read size).
         meta_key_postfix: metadata of ``key`` is read from ``f"{key}_{meta_key_postfix}"``.
     """
 
@@ -182,5 +184,6 @@ class ReadPatchesd(MapTransform):
         d = dict(data)
         for key, out_key in self.key_iterator(d, self.out_keys):
             slide, level, size = self._geometry(d, key)
-            d[out_key] = self.reader(slide, d[key], level, size, self.out_size or size)
+            out_size = self.out_size or tiling_meta(d, key, self.meta_key_postfix).get("patch_size") or size
+            d[out_key] = self.reader(slide, d[key], level, size, int(out_size))
         return d
