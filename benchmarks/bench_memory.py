@@ -41,6 +41,7 @@ from the measured slope, labelled as such.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -131,17 +132,46 @@ def child(args) -> dict:
 
 
 def _measure(args, config: str, n: int) -> dict:
+    """One configuration in a fresh child; reused from ``--rows-file`` when measured there with the same settings."""
     cli = ["--child", config, str(n), "--encoder", args.encoder, "--patch", str(args.patch), "--chunk", str(args.chunk),
            "--pseudo-bag", str(args.pseudo_bag), "--translated-bag", args.translated_bag, "--device", args.device]
     if args.threads:
         cli += ["--threads", str(args.threads)]
+    done = _measured_rows(args.rows_file).get(" ".join(cli))
+    if done is not None:
+        print(f"  {config:<12s} N={n:<7d} {done['peak_mb']:.0f} MB peak (measured earlier, {args.rows_file})", flush=True)
+        return done
     row = run_child(os.path.abspath(__file__), cli, timeout=args.child_timeout, env=CPU_ALLOCATOR_ENV)
     row.setdefault("config", config)
     row.setdefault("n", n)
     row["source"] = "measured" if "error" not in row else "failed"
     status = f"{row['peak_mb']:.0f} MB peak, {row['seconds']:.1f} s" if "error" not in row else row["error"]
     print(f"  {config:<12s} N={n:<7d} {status}", flush=True)
+    if args.rows_file and row["source"] == "measured":
+        with open(args.rows_file, "a") as f:  # one line per finished child: a stopped run resumes here
+            f.write(json.dumps({"cli": " ".join(cli), "row": row}) + "\n")
     return row
+
+
+def _measured_rows(path: str | None) -> dict[str, dict]:
+    """``{child command line: row}`` from a ``--rows-file`` (a torn last line is ignored)."""
+    if not path or not os.path.exists(path):
+        return {}
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[item["cli"]] = item["row"]
+    return rows
+
+
+def _fbta_sizes(args, head: str) -> list[int]:
+    """``--n``, without the sizes above ``--max-n head=N`` for this head."""
+    limit = dict(item.split("=") for item in args.max_n).get(head)
+    return [n for n in args.n if limit is None or n <= int(limit)]
 
 
 def _direct_rows(args, config: str, cap_mb: float) -> tuple[list[dict], dict]:
@@ -177,6 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pseudo-bag", type=int, default=100, help="C*M patches through the extractor in FBTA")
     p.add_argument("--translated-bag", choices=["pseudo", "full"], default="pseudo",
                    help="FBTA's translated view: f_T(F^FB[S]) (the paper) or f_T(F^FB) (the bundle's default)")
+    p.add_argument("--max-n", nargs="*", default=[], metavar="HEAD=N",
+                   help="largest N for a head's FBTA rows (e.g. mambamil=50000: its CPU scan is slow)")
+    p.add_argument("--rows-file", default=None,
+                   help="JSON-lines file of finished children: appended to, and rows already there are reused")
     p.add_argument("--chunk", type=int, default=16, help="encoder chunk (and checkpoint segment) size")
     p.add_argument("--direct-n", nargs="+", type=int, default=DEFAULT_DIRECT_N,
                    help="bag sizes of the direct e2e rows, measured in order while they fit --cap-gb")
@@ -202,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, fits = [], {}
     for config in args.configs:
         if config == "fbta":
-            rows += [_measure(args, f"fbta_{head}", n) for head in args.heads for n in args.n]
+            rows += [_measure(args, f"fbta_{head}", n) for head in args.heads for n in _fbta_sizes(args, head)]
         elif config in ("direct", "direct_ckpt"):
             config_rows, fits[config] = _direct_rows(args, config, cap_mb)
             rows += config_rows
@@ -218,11 +252,16 @@ def main(argv: list[str] | None = None) -> dict:
         return next((r["peak_mb"] for r in rows if r["config"] == config and r["n"] == n and "peak_mb" in r), float("nan"))
 
     ratios = {}
-    n_lo, n_hi = min(args.n), (50000 if 50000 in args.n else max(args.n))
     if "fbta" in args.configs:
         for head in args.heads:
+            sizes = [n for n in _fbta_sizes(args, head) if peak(f"fbta_{head}", n) == peak(f"fbta_{head}", n)]
+            if len(sizes) < 2:
+                continue
+            n_lo, n_hi = min(sizes), (50000 if 50000 in sizes else max(sizes))
             v = peak(f"fbta_{head}", n_hi) / peak(f"fbta_{head}", n_lo)
-            ratios[f"{head} + FBTA peak N={n_hi} / N={n_lo}"] = ratio(v, f"<= {TARGET_RATIO:g}", v <= TARGET_RATIO)
+            on_target = n_lo <= 1000 and n_hi == 50000  # the issue's target compares N = 50k with N = 1k
+            ratios[f"{head} + FBTA peak N={n_hi} / N={n_lo}"] = (
+                ratio(v, f"<= {TARGET_RATIO:g}", v <= TARGET_RATIO) if on_target else ratio(v, "-", None))
     for config, fit in fits.items():
         if "peak_mb_per_patch" in fit:
             n_big = fit["largest_measured_n"]
@@ -230,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{fit['peak_mb_per_patch']:.2f} MB per patch; the measured slope passes {args.limit_gb:g} GB at "
                   f"N ~ {fit.get('n_exceeding_limit_from_slope', 0):,}")
             if "fbta" in args.configs and "abmil" in args.heads:
-                v = peak(config, n_big) / peak("fbta_abmil", n_lo)
-                ratios[f"{config} at N={n_big} / ABMIL + FBTA at N={n_lo} (both measured)"] = ratio(v, "-", None)
+                v = peak(config, n_big) / peak("fbta_abmil", min(args.n))
+                ratios[f"{config} at N={n_big} / ABMIL + FBTA at N={min(args.n)} (both measured)"] = ratio(v, "-", None)
     print_ratios(ratios)
 
     payload = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k not in ("child", "json", "plot")},
