@@ -87,7 +87,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from monai_fbta.data.clustering import cluster_store
-    from monai_fbta.data.dataset import FBTADataset
+    from monai_fbta.transforms.chain import FBTADataset
     from monai_fbta.data.extraction import extract_features, prepare_encoder, resolve_amp_dtype
     from monai_fbta.data.store import read_array, read_coords
     from monai_fbta.data.tiling import tile_slide

@@ -9,7 +9,8 @@ from slide_factory import tissue_rect_image, write_slide
 from torch.utils.data import DataLoader
 
 from monai_fbta.data.clustering import cluster_store
-from monai_fbta.data.dataset import FBTADataset, collate_single
+from monai_fbta.data.dataset import collate_single
+from monai_fbta.transforms.chain import FBTADataset
 from monai_fbta.data.extraction import extract_features
 from monai_fbta.data.store import StoreError, add_arrays, read_array, read_attrs
 from monai_fbta.transforms.patches import ReadPatches

@@ -23,10 +23,10 @@ import torch
 from slide_factory import tissue_rect_image, write_slide
 
 from monai_fbta.data.datalist import DatalistError, check_splits, load_datalist, select_fold
-from monai_fbta.data.dataset import FBTADataset
+from monai_fbta.transforms.chain import FBTADataset
 from monai_fbta.data.errors import SlideError
-from monai_fbta.data.extraction import extract_features, store_path
-from monai_fbta.data.store import StoreError, add_arrays, read_array, store_is_complete, write_coords
+from monai_fbta.data.extraction import extract_features
+from monai_fbta.data.store import StoreError, add_arrays, read_array, store_is_complete, store_path, write_coords
 from monai_fbta.networks.registry import build_encoder
 from monai_fbta.pipeline.infer import run_inference
 

@@ -305,7 +305,8 @@ def test_end_to_end_on_synthetic_slides_with_fbta_dataset(tmp_path):
     import numpy as np
     from slide_factory import tissue_rect_image, write_slide
 
-    from monai_fbta.data.dataset import FBTADataset, collate_single
+    from monai_fbta.data.dataset import collate_single
+    from monai_fbta.transforms.chain import FBTADataset
     from monai_fbta.data.extraction import extract_features
 
     rows = []

@@ -23,9 +23,9 @@ from monai_fbta.transforms import (
     TissueTiled,
     hed_to_rgb,
     make_e2e_augmentation,
-    patches_to_tensor,
     rgb_to_hed,
 )
+from monai_fbta.data.slide import patches_to_tensor
 from slide_factory import textured_image, write_slide
 
 from monai.transforms import Compose, EnsureTyped, RandFlipd, ScaleIntensityd

@@ -39,10 +39,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from monai_fbta._io import atomic_open, inside, safe_name
+from monai_fbta._io import atomic_open, safe_name
 from monai_fbta.data.errors import SlideError, SlideNotFoundError, SlideReadError
-from monai_fbta.data.store import StoreError, add_arrays, check_ours, read_attrs, read_coords, store_is_complete, write_coords
-from monai_fbta.transforms.patches import SlideCache, patches_to_tensor
+from monai_fbta.data.slide import SlideCache, open_slide, patches_to_tensor
+from monai_fbta.data.store import (
+    StoreError, add_arrays, check_ours, read_attrs, read_coords, slide_id_of, store_is_complete, store_path, write_coords,
+)
 
 __all__ = [
     "SlideResult",
@@ -50,8 +52,6 @@ __all__ = [
     "extract_features",
     "encoder_fingerprint",
     "slide_fingerprint",
-    "slide_id_of",
-    "store_path",
     "main",
 ]
 
@@ -109,19 +109,6 @@ def _write_csv_atomic(path: str, results: Sequence[SlideResult]) -> None:
 
 
 # ----------------------------------------------------------------------------- identity
-
-
-def slide_id_of(row: Mapping[str, Any] | str | os.PathLike) -> str:
-    """``row["slide_id"]`` if given, else the slide file name without its extension."""
-    if isinstance(row, Mapping) and row.get("slide_id"):
-        return str(row["slide_id"])
-    path = os.fspath(row["image"] if isinstance(row, Mapping) else row)
-    return os.path.splitext(os.path.basename(path))[0]
-
-
-def store_path(out_dir: str | os.PathLike, slide_id: str) -> str:
-    """``<out_dir>/<safe slide_id>.h5``: ids like ``../../x`` or ``a/b`` cannot leave ``out_dir``."""
-    return inside(os.fspath(out_dir), f"{safe_name(slide_id)}.h5")
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> dict[str, str]:
@@ -287,7 +274,6 @@ def _remove_stale_temps(path: str) -> None:
 def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, Any], coords_fp: Mapping[str, Any], backend: str):
     """Reuse the store's coords when their fingerprint (tiling settings and slide file; for imported
     coords the slide file only) matches, else tile and write them. ``attrs["fingerprint"]`` is the one stored."""
-    from monai_fbta.data.slide import open_slide
     from monai_fbta.data.tiling import tile_slide
 
     if store_is_complete(path, required=("coords",)):
@@ -453,7 +439,6 @@ def extract_features(
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(encoder, str):
-        from monai_fbta.data.datalist import load_datalist
         from monai_fbta.networks.registry import build_encoder
 
         encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))

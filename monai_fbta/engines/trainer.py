@@ -1,6 +1,6 @@
 """FBTATrainer: one slide per iteration, the FBTA views, EMA teachers and the t/T curriculum.
 
-Per iteration (batch size 1, the sample dict of :class:`monai_fbta.data.dataset.FBTADataset`):
+Per iteration (batch size 1, the sample dict of :class:`monai_fbta.transforms.chain.FBTADataset`):
 
 * views: ``frozen = F^FB`` (the whole cached bag ``features [1, N, D]``, as in the paper; ``frozen_bag="pseudo"``
   is a deviation that uses ``F^FB[S]``), ``e2e = f_TFE(pb_image)``, ``translated = f_T(F^FB[S])`` (``translated_bag=

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from monai_fbta.data.datalist import load_datalist
-from monai_fbta.data.extraction import extract_features, slide_id_of, store_path
-from monai_fbta.data.store import read_array, read_coords
+from monai_fbta.data.extraction import extract_features
+from monai_fbta.data.store import read_array, read_coords, slide_id_of, store_path
 from monai_fbta.pipeline.paths import inside, safe_name
 from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, frozen_encoder
 from monai_fbta.pipeline.report import build_inference_network, write_predictions_csv

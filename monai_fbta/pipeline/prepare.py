@@ -163,7 +163,8 @@ def preprocess(
     left out, loudly; with ``skip_errors=False`` the first failure raises, with ``strict`` any failure
     raises once every slide was tried. Fewer than ``min_slides`` usable slides is an error.
     """
-    from monai_fbta.data.extraction import extract_features, slide_id_of
+    from monai_fbta.data.extraction import extract_features
+    from monai_fbta.data.store import slide_id_of
 
     report = extract_features(
         rows, cache_dir, encoder, tiling_kwargs=dict(tiling or {}), batch_size=batch_size,
@@ -180,7 +181,7 @@ def preprocess(
                            f"(see {os.path.join(cache_dir, 'extraction_report.csv')})")
     if num_clusters:
         from monai_fbta.data.clustering import cluster_store
-        from monai_fbta.data.extraction import store_path
+        from monai_fbta.data.store import store_path
 
         for row in kept:
             cluster_store(store_path(cache_dir, slide_id_of(row)), num_clusters, cluster_seed)
@@ -192,8 +193,7 @@ def feature_stats(rows: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLik
 
     Used to standardise the MIL head's input (:meth:`monai_fbta.networks.MILHead.set_feature_stats`).
     """
-    from monai_fbta.data.extraction import slide_id_of, store_path
-    from monai_fbta.data.store import read_array
+    from monai_fbta.data.store import read_array, slide_id_of, store_path
 
     total, total_sq, count = None, None, 0
     for row in rows:
