@@ -74,7 +74,6 @@ def _train_trainer(rows, store_dir, views, args, frozen, device) -> list[float]:
     from ignite.engine import Events
     from torch.utils.data import DataLoader
 
-    from monai_fbta.data.dataset import collate_single
     from monai_fbta.transforms.chain import FBTADataset
     from monai_fbta.engines import FBTALoss, FBTATrainer
     from monai_fbta.engines.trainer import fbta_param_groups
@@ -83,7 +82,7 @@ def _train_trainer(rows, store_dir, views, args, frozen, device) -> list[float]:
 
     vanilla = list(views) == ["frozen"]
     ds = FBTADataset(rows, store_dir, num_per_cluster=args.m, num_clusters=args.clusters, load_patches=not vanilla)
-    loader = DataLoader(ds, batch_size=1, shuffle=True, collate_fn=collate_single, num_workers=args.workers)
+    loader = DataLoader(ds, batch_size=None, shuffle=True, num_workers=args.workers)
     head = build_mil_head("abmil", in_features=args.dim, num_classes=2).to(device)
     translator = None if vanilla else build_translator(in_features=args.dim).to(device)
     encoder = None if vanilla else copy_trainable(frozen).to(device)

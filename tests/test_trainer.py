@@ -305,7 +305,6 @@ def test_end_to_end_on_synthetic_slides_with_fbta_dataset(tmp_path):
     import numpy as np
     from slide_factory import tissue_rect_image, write_slide
 
-    from monai_fbta.data.dataset import collate_single
     from monai_fbta.transforms.chain import FBTADataset
     from monai_fbta.data.extraction import extract_features
 
@@ -325,7 +324,7 @@ def test_end_to_end_on_synthetic_slides_with_fbta_dataset(tmp_path):
     encoder = copy_trainable(frozen)
     opt = torch.optim.AdamW(fbta_param_groups(head, translator, encoder))
     trainer = FBTATrainer(
-        "cpu", 2, DataLoader(train_ds, batch_size=1, collate_fn=collate_single), head, opt, FBTALoss(),
+        "cpu", 2, DataLoader(train_ds, batch_size=None), head, opt, FBTALoss(),
         translator=translator, trainable_encoder=encoder,
     )
     pb_per_epoch = []
@@ -335,7 +334,7 @@ def test_end_to_end_on_synthetic_slides_with_fbta_dataset(tmp_path):
     assert trainer.state.optimizer_step == 4 and all(np.isfinite(trainer.state.output[k]) for k in ("cls", "cons", "dist"))
     assert train_ds.epoch == 1, f"dataset epoch {train_ds.epoch} after {trainer.state.epoch} epochs"
     assert not torch.equal(*pb_per_epoch), "a new pseudo-bag each epoch"
-    ev = FBTAEvaluator("cpu", DataLoader(val_ds, batch_size=1, collate_fn=collate_single), trainer.inference_head, translator)
+    ev = FBTAEvaluator("cpu", DataLoader(val_ds, batch_size=None), trainer.inference_head, translator)
     ev.run()
     assert [p["slide_id"] for p in ev.state.predictions] == ["s0", "s1"]
     assert {"val_auc", "val_auc_vanilla", "val_acc", "val_f1_vanilla"} <= set(ev.state.metrics)
@@ -374,3 +373,20 @@ def test_translated_bag_option_feeds_the_whole_translated_bag():
         assert heads.shape[2] == S, "L_dist stays on the pseudo-bag"
     with pytest.raises(ValueError, match="translated_bag"):
         _trainer([sample], translated_bag="all")
+
+
+def test_prepare_slide_batch_takes_a_sample_or_a_batch_of_one():
+    """PrepareSlideBatch: an uncollated sample and a default-collated batch of one give the same engine inputs."""
+    from monai_fbta.engines import PrepareSlideBatch
+
+    sample = _sample(0, n=30)
+    prepare = PrepareSlideBatch()
+    direct = prepare(next(iter(DataLoader([sample], batch_size=None))), "cpu")
+    collated = prepare(next(iter(DataLoader([sample], batch_size=1))), "cpu")
+    assert direct.keys() == collated.keys()
+    for key in ("features", "pb_features", "pb_image", "pb_image_clean", "label"):  # what the engines read
+        assert torch.equal(direct[key], collated[key]), key
+    assert direct["slide_id"] == collated["slide_id"] == "slide0"
+    assert direct["features"].shape == (1, 30, D) and direct["pb_image"].ndim == 4 and direct["label"].shape == (1,)
+    with pytest.raises(ValueError, match="one slide per batch"):
+        prepare(next(iter(DataLoader([sample, sample], batch_size=2))), "cpu")

@@ -20,7 +20,8 @@ when they started). ``FBTATrainer`` calls it on every ``EPOCH_STARTED``.
     pb_image_clean float32 [S, 3, P, P] in [0, 1]   un-augmented patches (load_patches=True)
     pb_image       float32 [S, 3, P, P] in [0, 1]   augmented patches (same as clean if augment=False)
 
-Batch with :func:`collate_single` (batch size 1).
+Load with ``DataLoader(dataset, batch_size=None)`` (one slide per item, no collation); the engines'
+:class:`~monai_fbta.engines.utils.PrepareSlideBatch` turns a sample into their inputs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ quiet_import("monai")
 from monai.data import Dataset  # noqa: E402
 from monai.transforms import Randomizable  # noqa: E402
 
-__all__ = ["SlideDataset", "seed_for", "collate_single"]
+__all__ = ["SlideDataset", "seed_for"]
 
 
 def seed_for(*parts: int) -> int:
@@ -84,21 +85,3 @@ class SlideDataset(Dataset):
         if isinstance(self.transform, Randomizable):
             self.transform.set_random_state(seed=seed_for(self.seed, self.epoch, index))
         return super()._transform(index)
-
-
-def collate_single(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Collate a batch of **one** slide: every tensor gets a leading batch dim of 1
-    (``features [N, D] -> [1, N, D]``, ``pb_image [S, 3, P, P] -> [1, S, 3, P, P]``), ints become
-    a ``[1]`` tensor and other values (``slide_id``, ``image``) a 1-element list. Bags differ in
-    size, so batches of several slides are refused (use gradient accumulation instead)."""
-    if len(batch) != 1:
-        raise ValueError(f"collate_single takes one slide per batch (bags differ in size), got {len(batch)}")
-    out: dict[str, Any] = {}
-    for key, value in batch[0].items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.unsqueeze(0)
-        elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            out[key] = torch.tensor([int(value)])
-        else:
-            out[key] = [value]
-    return out

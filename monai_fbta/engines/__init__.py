@@ -13,7 +13,8 @@ from monai_fbta.engines.checkpoint import (
 )
 from monai_fbta.engines.evaluator import FBTAEvaluator, macro_auc
 from monai_fbta.engines.losses import VIEWS, FBTALoss, validate_views
-from monai_fbta.engines.trainer import FBTATrainer, encode_patches, fbta_param_groups, mil_logits, prepare_slide_batch
+from monai_fbta.engines.trainer import FBTATrainer, encode_patches, fbta_param_groups, mil_logits
+from monai_fbta.engines.utils import PrepareSlideBatch
 from monai_fbta.networks.translator import translate_bag
 
 __all__ = [
@@ -22,7 +23,7 @@ __all__ = [
     "validate_views",
     "FBTATrainer",
     "FBTAEvaluator",
-    "prepare_slide_batch",
+    "PrepareSlideBatch",
     "fbta_param_groups",
     "mil_logits",
     "encode_patches",

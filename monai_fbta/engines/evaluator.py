@@ -21,7 +21,7 @@ from ignite.metrics import EpochMetric
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from monai_fbta._quiet import quiet_import
-from monai_fbta.engines.trainer import prepare_slide_batch
+from monai_fbta.engines.utils import PrepareSlideBatch
 from monai_fbta.networks.inference import TranslatedMIL
 
 quiet_import("monai.engines")
@@ -67,6 +67,7 @@ class FBTAEvaluator(Evaluator):
         key_metric: which metric decides the best model (one of ``auc``, ``acc``, ``bacc``, ``f1``).
         report_vanilla: also report ``f*_MIL(F^FB)`` when a translator is given.
         translate_chunk_size: instances per translator call.
+        prepare_batch: a ``PrepareBatch`` (default :class:`~monai_fbta.engines.utils.PrepareSlideBatch`).
         Other arguments are MONAI ``Evaluator``'s.
     """
 
@@ -82,7 +83,7 @@ class FBTAEvaluator(Evaluator):
         translate_chunk_size: int | None = 16384,
         epoch_length: int | None = None,
         non_blocking: bool = False,
-        prepare_batch: Callable = prepare_slide_batch,
+        prepare_batch: Callable | None = None,
         metric_cmp_fn: Callable = default_metric_cmp_fn,
         val_handlers: Sequence | None = None,
         amp: bool = False,
@@ -107,7 +108,7 @@ class FBTAEvaluator(Evaluator):
             val_data_loader=val_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
+            prepare_batch=PrepareSlideBatch() if prepare_batch is None else prepare_batch,
             key_val_metric={key: metrics.pop(key)},
             additional_metrics=metrics,
             metric_cmp_fn=metric_cmp_fn,

@@ -28,6 +28,7 @@ from monai_fbta._quiet import quiet_import
 from monai_fbta.engines.losses import FBTALoss, validate_views
 from monai_fbta.handlers.curriculum import CurriculumWeight
 from monai_fbta.handlers.ema import ModelEMA
+from monai_fbta.engines.utils import PrepareSlideBatch
 from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
 from monai_fbta.networks.mil_base import mil_logits
 from monai_fbta.networks.translator import translate_bag
@@ -37,38 +38,7 @@ from monai.engines import Trainer  # noqa: E402
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn  # noqa: E402
 from monai.engines.workflow import Workflow  # noqa: E402
 
-__all__ = ["FBTATrainer", "prepare_slide_batch", "fbta_param_groups", "mil_logits", "encode_patches"]
-
-
-def prepare_slide_batch(
-    batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs
-) -> dict[str, Any]:
-    """Move the tensors of one slide sample to ``device``, adding the batch dim to un-collated samples.
-
-    Bags become ``[1, N, D]``, patches ``[S, 3, H, W]`` (the batch dim of 1 is dropped), labels ``[1]``,
-    a collated ``slide_id`` list ``[str]`` its string.
-    """
-    out: dict[str, Any] = {}
-    for key, value in batchdata.items():
-        if key == "label" and isinstance(value, int):
-            value = torch.tensor([value])
-        if not isinstance(value, torch.Tensor):
-            collated_str = isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str)
-            out[key] = value[0] if collated_str else value
-            continue
-        value = value.to(device=device, non_blocking=non_blocking, **kwargs)
-        if key in ("features", "pb_features") and value.ndim == 2:
-            value = value.unsqueeze(0)
-        elif key in ("pb_image", "pb_image_clean") and value.ndim == 5:
-            if value.shape[0] != 1:
-                raise ValueError(f"FBTATrainer expects batch size 1 (one slide per iteration), got {value.shape[0]}")
-            value = value[0]
-        elif key == "label":
-            value = value.reshape(-1).long()
-        out[key] = value
-    if "features" in out and out["features"].shape[0] != 1:
-        raise ValueError(f"FBTATrainer expects batch size 1 (one slide per iteration), got {out['features'].shape[0]}")
-    return out
+__all__ = ["FBTATrainer", "fbta_param_groups", "mil_logits", "encode_patches"]
 
 
 def encode_patches(
@@ -108,7 +78,7 @@ class FBTATrainer(Trainer):
     Args:
         device: device to train on.
         max_epochs: epochs T (also the curriculum's T unless ``curriculum`` says otherwise).
-        train_data_loader: yields one slide per batch (see :func:`prepare_slide_batch`).
+        train_data_loader: yields one slide per batch (``batch_size=None`` or ``1``, see :class:`PrepareSlideBatch`).
         mil_head: the shared MIL head f_MIL, ``forward(x [B, N, D]) -> [B, C]``.
         optimizer: optimiser over the trained modules (see :func:`fbta_param_groups`).
         loss_function: :class:`FBTALoss`; its ``views`` are the views used.
@@ -130,6 +100,7 @@ class FBTATrainer(Trainer):
         accumulation_steps: slides per optimiser step (loss divided by it; flushed at epoch end).
         amp: autocast (CUDA fp16 + GradScaler on GPU, bf16 on CPU unless ``amp_dtype`` says otherwise).
         grad_checkpointing / encoder_chunk_size: memory controls of the e2e extractor forward.
+        prepare_batch: a ``PrepareBatch`` (default :class:`~monai_fbta.engines.utils.PrepareSlideBatch`).
         Other arguments are MONAI ``SupervisedTrainer``'s.
     """
 
@@ -160,7 +131,7 @@ class FBTATrainer(Trainer):
         encoder_chunk_size: int | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
-        prepare_batch: Callable = prepare_slide_batch,
+        prepare_batch: Callable | None = None,
         key_train_metric: dict | None = None,
         additional_metrics: dict | None = None,
         metric_cmp_fn: Callable = default_metric_cmp_fn,
@@ -193,7 +164,7 @@ class FBTATrainer(Trainer):
             data_loader=train_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
+            prepare_batch=PrepareSlideBatch() if prepare_batch is None else prepare_batch,
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             metric_cmp_fn=metric_cmp_fn,

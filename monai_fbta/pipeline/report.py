@@ -164,7 +164,7 @@ def evaluate_checkpoint(
     Also writes ``<split>_predictions.csv`` beside ``metrics_path``. ``class_names`` / ``identity``: see
     :func:`check_model`.
     """
-    from monai_fbta.data.dataset import SlideDataset, collate_single
+    from monai_fbta.data.dataset import SlideDataset
     from monai_fbta.engines import FBTAEvaluator
     from monai_fbta.transforms.store import LoadStored
 
@@ -174,7 +174,7 @@ def evaluate_checkpoint(
     check_model(model_path, class_names, identity)
     head, translator, meta = load_inference_networks(model_path, device)
     dataset = SlideDataset(rows, LoadStored(store_dir, keys=("coords", "features")))  # the full bags, nothing else
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_single)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False)  # one slide per item: PrepareSlideBatch
     evaluator = FBTAEvaluator(device, loader, head, translator, prefix=split)
     evaluator.run()
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items()}
