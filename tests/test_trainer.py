@@ -13,18 +13,9 @@ from torch.utils.data import DataLoader
 
 from monai.engines.utils import IterationEvents
 
-from monai_fbta.engines import (
-    BestModelSaver,
-    FBTAEvaluator,
-    FBTALoss,
-    FBTATrainer,
-    TrainingCheckpoint,
-    fbta_param_groups,
-    load_checkpoint,
-    load_inference_model,
-    training_objects,
-    translate_bag,
-)
+from monai_fbta.engines import FBTAEvaluator, FBTALoss, FBTATrainer, fbta_param_groups, translate_bag
+from monai_fbta.handlers import BestModelSaver, TrainingCheckpoint
+from monai_fbta.handlers.checkpoint import load_checkpoint, load_inference_model, training_objects
 from monai_fbta.networks.abmil import ABMIL
 from monai_fbta.networks.encoder import PatchEncoder, copy_frozen, copy_trainable
 from monai_fbta.networks.translator import FeatureTranslator

@@ -26,7 +26,7 @@ Load with ``DataLoader(dataset, batch_size=None)`` (one slide per item, no colla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np

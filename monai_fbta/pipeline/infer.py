@@ -28,7 +28,8 @@ from monai_fbta.data.extraction import extract_features
 from monai_fbta.data.store import read_array, read_coords, slide_id_of, store_path
 from monai_fbta.pipeline.paths import inside, safe_name
 from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, frozen_encoder
-from monai_fbta.pipeline.report import build_inference_network, write_predictions_csv
+from monai_fbta.handlers.checkpoint import build_inference_network
+from monai_fbta.pipeline.report import write_predictions_csv
 
 __all__ = ["InferenceError", "inference_rows", "run_inference"]
 
