@@ -30,7 +30,7 @@ def make_slide(path: str, size: int, seed: int = 0) -> None:
     """White margin, tissue-coloured textured square covering ~85% of the area."""
     from scipy import ndimage as ndi
 
-    from monai_fbta.data.synthetic import write_pyramidal_tiff
+    from monai_fbta.synthetic import write_pyramidal_tiff
 
     rng = np.random.default_rng(seed)
     low = ndi.zoom(rng.random((size // 64, size // 64, 3), dtype=np.float32), (64, 64, 1), order=1)

@@ -95,7 +95,7 @@ def default_class_names(
             names = json.load(f).get("class_names")
         return list(names) if names else None
     if not _slides_in(folder) and not (folder / "labels.csv").is_file():
-        from monai_fbta.data.synthetic import CLASS_NAMES
+        from monai_fbta.synthetic import CLASS_NAMES
 
         return list(CLASS_NAMES[:num_classes])
     return None
@@ -118,7 +118,7 @@ def find_or_make_dataset(
       relative paths against ``dataset_dir``.
     * else ``dataset_dir/labels.csv`` exists: load it.
     * else ``dataset_dir`` holds no slide: generate the synthetic demo dataset there
-      (:func:`monai_fbta.data.synthetic.generate_dataset` with ``synthetic`` as arguments).
+      (:func:`monai_fbta.synthetic.generate_dataset` with ``synthetic`` as arguments).
     * else (slides but no labels): a :class:`DatalistError` saying what to pass.
     """
     folder = Path(dataset_dir)
@@ -133,7 +133,7 @@ def find_or_make_dataset(
                 [f"found {len(slides)} slides but no labels.csv: pass --datalist /path/to/labels.csv "
                  "(columns slide_id,path,label[,case_id]) or a MONAI datalist JSON"],
             )
-        from monai_fbta.data.synthetic import generate_dataset
+        from monai_fbta.synthetic import generate_dataset
 
         settings = dict(synthetic or {})
         logger.info("no slides in %s: generating the synthetic demo dataset %s", folder, settings)
