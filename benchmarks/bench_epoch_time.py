@@ -46,7 +46,8 @@ def direct_e2e_epoch(
     """One epoch of direct end-to-end MIL: per slide, ALL its patches through ``encoder`` (gradient
     checkpointing per ``chunk``) then ``head``; cross-entropy, backward, optimiser step."""
     from monai_fbta.data.store import read_coords, slide_id_of, store_path
-    from monai_fbta.engines.trainer import encode_patches, mil_logits
+    from monai_fbta.engines.trainer import mil_logits
+    from monai_fbta.networks.encode import encode_patches
     from monai_fbta.transforms.patches import ReadPatches
 
     reader = ReadPatches()

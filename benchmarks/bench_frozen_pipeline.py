@@ -44,7 +44,7 @@ def make_slide(path: str, size: int, seed: int = 0) -> None:
 
 def bare_forward(encoder, batch_size: int, patch: int, n: int, device, amp_dtype, channels_last: bool) -> float:
     """Patches/s of the encoder alone on an in-memory batch (after 2 warm-up batches)."""
-    from monai_fbta.data.extraction import encode_batch
+    from monai_fbta.networks.encode import encode_batch
 
     x = torch.rand(batch_size, 3, patch, patch)
     for _ in range(2):
@@ -88,7 +88,8 @@ def main() -> None:
 
     from monai_fbta.data.clustering import cluster_store
     from monai_fbta.transforms.chain import FBTADataset
-    from monai_fbta.data.extraction import extract_features, prepare_encoder, resolve_amp_dtype
+    from monai_fbta.data.extraction import extract_features
+    from monai_fbta.networks.encode import prepare_encoder, resolve_amp_dtype
     from monai_fbta.data.store import read_array, read_coords
     from monai_fbta.data.tiling import tile_slide
     from monai_fbta.networks.registry import build_encoder

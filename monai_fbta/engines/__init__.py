@@ -2,7 +2,7 @@
 
 from monai_fbta.engines.evaluator import FBTAEvaluator, macro_auc
 from monai_fbta.engines.losses import VIEWS, FBTALoss, validate_views
-from monai_fbta.engines.trainer import FBTATrainer, encode_patches, fbta_param_groups, mil_logits
+from monai_fbta.engines.trainer import FBTATrainer, fbta_param_groups, mil_logits
 from monai_fbta.engines.utils import PrepareSlideBatch
 from monai_fbta.networks.translator import translate_bag
 
@@ -15,7 +15,6 @@ __all__ = [
     "PrepareSlideBatch",
     "fbta_param_groups",
     "mil_logits",
-    "encode_patches",
     "macro_auc",
     "translate_bag",
 ]

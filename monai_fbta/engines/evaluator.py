@@ -22,6 +22,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 
 from monai_fbta._quiet import quiet_import
 from monai_fbta.engines.utils import PrepareSlideBatch
+from monai_fbta.networks.encode import autocast, resolve_amp_dtype
 from monai_fbta.networks.inference import TranslatedMIL
 
 quiet_import("monai.engines")
@@ -68,6 +69,7 @@ class FBTAEvaluator(Evaluator):
         report_vanilla: also report ``f*_MIL(F^FB)`` when a translator is given.
         translate_chunk_size: instances per translator call.
         prepare_batch: a ``PrepareBatch`` (default :class:`~monai_fbta.engines.utils.PrepareSlideBatch`).
+        amp, amp_dtype: autocast with :func:`~monai_fbta.networks.encode.resolve_amp_dtype`'s dtype.
         Other arguments are MONAI ``Evaluator``'s.
     """
 
@@ -87,12 +89,14 @@ class FBTAEvaluator(Evaluator):
         metric_cmp_fn: Callable = default_metric_cmp_fn,
         val_handlers: Sequence | None = None,
         amp: bool = False,
+        amp_dtype: torch.dtype | None = None,
         amp_kwargs: dict | None = None,
     ) -> None:
         if key_metric not in SLIDE_METRICS:
             raise ValueError(f"key_metric must be one of {sorted(SLIDE_METRICS)}, got {key_metric!r}")
         self.mil_head = mil_head
         self.translator = translator
+        self.amp_dtype = amp_dtype
         self.network = TranslatedMIL(mil_head, translator, chunk_size=translate_chunk_size)
         self.outputs = ["pred"] + (["pred_vanilla"] if translator is not None and report_vanilla else [])
         metrics = {}
@@ -153,12 +157,9 @@ class FBTAEvaluator(Evaluator):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        ctx = torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs) if engine.amp else None
-        if ctx is None:
+        with autocast(engine.state.device, resolve_amp_dtype(engine.state.device, engine.amp, engine.amp_dtype),
+                      **engine.amp_kwargs):
             probs = engine.predict(batch)
-        else:
-            with ctx:
-                probs = engine.predict(batch)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         label = batch["label"].reshape(-1).long()
         slide_id = batch.get("slide_id")

@@ -16,13 +16,11 @@ Per iteration (batch size 1, the sample dict of :class:`monai_fbta.transforms.ch
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn as nn
 from ignite.engine import Events
-from torch.utils.checkpoint import checkpoint
 
 from monai_fbta._quiet import quiet_import
 from monai_fbta.engines.losses import FBTALoss, validate_views
@@ -30,6 +28,7 @@ from monai_fbta.handlers.curriculum import CurriculumWeight
 from monai_fbta.handlers.ema import ModelEMA
 from monai_fbta.engines.utils import PrepareSlideBatch
 from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
+from monai_fbta.networks.encode import autocast, encode_patches, resolve_amp_dtype
 from monai_fbta.networks.mil_base import mil_logits
 from monai_fbta.networks.translator import translate_bag
 
@@ -38,21 +37,7 @@ from monai.engines import Trainer  # noqa: E402
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn  # noqa: E402
 from monai.engines.workflow import Workflow  # noqa: E402
 
-__all__ = ["FBTATrainer", "fbta_param_groups", "mil_logits", "encode_patches"]
-
-
-def encode_patches(
-    encoder: nn.Module, images: torch.Tensor, chunk_size: int | None = None, grad_checkpointing: bool = False
-) -> torch.Tensor:
-    """``encoder`` over ``images [S, 3, H, W]`` in chunks -> ``[S, D]``.
-
-    With ``grad_checkpointing`` each chunk's activations are recomputed in backward, so training memory
-    is that of one chunk plus the ``[S, D]`` outputs.
-    """
-    chunks = images.split(chunk_size) if chunk_size else (images,)
-    use_ckpt = grad_checkpointing and torch.is_grad_enabled()
-    outs = [checkpoint(encoder, c, use_reentrant=False) if use_ckpt else encoder(c) for c in chunks]
-    return torch.cat(outs, 0).flatten(1)
+__all__ = ["FBTATrainer", "fbta_param_groups", "mil_logits"]
 
 
 def fbta_param_groups(
@@ -98,7 +83,7 @@ class FBTATrainer(Trainer):
             training (default True): batch statistics of one slide's ``S`` patches would put the ``e2e`` view
             in another feature space than ``F^FB`` from the first step (f_TFE(x) != f_FFE(x) at initialisation).
         accumulation_steps: slides per optimiser step (loss divided by it; flushed at epoch end).
-        amp: autocast (CUDA fp16 + GradScaler on GPU, bf16 on CPU unless ``amp_dtype`` says otherwise).
+        amp, amp_dtype: autocast with :func:`~monai_fbta.networks.encode.resolve_amp_dtype`'s dtype (a GradScaler with fp16).
         grad_checkpointing / encoder_chunk_size: memory controls of the e2e extractor forward.
         prepare_batch: a ``PrepareBatch`` (default :class:`~monai_fbta.engines.utils.PrepareSlideBatch`).
         Other arguments are MONAI ``SupervisedTrainer``'s.
@@ -217,17 +202,14 @@ class FBTATrainer(Trainer):
 
     def run(self) -> None:  # type: ignore[override]
         """Train; a second call, or one after ``load_state_dict``, continues from the saved epoch."""
-        on_cuda = torch.device(self.state.device).type == "cuda"
-        fp16 = self.amp and on_cuda and self.amp_dtype in (None, torch.float16)
+        fp16 = self.autocast_dtype == torch.float16 and torch.device(self.state.device).type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         Workflow.run(self)
 
-    def _autocast(self):
-        if not self.amp:
-            return nullcontext()
-        device_type = torch.device(self.state.device).type
-        dtype = self.amp_dtype or (torch.float16 if device_type == "cuda" else torch.bfloat16)
-        return torch.autocast(device_type, dtype=dtype, **self.amp_kwargs)
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of this run (:func:`~monai_fbta.networks.encode.resolve_amp_dtype`; ``None``: off)."""
+        return resolve_amp_dtype(self.state.device, self.amp, self.amp_dtype)
 
     def _accumulation_flags(self) -> tuple[bool, bool]:
         """(zero the grads before this iteration, step the optimiser after it)."""
@@ -312,7 +294,7 @@ class FBTATrainer(Trainer):
         engine._set_train_mode()
         if zero_grad:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with engine._autocast():
+        with autocast(engine.state.device, engine.autocast_dtype, **engine.amp_kwargs):
             terms, logits = engine._forward_loss(batch)
         if not torch.isfinite(terms["loss"]):
             values = {k: float(v.detach()) for k, v in terms.items()}
