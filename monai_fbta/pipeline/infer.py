@@ -64,7 +64,7 @@ def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"slide file(s) not found: {missing}")
-    rows = [{"slide_id": safe_name(p.stem), "image": str(p.resolve())} for p in paths]
+    rows = [{"slide_id": safe_name(slide_id_of(p)), "image": str(p.resolve())} for p in paths]
     ids = [r["slide_id"] for r in rows]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
