@@ -176,7 +176,7 @@ def make_data(args) -> dict[str, Any]:
     (the generator is deterministic, and it keeps intact slides written with the same settings)."""
     data = {**DATA, **{k: float(v) if "." in v else int(v) for k, v in (i.split("=", 1) for i in args.data)}}
     if not (Path(args.dataset_dir) / "datalist.json").is_file():
-        from monai_fbta.data.synthetic import generate_dataset
+        from monai_fbta.synthetic import generate_dataset
 
         generate_dataset(args.dataset_dir, num_classes=3, **data)
     return data

@@ -8,7 +8,7 @@ Setup (timed and reported, not part of the epochs): ``--slides`` textured H&E-co
 * ``vanilla``: :class:`~monai_fbta.engines.FBTATrainer`, views ``["frozen"]``, ``frozen_bag="full"``:
   ABMIL on the cached features of every patch; no patch is read.
 * ``fbta``: the same trainer with all three views, C clusters x M patches read, augmented and
-  back-propagated through the trainable extractor (:class:`~monai_fbta.data.FBTADataset`).
+  back-propagated through the trainable extractor (:class:`~monai_fbta.transforms.chain.FBTADataset`).
 * ``direct_e2e_ckpt``: every patch of each slide read (:class:`~monai_fbta.transforms.ReadPatches`),
   augmented with the same augmentation, encoded by the trainable extractor with gradient
   checkpointing in chunks, ABMIL, cross-entropy, backward, AdamW step (:func:`direct_e2e_epoch`).
@@ -45,9 +45,9 @@ def direct_e2e_epoch(
 ) -> None:
     """One epoch of direct end-to-end MIL: per slide, ALL its patches through ``encoder`` (gradient
     checkpointing per ``chunk``) then ``head``; cross-entropy, backward, optimiser step."""
-    from monai_fbta.data.extraction import slide_id_of, store_path
-    from monai_fbta.data.store import read_coords
-    from monai_fbta.engines.trainer import encode_patches, mil_logits
+    from monai_fbta.data.store import read_coords, slide_id_of, store_path
+    from monai_fbta.engines.trainer import mil_logits
+    from monai_fbta.networks.encode import encode_patches
     from monai_fbta.transforms.patches import ReadPatches
 
     reader = ReadPatches()
@@ -75,7 +75,7 @@ def _train_trainer(rows, store_dir, views, args, frozen, device) -> list[float]:
     from ignite.engine import Events
     from torch.utils.data import DataLoader
 
-    from monai_fbta.data.dataset import FBTADataset, collate_single
+    from monai_fbta.transforms.chain import FBTADataset
     from monai_fbta.engines import FBTALoss, FBTATrainer
     from monai_fbta.engines.trainer import fbta_param_groups
     from monai_fbta.networks.encoder import copy_trainable
@@ -83,7 +83,7 @@ def _train_trainer(rows, store_dir, views, args, frozen, device) -> list[float]:
 
     vanilla = list(views) == ["frozen"]
     ds = FBTADataset(rows, store_dir, num_per_cluster=args.m, num_clusters=args.clusters, load_patches=not vanilla)
-    loader = DataLoader(ds, batch_size=1, shuffle=True, collate_fn=collate_single, num_workers=args.workers)
+    loader = DataLoader(ds, batch_size=None, shuffle=True, num_workers=args.workers)
     head = build_mil_head("abmil", in_features=args.dim, num_classes=2).to(device)
     translator = None if vanilla else build_translator(in_features=args.dim).to(device)
     encoder = None if vanilla else copy_trainable(frozen).to(device)
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     device, info = start_run(args, f"bench_epoch_time: {args.slides} slides, {args.encoder} at {args.patch} px")
 
     from monai_fbta.data.clustering import cluster_store
-    from monai_fbta.data.extraction import extract_features, slide_id_of, store_path
+    from monai_fbta.data.extraction import extract_features
+    from monai_fbta.data.store import slide_id_of, store_path
     from monai_fbta.networks.encoder import copy_frozen
     from monai_fbta.networks.registry import build_encoder
 

@@ -30,7 +30,7 @@ def make_slide(path: str, size: int, seed: int = 0) -> None:
     """White margin, tissue-coloured textured square covering ~85% of the area."""
     from scipy import ndimage as ndi
 
-    from monai_fbta.data.synthetic import write_pyramidal_tiff
+    from monai_fbta.synthetic import write_pyramidal_tiff
 
     rng = np.random.default_rng(seed)
     low = ndi.zoom(rng.random((size // 64, size // 64, 3), dtype=np.float32), (64, 64, 1), order=1)
@@ -44,7 +44,7 @@ def make_slide(path: str, size: int, seed: int = 0) -> None:
 
 def bare_forward(encoder, batch_size: int, patch: int, n: int, device, amp_dtype, channels_last: bool) -> float:
     """Patches/s of the encoder alone on an in-memory batch (after 2 warm-up batches)."""
-    from monai_fbta.data.extraction import encode_batch
+    from monai_fbta.networks.encode import encode_batch
 
     x = torch.rand(batch_size, 3, patch, patch)
     for _ in range(2):
@@ -87,8 +87,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from monai_fbta.data.clustering import cluster_store
-    from monai_fbta.data.dataset import FBTADataset
-    from monai_fbta.data.extraction import extract_features, prepare_encoder, resolve_amp_dtype
+    from monai_fbta.transforms.chain import FBTADataset
+    from monai_fbta.data.extraction import extract_features
+    from monai_fbta.networks.encode import prepare_encoder, resolve_amp_dtype
     from monai_fbta.data.store import read_array, read_coords
     from monai_fbta.data.tiling import tile_slide
     from monai_fbta.networks.registry import build_encoder

@@ -54,7 +54,8 @@ def reextract_time(slide: str, coords: np.ndarray, patch: int, encoder: torch.nn
     """Seconds to read ``coords`` patches from ``slide``, encode them and run ``head`` on the bag."""
     from torch.utils.data import DataLoader
 
-    from monai_fbta.data.extraction import PatchBatches, encode_batch, prepare_encoder, resolve_amp_dtype
+    from monai_fbta.data.extraction import PatchBatches
+    from monai_fbta.networks.encode import encode_batch, prepare_encoder, resolve_amp_dtype
 
     amp_dtype = resolve_amp_dtype(device, True)
     enc = prepare_encoder(encoder, device, channels_last=True)

@@ -16,7 +16,7 @@ Configurations (random tensors as patches: the memory is the model's, not the re
 * ``direct``: all N patches through the trainable extractor (chunks of ``--chunk``), then ABMIL,
   cross-entropy, backward, AdamW step: what FBTA avoids.
 * ``direct_ckpt``: the same with gradient checkpointing per chunk
-  (:func:`monai_fbta.engines.trainer.encode_patches`).
+  (:func:`monai_fbta.networks.encode.encode_patches`).
 
 Every configuration runs in a fresh subprocess. ``peak_mb`` = growth of the process's peak RSS
 (CPU; ``VmHWM`` reset just before the step) or of ``torch.cuda.max_memory_allocated`` (CUDA) over
@@ -91,7 +91,7 @@ def _fbta_child(
 
 
 def _direct_child(n: int, encoder: str, patch: int, chunk: int, ckpt: bool, device: torch.device) -> dict:
-    from monai_fbta.engines.trainer import encode_patches
+    from monai_fbta.networks.encode import encode_patches
     from monai_fbta.networks.registry import build_encoder, build_mil_head
 
     enc = build_encoder(encoder).to(device).train()

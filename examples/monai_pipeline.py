@@ -25,7 +25,7 @@ from monai_fbta.transforms import (
 )
 from monai.transforms import Compose, EnsureTyped, Lambdad  # noqa: E402  (after monai_fbta, see above)
 
-from monai_fbta.data.synthetic import SyntheticSlideConfig, render_slide, write_pyramidal_tiff
+from monai_fbta.synthetic import SyntheticSlideConfig, render_slide, write_pyramidal_tiff
 from monai_fbta.networks import ABMIL, FeatureTranslator, PatchEncoder
 
 

@@ -201,7 +201,7 @@ def test_copied_bundle_trains_evaluates_infers_exports_from_another_cwd(travelle
 
     import monai.bundle
 
-    from monai_fbta.pipeline.report import build_inference_network
+    from monai_fbta.handlers.checkpoint import build_inference_network
 
     monkeypatch.chdir(tmp_path)
     x = torch.rand(1, 64, 37)
@@ -233,7 +233,7 @@ def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):
     bundle(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model_pt),
             "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", INFER, "--model_path", str(model_pt),
             "--use_trace", "True", "--input_shape", "[1, 64, 50]"], cwd=tmp_path)
-    from monai_fbta.pipeline.report import build_inference_network
+    from monai_fbta.handlers.checkpoint import build_inference_network
 
     eager = build_inference_network(model_pt, channels_first=True)
     scripted = torch.jit.load(str(ts))

@@ -1,4 +1,4 @@
-"""FBTADataset: documented keys/shapes, cached clusters, seeds/epochs, DataLoader workers, collate_single."""
+"""FBTADataset: documented keys/shapes, cached clusters, seeds/epochs, DataLoader workers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from slide_factory import tissue_rect_image, write_slide
 from torch.utils.data import DataLoader
 
 from monai_fbta.data.clustering import cluster_store
-from monai_fbta.data.dataset import FBTADataset, collate_single
+from monai_fbta.transforms.chain import FBTADataset
 from monai_fbta.data.extraction import extract_features
 from monai_fbta.data.store import StoreError, add_arrays, read_array, read_attrs
 from monai_fbta.transforms.patches import ReadPatches
@@ -84,18 +84,14 @@ def test_dataloader_workers_match_direct_indexing(stores):
     rows, out = stores
     ds = FBTADataset(rows, out, num_clusters=5, seed=1)
     ds.set_epoch(2)
-    loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_single)
+    loader = DataLoader(ds, batch_size=None, num_workers=2)  # one slide per item, no collation
     for i, batch in enumerate(loader):
-        direct = collate_single([ds[i]])
+        direct = ds[i]
         assert batch["slide_id"] == direct["slide_id"]
-        assert batch["features"].shape[0] == 1 and batch["pb_image"].ndim == 5
-        for key in ("pb_index", "pb_image", "pb_image_clean", "features", "label"):
+        assert batch["features"].ndim == 2 and batch["pb_image"].ndim == 4
+        assert batch["label"] == direct["label"]
+        for key in ("pb_index", "pb_image", "pb_image_clean", "features"):
             assert torch.equal(batch[key], direct[key]), key
-
-
-def test_collate_single_refuses_several():
-    with pytest.raises(ValueError, match="one slide"):
-        collate_single([{"a": torch.zeros(1)}, {"a": torch.zeros(1)}])
 
 
 def test_missing_store_is_named(stores, tmp_path):
@@ -131,13 +127,13 @@ def _pseudo_bags_per_epoch(rows, out, seed: int, epochs: int = 3) -> list[tuple[
     from monai_fbta.networks import ABMIL
 
     ds = FBTADataset(rows, out, num_clusters=5, num_per_cluster=1, load_patches=False, seed=seed)
-    loader = DataLoader(ds, batch_size=1, num_workers=2, persistent_workers=True, collate_fn=collate_single)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
     head = ABMIL(32, 2, hidden=8, attention_dim=4)
     trainer = FBTATrainer("cpu", epochs, loader, head, torch.optim.SGD(head.parameters(), lr=0.0), FBTALoss(views=["frozen"]))
     seen: dict[int, list] = {}
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED,
-        lambda e: seen.setdefault(e.state.epoch, []).append((e.state.batch["slide_id"][0], tuple(e.state.batch["pb_index"][0].tolist()))),
+        lambda e: seen.setdefault(e.state.epoch, []).append((e.state.batch["slide_id"], tuple(e.state.batch["pb_index"].tolist()))),
     )
     trainer.run()
     return [tuple(sorted(seen[epoch])) for epoch in range(1, epochs + 1)]

@@ -145,7 +145,7 @@ def test_a_changed_slide_file_is_recomputed_and_the_report_says_why(tmp_path):
 
 
 def test_a_corrupt_tile_fails_the_slide_or_with_skip_bad_patches_drops_its_patches(tmp_path, capfd):
-    from monai_fbta.data.synthetic import write_pyramidal_tiff
+    from monai_fbta.synthetic import write_pyramidal_tiff
 
     path = tmp_path / "s.svs"
     write_pyramidal_tiff(path, tissue_rect_image(512, 512, (32, 32, 480, 480)), mpp=0.5, tile=128, smallest_level=128)

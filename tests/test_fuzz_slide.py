@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from slide_factory import textured_image, write_slide
 
-from monai_fbta.data.synthetic import write_pyramidal_tiff
+from monai_fbta.synthetic import write_pyramidal_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_MUTATIONS = int(os.environ.get("FBTA_FUZZ_MUTATIONS", "80"))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from slide_factory import tissue_rect_image, write_slide
 
-from monai_fbta.data.extraction import extract_features, store_path
+from monai_fbta.data.extraction import extract_features
+from monai_fbta.data.store import STORE_MARKER, StoreError, read_array, read_coords, store_path
 from monai_fbta.data.importing import import_features, main
-from monai_fbta.data.store import STORE_MARKER, StoreError, read_array, read_coords
 from monai_fbta.networks.registry import build_encoder
 from monai_fbta.transforms.patches import ReadPatches
 
@@ -74,7 +74,7 @@ def test_clam_features_are_imported_and_reused_by_extraction(tmp_path, slide):
     assert other.results[0].status == "done" and "encoder weights" in other.results[0].note
     np.testing.assert_array_equal(read_coords(ours)[0], _grid())  # the imported coords are kept, only re-encoded
 
-    from monai_fbta.data.dataset import FBTADataset
+    from monai_fbta.transforms.chain import FBTADataset
 
     item = FBTADataset([{"image": slide, "slide_id": "s1", "label": 0}], cache, num_clusters=4, augment=False)[0]
     assert item["pb_image"].shape[1:] == (3, 64, 64) and item["features"].shape == (len(_grid()), 64)

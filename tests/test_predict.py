@@ -121,7 +121,7 @@ def test_attention_writer_csv_and_geojson(tmp_path):
 def test_inference_writes_attention_csv_and_geojson(tmp_path):
     """A tiny in-process inference: attention files match the network's attention on the cached features."""
     from monai_fbta.data.store import read_array, read_coords
-    from monai_fbta.pipeline.report import build_inference_network
+    from monai_fbta.handlers.checkpoint import build_inference_network
 
     model = _tiny_model(tmp_path, TILING)
     slide = _tissue_slide(tmp_path / "s.tif")

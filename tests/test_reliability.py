@@ -23,10 +23,10 @@ import torch
 from slide_factory import tissue_rect_image, write_slide
 
 from monai_fbta.data.datalist import DatalistError, check_splits, load_datalist, select_fold
-from monai_fbta.data.dataset import FBTADataset
+from monai_fbta.transforms.chain import FBTADataset
 from monai_fbta.data.errors import SlideError
-from monai_fbta.data.extraction import extract_features, store_path
-from monai_fbta.data.store import StoreError, add_arrays, read_array, store_is_complete, write_coords
+from monai_fbta.data.extraction import extract_features
+from monai_fbta.data.store import StoreError, add_arrays, read_array, store_is_complete, store_path, write_coords
 from monai_fbta.networks.registry import build_encoder
 from monai_fbta.pipeline.infer import run_inference
 
@@ -282,10 +282,10 @@ def _env() -> dict:
 
 
 def _tiny_model(tmp_path: Path, tiling: dict) -> Path:
-    from monai_fbta.engines import save_inference_model
+    from monai_fbta.handlers.checkpoint import save_inference_model
     from monai_fbta.networks import FeatureTranslator, build_mil_head
     from monai_fbta.pipeline.prepare import frozen_encoder
-    from monai_fbta.pipeline.report import model_metadata
+    from monai_fbta.handlers.checkpoint import model_metadata
 
     models = tmp_path / "models"
     enc = frozen_encoder("tiny_cnn", None, models)  # saves its random weights beside model.pt
@@ -299,7 +299,7 @@ def _tiny_model(tmp_path: Path, tiling: dict) -> Path:
 
 def test_model_pt_names_its_frozen_encoder_relative_to_itself_and_travels(tmp_path):
     """model.pt used to store the encoder file's absolute path: a moved bundle lost its encoder."""
-    from monai_fbta.engines import load_inference_model
+    from monai_fbta.handlers.checkpoint import load_inference_model
 
     model_pt = _tiny_model(tmp_path / "a", {"patch_size": 64})
     assert torch.load(model_pt, weights_only=True)["metadata"]["encoder_weights"] == "frozen_encoder_tiny_cnn.pt"
@@ -373,9 +373,9 @@ def test_resume_restores_the_best_validation_metric(tmp_path):
     """After a resume, model.pt is only replaced by a model better than the one saved before the kill."""
     from ignite.engine import Engine
 
-    from monai_fbta.engines.checkpoint import save_checkpoint, save_inference_model
+    from monai_fbta.handlers.checkpoint import save_checkpoint, save_inference_model
     from monai_fbta.networks import ABMIL
-    from monai_fbta.pipeline.resume import ResumeTraining
+    from monai_fbta.handlers import ResumeTraining
 
     head = ABMIL(8, 2, hidden=8)
     save_checkpoint(tmp_path / "last.pt", {"head": head})

@@ -17,12 +17,12 @@ from ignite.engine import Engine
 from test_reliability import TILING, _tissue_slide, _tiny_model, _write_csv
 
 from monai_fbta.data.datalist import DatalistError, datalist_digest, load_datalist, make_splits
-from monai_fbta.engines.checkpoint import RunMismatchError, TrainingCheckpoint, save_checkpoint
+from monai_fbta.handlers import ResumeTraining, TrainingCheckpoint, check_resume, run_identity
+from monai_fbta.handlers.checkpoint import RunMismatchError, save_checkpoint
 from monai_fbta.networks import ABMIL
 from monai_fbta.pipeline.infer import InferenceError, run_inference
 from monai_fbta.pipeline.prepare import split_rows
 from monai_fbta.pipeline.report import check_model, evaluate_checkpoint
-from monai_fbta.pipeline.resume import ResumeTraining, check_resume, run_identity
 from monai_fbta.pipeline.validate import RENAMED_OPTIONS, option_problems, settings_problems
 
 SETTINGS = {"mil_name": "abmil", "views": ["frozen", "e2e"], "tiling": TILING, "num_clusters": 8, "fold": 0}

@@ -13,7 +13,7 @@ from slide_factory import corrupt_tile, downsample2, textured_image, write_slide
 
 from monai_fbta.data.errors import SlideError, SlideFormatError, SlideNotFoundError, SlideReadError
 from monai_fbta.data.slide import BACKENDS, open_slide
-from monai_fbta.data.synthetic import write_pyramidal_tiff
+from monai_fbta.synthetic import write_pyramidal_tiff
 
 IMG = textured_image(600, 700)
 

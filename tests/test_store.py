@@ -192,3 +192,39 @@ def test_marker_and_stores_from_before_the_marker(tmp_path, h5):
         f.attrs[store.STORE_MARKER] = store.STORE_FORMAT + 1
     with pytest.raises(StoreError, match="newer.h5: written by a newer monai_fbta"):
         write_coords(newer, np.zeros((1, 2)))
+
+
+def test_slide_id_and_store_path_live_with_the_store(tmp_path):
+    from monai_fbta.data.store import slide_id_of, store_path
+
+    assert slide_id_of({"image": "/x/TCGA-01.svs"}) == "TCGA-01" and slide_id_of({"image": "a.tif", "slide_id": "s"}) == "s"
+    assert os.path.dirname(store_path(tmp_path, "../../evil")) == str(tmp_path)
+
+
+def test_one_open_per_item(h5, monkeypatch):
+    """SlideStore reads everything through one handle; LoadStored opens the store once per item (clusters cached)."""
+    from monai_fbta.data.store import SlideStore
+    from monai_fbta.transforms.store import LoadStored
+
+    path, coords, feats = h5
+    loader = LoadStored(os.path.dirname(path), num_clusters=3)
+    row = {"image": "slide.tif", "slide_id": "slide", "label": 1}
+    first = loader(row)  # computes and caches the clusters
+    opened = []
+    real = h5py.File
+    monkeypatch.setattr(store.h5py, "File", lambda name, *a, **k: opened.append(os.fspath(name)) or real(name, *a, **k))
+    item = loader(row)
+    assert opened == [os.fspath(path)]
+    np.testing.assert_array_equal(item["coords"].numpy(), coords)
+    np.testing.assert_allclose(item["features"].numpy(), feats.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(item["clusters"].numpy(), first["clusters"].numpy())
+    assert item["coords_meta_dict"]["patch_size"] == ATTRS["patch_size"]
+    opened.clear()
+    pb = LoadStored(os.path.dirname(path), "features", index_key="pb_index")({**row, "pb_index": np.array([5, 1, 1])})
+    assert opened == [os.fspath(path)]
+    np.testing.assert_allclose(pb["pb_features"].numpy(), feats[[5, 1, 1]].astype(np.float16).astype(np.float32))
+    with SlideStore(path) as s:
+        assert s.names() == ["clusters", "coords", "features"] and s.num_coords() == N
+        np.testing.assert_array_equal(s.rows("coords", [-1, 0]), coords[[N - 1, 0]])
+    with pytest.raises(StoreError, match="no dataset 'missing'"), SlideStore(path) as s:
+        s.array("missing")

@@ -7,13 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import tifffile
 
-from monai_fbta.data.synthetic import (
+from monai_fbta.synthetic import (
     CLASS_NAMES,
     SyntheticSlideConfig,
     generate_dataset,
@@ -245,7 +246,17 @@ def test_write_pyramidal_tiff_is_reusable(tmp_path):
 
 
 def test_import_is_silent(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "import monai_fbta.data.synthetic"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", "import monai_fbta.synthetic"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
     assert os.listdir(tmp_path) == []
+
+
+def test_python_m_monai_fbta_synthetic(tmp_path):
+    """``python -m monai_fbta.synthetic`` is the CLI (the subpackage's __main__)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "monai_fbta.synthetic", "--out", str(tmp_path / "m"), "--num-slides", "2",
+                           "--num-classes", "2", "--size", "512", "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 slides (per class [1, 1])" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.tiff")) == ["synth_0000.tiff", "synth_0001.tiff"]

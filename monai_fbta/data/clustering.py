@@ -22,6 +22,8 @@ import os
 import numpy as np
 import torch
 
+from monai_fbta.data.store import SlideStore, add_arrays
+
 __all__ = ["cluster_features", "cluster_store", "kmeans_torch", "resolve_method"]
 
 _METHODS = ("auto", "kmeans", "minibatch", "torch")
@@ -128,10 +130,11 @@ def cluster_features(
 
 
 def cluster_store(
-    h5_path: str | os.PathLike, num_clusters: int = 100, seed: int = 0, method: str = "auto", force: bool = False
+    store: str | os.PathLike | SlideStore, num_clusters: int = 100, seed: int = 0, method: str = "auto", force: bool = False
 ) -> np.ndarray:
     """Cluster the features of one slide store and cache ``"clusters"`` ``[N]`` in it.
 
+    ``store``: a path, or an open :class:`~monai_fbta.data.store.SlideStore` (its reads reuse the open file).
     The settings and the fingerprint of the features they were computed from are stored as
     attributes of ``clusters`` (``clusters_num_clusters``, ``clusters_seed``, ``clusters_method``,
     ``clusters_features_fingerprint``, a hash); cached labels are reused only when all match (so new
@@ -140,17 +143,18 @@ def cluster_store(
     Returns:
         ``[N]`` int64 labels.
     """
-    from monai_fbta.data.store import add_arrays, read_array, read_attrs, store_is_complete
-
-    features_fp = read_attrs(h5_path, "features").get("fingerprint")
+    if not isinstance(store, SlideStore):
+        with SlideStore(store) as opened:
+            return cluster_store(opened, num_clusters, seed, method, force)
+    features_fp = store.attrs("features").get("fingerprint")
     settings = {
         "clusters_num_clusters": int(num_clusters),
         "clusters_seed": int(seed),
         "clusters_method": method,
         "clusters_features_fingerprint": hashlib.sha1(json.dumps(features_fp, sort_keys=True, default=str).encode()).hexdigest(),
     }
-    if not force and store_is_complete(h5_path, ("features", "clusters"), expect_dataset_attrs={"clusters": settings}):
-        return read_array(h5_path, "clusters").astype(np.int64)
-    labels = cluster_features(read_array(h5_path, "features"), num_clusters, seed, method)
-    add_arrays(h5_path, {"clusters": labels}, settings)
+    if not force and store.is_complete(("features", "clusters"), expect_dataset_attrs={"clusters": settings}):
+        return store.array("clusters").astype(np.int64)
+    labels = cluster_features(store.array("features"), num_clusters, seed, method)
+    add_arrays(store.path, {"clusters": labels}, settings)  # atomic rewrite: the open handle keeps reading the old file
     return labels

@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from monai_fbta._io import atomic_open
+from monai_fbta.data.store import slide_id_of
 
 __all__ = [
     "DatalistError",
@@ -119,7 +120,7 @@ def load_datalist(
     for entry in _read_entries(path, data_list_key):
         where = entry.pop("_where")
         image = str(entry.get("image") or "")
-        slide_id = str(entry.get("slide_id") or (Path(image).stem if image else ""))
+        slide_id = slide_id_of({**entry, "image": image}) if image or entry.get("slide_id") else ""
         label = _label_index(entry.get("label"), classes)
         tag = f"{where} (slide {slide_id or '?'})"
         if not image:

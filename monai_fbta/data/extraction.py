@@ -39,10 +39,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from monai_fbta._io import atomic_open, inside, safe_name
+from monai_fbta._io import atomic_open, safe_name
 from monai_fbta.data.errors import SlideError, SlideNotFoundError, SlideReadError
-from monai_fbta.data.store import StoreError, add_arrays, check_ours, read_attrs, read_coords, store_is_complete, write_coords
-from monai_fbta.transforms.patches import SlideCache, patches_to_tensor
+from monai_fbta.data.slide import SlideCache, open_slide, patches_to_tensor
+from monai_fbta.data.store import (
+    StoreError, add_arrays, check_ours, read_attrs, read_coords, slide_id_of, store_is_complete, store_path, write_coords,
+)
+from monai_fbta.networks.encode import encode_batch, prepare_encoder, resolve_amp_dtype
 
 __all__ = [
     "SlideResult",
@@ -50,8 +53,6 @@ __all__ = [
     "extract_features",
     "encoder_fingerprint",
     "slide_fingerprint",
-    "slide_id_of",
-    "store_path",
     "main",
 ]
 
@@ -109,19 +110,6 @@ def _write_csv_atomic(path: str, results: Sequence[SlideResult]) -> None:
 
 
 # ----------------------------------------------------------------------------- identity
-
-
-def slide_id_of(row: Mapping[str, Any] | str | os.PathLike) -> str:
-    """``row["slide_id"]`` if given, else the slide file name without its extension."""
-    if isinstance(row, Mapping) and row.get("slide_id"):
-        return str(row["slide_id"])
-    path = os.fspath(row["image"] if isinstance(row, Mapping) else row)
-    return os.path.splitext(os.path.basename(path))[0]
-
-
-def store_path(out_dir: str | os.PathLike, slide_id: str) -> str:
-    """``<out_dir>/<safe slide_id>.h5``: ids like ``../../x`` or ``a/b`` cannot leave ``out_dir``."""
-    return inside(os.fspath(out_dir), f"{safe_name(slide_id)}.h5")
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> dict[str, str]:
@@ -231,48 +219,6 @@ class PatchBatches(Dataset):
         return {"x": patches_to_tensor(patches, self.out_size), "bad": bad}
 
 
-# ----------------------------------------------------------------------------- autocast
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp_dtype(device: torch.device, amp: bool, amp_dtype: torch.dtype | None = None) -> torch.dtype | None:
-    """Autocast dtype: ``None`` (off) unless ``amp``; bf16 on CUDA when supported else fp16;
-    bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else off (it would be slower)."""
-    if not amp:
-        return None
-    if amp_dtype is not None:
-        return amp_dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
-
-
-def prepare_encoder(encoder: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """Frozen eval-mode encoder on ``device`` (channels_last when asked)."""
-    encoder = encoder.eval().requires_grad_(False).to(device)
-    return encoder.to(memory_format=torch.channels_last) if channels_last else encoder
-
-
-def encode_batch(
-    encoder: torch.nn.Module, x: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool
-) -> torch.Tensor:
-    """``x`` float ``[B, 3, H, W]`` -> float32 ``[B, D]`` on the CPU (inference mode, autocast)."""
-    x = x.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        out = encoder(x)
-    return out.float().reshape(out.shape[0], -1).cpu()
-
-
 # ----------------------------------------------------------------------------- one slide
 
 
@@ -287,7 +233,6 @@ def _remove_stale_temps(path: str) -> None:
 def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, Any], coords_fp: Mapping[str, Any], backend: str):
     """Reuse the store's coords when their fingerprint (tiling settings and slide file; for imported
     coords the slide file only) matches, else tile and write them. ``attrs["fingerprint"]`` is the one stored."""
-    from monai_fbta.data.slide import open_slide
     from monai_fbta.data.tiling import tile_slide
 
     if store_is_complete(path, required=("coords",)):
@@ -439,7 +384,7 @@ def extract_features(
         batch_size: patches per forward pass; num_workers: DataLoader reader processes.
         device: default CUDA when available, else CPU.
         dtype: stored feature dtype (fp16).
-        amp, amp_dtype: autocast (see :func:`resolve_amp_dtype`); channels_last: memory format.
+        amp, amp_dtype: autocast (see :func:`~monai_fbta.networks.encode.resolve_amp_dtype`); channels_last: memory format.
         skip_errors: record a failing slide (any error, e.g. :class:`SlideError`) in the report and go on (``False``: raise).
         progress: tqdm bars (slides, and patches of the current slide) on rank 0.
         write_report: print the summary table and write ``extraction_report.csv`` (rank 0).
@@ -453,7 +398,6 @@ def extract_features(
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(encoder, str):
-        from monai_fbta.data.datalist import load_datalist
         from monai_fbta.networks.registry import build_encoder
 
         encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))

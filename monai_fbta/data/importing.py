@@ -60,10 +60,11 @@ def _check_fits(path: str, coords: np.ndarray, geometry: Mapping[str, int], slid
 def _verify(path: str, slide_path: str, coords: np.ndarray, features: np.ndarray, geometry: Mapping[str, int],
             patch_size: int, encoder: torch.nn.Module, n: int, seed: int = 0) -> float:
     """Re-encode ``n`` random patches; raise unless each matches its imported feature (cosine >= 0.99). Returns the minimum cosine."""
-    from monai_fbta.transforms.patches import ReadPatches
+    from monai_fbta.data.slide import open_slide, patches_to_tensor
 
     rows = np.sort(np.random.default_rng(seed).choice(len(coords), min(n, len(coords)), replace=False))
-    patches = ReadPatches(geometry["patch_level"], geometry["patch_size_level"], patch_size)(slide_path, coords[rows])
+    with open_slide(slide_path) as slide:
+        patches = patches_to_tensor(slide.read_patches(coords[rows], geometry["patch_level"], geometry["patch_size_level"]), patch_size)
     with torch.inference_mode():
         ours = encoder.eval()(patches).float()
     theirs = torch.as_tensor(features[rows], dtype=torch.float32)
@@ -92,7 +93,7 @@ def import_features(
     Args:
         h5_path: source ``.h5`` (``coords [N, 2]``, optional ``features [N, D]``); never modified.
         slide_path: the slide those coordinates were taken from (checked: they must fit it).
-        out_path: our store, e.g. :func:`~monai_fbta.data.extraction.store_path` ``(cache_dir, slide_id)``.
+        out_path: our store, e.g. :func:`~monai_fbta.data.store.store_path` ``(cache_dir, slide_id)``.
             A file there that we did not write is refused (:class:`StoreError`), so it cannot be the source.
         encoder: the frozen encoder that made the features (``nn.Module`` or a registry name, with
             ``weights``); required when the file has features.
@@ -164,7 +165,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Import every datalist slide's ``<h5-dir>/<slide_id>.h5``; exit 1 when any failed."""
     from monai_fbta.data.datalist import load_datalist
-    from monai_fbta.data.extraction import slide_id_of, store_path
+    from monai_fbta.data.store import slide_id_of, store_path
 
     args = _parse_args(argv)
     encoder: torch.nn.Module | str | None = args.encoder

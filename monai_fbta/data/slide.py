@@ -18,16 +18,19 @@ import os
 import re
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from monai_fbta._quiet import capture_native_output, quiet_import, silence_native_output
 from monai_fbta.data.errors import SlideError, SlideFormatError, SlideNotFoundError, SlideReadError
 
-__all__ = ["Slide", "open_slide", "BACKENDS", "read_tiff_info", "to_rgb"]
+__all__ = ["Slide", "open_slide", "SlideCache", "patches_to_tensor", "BACKENDS", "read_tiff_info", "to_rgb"]
 
 BACKENDS = ("cucim", "openslide", "tifffile")
 PLAUSIBLE_MPP = (0.02, 50.0)  # um/px; outside this a "resolution" is a placeholder (e.g. 72 dpi)
@@ -600,3 +603,63 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
     Raises :class:`SlideNotFoundError`, or :class:`SlideFormatError` when no backend can open it.
     """
     return Slide(path, backend=backend, mpp=mpp, num_workers=num_workers)
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+def patches_to_tensor(patches: np.ndarray | torch.Tensor, out_size: int | None = None) -> torch.Tensor:
+    """``uint8 [N, h, w, 3]`` (numpy or tensor) -> ``float32 [N, 3, out_size, out_size]`` in ``[0, 1]``."""
+    x = torch.as_tensor(patches)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"patches must be [N, h, w, 3], got shape {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if out_size is not None and (x.shape[-2] != out_size or x.shape[-1] != out_size) and x.shape[0] > 0:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.clamp_(0.0, 1.0)
+    if out_size is not None and x.shape[0] == 0:
+        x = x.new_zeros((0, 3, out_size, out_size))
+    return x.contiguous()
+
+
+class SlideCache:
+    """A small per-process LRU of open :class:`~monai_fbta.data.slide.Slide` handles.
+
+    Pickling (DataLoader ``spawn`` workers) drops the handles; a fork is detected by the pid
+    and the inherited handles are discarded (never shared across processes).
+    """
+
+    def __init__(self, max_open: int = 4, backend: str = "auto", mpp: float | None = None) -> None:
+        self.max_open = max_open
+        self.backend = backend
+        self.mpp = mpp
+        self._slides: OrderedDict[str, object] = OrderedDict()
+        self._pid = os.getpid()
+
+    def get(self, slide):
+        """``slide`` may be a path or an open ``Slide`` (returned as is)."""
+        if not isinstance(slide, (str, os.PathLike)):
+            return slide
+        if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
+            self._slides = OrderedDict()
+            self._pid = os.getpid()
+        key = os.fspath(slide)
+        if key in self._slides:
+            self._slides.move_to_end(key)
+            return self._slides[key]
+        handle = open_slide(key, backend=self.backend, mpp=self.mpp)
+        self._slides[key] = handle
+        while len(self._slides) > self.max_open:
+            _, old = self._slides.popitem(last=False)
+            old.close()
+        return handle
+
+    def close(self) -> None:
+        for handle in self._slides.values():
+            handle.close()
+        self._slides.clear()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_slides"] = OrderedDict()
+        return state

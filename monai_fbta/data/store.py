@@ -27,11 +27,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from monai_fbta._io import atomic_path
+from monai_fbta._io import atomic_path, inside, safe_name
 from monai_fbta.data.errors import SlideError
 
 __all__ = [
     "StoreError",
+    "SlideStore",
+    "slide_id_of",
+    "store_path",
     "write_coords",
     "add_arrays",
     "read_coords",
@@ -53,6 +56,22 @@ STORE_FORMAT = 1
 
 class StoreError(SlideError):
     """A store file is missing, unreadable or inconsistent."""
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def slide_id_of(row: Mapping[str, Any] | str | os.PathLike) -> str:
+    """``row["slide_id"]`` if given, else the slide file name without its extension."""
+    if isinstance(row, Mapping) and row.get("slide_id"):
+        return str(row["slide_id"])
+    path = os.fspath(row["image"] if isinstance(row, Mapping) else row)
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def store_path(out_dir: str | os.PathLike, slide_id: str) -> str:
+    """``<out_dir>/<safe slide_id>.h5``: ids like ``../../x`` or ``a/b`` cannot leave ``out_dir``."""
+    return inside(os.fspath(out_dir), f"{safe_name(slide_id)}.h5")
 
 
 # ----------------------------------------------------------------------------- attrs
@@ -203,17 +222,14 @@ def add_arrays(
 # ----------------------------------------------------------------------------- reading
 
 
-@contextlib.contextmanager
-def _open(path: str | os.PathLike) -> Iterator[h5py.File]:
+def _open(path: str | os.PathLike) -> h5py.File:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise StoreError(path, "store not found")
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as e:
         raise StoreError(path, f"not a readable HDF5 file ({e})") from e
-    with f:
-        yield f
 
 
 def _dataset(f: h5py.File, name: str) -> h5py.Dataset:
@@ -222,34 +238,148 @@ def _dataset(f: h5py.File, name: str) -> h5py.Dataset:
     return f[name]
 
 
+def _gather(ds: h5py.Dataset, index: Any, path: str) -> np.ndarray:
+    """``ds[index]`` for an int, slice, or index array (any order, repeats, negatives and masks allowed)."""
+    if not isinstance(index, (Sequence, np.ndarray)) or isinstance(index, tuple):
+        return ds[index]
+    n = ds.shape[0]
+    idx = np.asarray(index)
+    if idx.dtype == bool:
+        idx = np.flatnonzero(idx)
+    idx = np.where(idx < 0, idx + n, idx).astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"{path}: index out of range for {n} rows")
+    uniq, inverse = np.unique(idx, return_inverse=True)  # h5py needs increasing indices
+    return ds[uniq][inverse] if uniq.size else np.empty((0, *ds.shape[1:]), ds.dtype)
+
+
+class SlideStore:
+    """One slide's store, opened once for every read of an item::
+
+        with SlideStore(path) as store:
+            coords, attrs = store.coords()          # int64 [N, 2], attrs of "coords"
+            features = store.array("features")      # [N, D]
+            pb = store.rows("features", index)      # [S, D], only those rows are read
+
+    Raises :class:`StoreError` (naming the file) when it is missing, unreadable or lacks a dataset.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._file: h5py.File | None = None
+
+    def open(self) -> SlideStore:
+        if self._file is None:
+            self._file = _open(self.path)
+        return self
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> SlideStore:
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None:
+            raise StoreError(self.path, "store is not open (use `with SlideStore(path) as store:`)")
+        return self._file
+
+    def names(self) -> list[str]:
+        """Names of the datasets at the root."""
+        return sorted(self.file.keys())
+
+    def dataset(self, name: str) -> h5py.Dataset:
+        """The h5py dataset ``name`` (lazy)."""
+        return _dataset(self.file, name)
+
+    def num_coords(self) -> int:
+        """``N``, the number of patches."""
+        return int(self.dataset("coords").shape[0])
+
+    def attrs(self, name: str = "coords") -> dict[str, Any]:
+        """Attrs of dataset ``name``; a JSON fingerprint comes back as a dict."""
+        return _attrs_dict(self.dataset(name))
+
+    def coords(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """``(coords int64 [N, 2], attrs of "coords")``."""
+        ds = self.dataset("coords")
+        return ds[()].astype(np.int64), _attrs_dict(ds)
+
+    def array(self, name: str) -> np.ndarray:
+        """The whole dataset ``name``."""
+        return self.dataset(name)[()]
+
+    def rows(self, name: str, index: Any) -> np.ndarray:
+        """``array(name)[index]`` reading only those rows (see :class:`LazyArray` for the index forms)."""
+        return _gather(self.dataset(name), index, self.path)
+
+    def is_complete(
+        self,
+        required: Sequence[str] = ("coords", "features"),
+        expect_attrs: Mapping[str, Any] | None = None,
+        expect_dataset_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+        check_finite: bool = False,
+    ) -> bool:
+        """See :func:`store_is_complete`."""
+        f = self.file
+        if any(name not in f for name in required) or "coords" not in f:
+            return False
+        coords = f["coords"]
+        if coords.ndim != 2 or coords.shape[1] != 2:
+            return False
+        n = coords.shape[0]
+        if any(f[name].ndim == 0 or f[name].shape[0] != n for name in required):
+            return False
+        checks = {"coords": dict(expect_attrs or {}), **{k: dict(v) for k, v in (expect_dataset_attrs or {}).items()}}
+        for name, expected in checks.items():
+            if expected and name not in f:
+                return False
+            stored = _attrs_dict(f[name]) if expected else {}
+            if any(k not in stored or not _same(stored[k], v) for k, v in expected.items()):
+                return False
+        if check_finite:
+            for name in required:
+                ds = f[name]
+                if np.issubdtype(ds.dtype, np.floating) and not all(
+                    np.isfinite(ds[i : i + 65536]).all() for i in range(0, n, 65536)
+                ):
+                    return False
+        return True
+
+
 def _num_coords(path: str) -> int:
-    with _open(path) as f:
-        return int(_dataset(f, "coords").shape[0])
+    with SlideStore(path) as store:
+        return store.num_coords()
 
 
 def read_coords(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """``(coords int64 [N, 2], attrs of "coords")``; a JSON fingerprint comes back as a dict."""
-    with _open(path) as f:
-        ds = _dataset(f, "coords")
-        return ds[()].astype(np.int64), _attrs_dict(ds)
+    with SlideStore(path) as store:
+        return store.coords()
 
 
 def read_attrs(path: str | os.PathLike, name: str = "coords") -> dict[str, Any]:
     """Attrs of dataset ``name``."""
-    with _open(path) as f:
-        return _attrs_dict(_dataset(f, name))
+    with SlideStore(path) as store:
+        return store.attrs(name)
 
 
 def dataset_names(path: str | os.PathLike) -> list[str]:
     """Names of the datasets at the root of the ``.h5`` file."""
-    with _open(path) as f:
-        return sorted(f.keys())
+    with SlideStore(path) as store:
+        return store.names()
 
 
 def read_array(path: str | os.PathLike, name: str) -> np.ndarray:
     """The whole dataset ``name`` as a numpy array."""
-    with _open(path) as f:
-        return _dataset(f, name)[()]
+    with SlideStore(path) as store:
+        return store.array(name)
 
 
 class LazyArray:
@@ -258,9 +388,12 @@ class LazyArray:
 
     def __init__(self, path: str | os.PathLike, name: str = "features") -> None:
         self.path = os.fspath(path)
-        self._stack = contextlib.ExitStack()
-        self._file = self._stack.enter_context(_open(self.path))
-        self._ds = _dataset(self._file, name)
+        self._store = SlideStore(self.path).open()
+        try:
+            self._ds = self._store.dataset(name)
+        except StoreError:
+            self._store.close()
+            raise
         self.shape, self.dtype = self._ds.shape, self._ds.dtype
         self.attrs = _attrs_dict(self._ds)
 
@@ -268,23 +401,14 @@ class LazyArray:
         return self.shape[0]
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        if isinstance(index, (Sequence, np.ndarray)) and not isinstance(index, tuple):
-            idx = np.asarray(index)
-            if idx.dtype == bool:
-                idx = np.flatnonzero(idx)
-            idx = np.where(idx < 0, idx + len(self), idx).astype(np.int64)
-            if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-                raise IndexError(f"{self.path}: index out of range for {len(self)} rows")
-            uniq, inverse = np.unique(idx, return_inverse=True)  # h5py needs increasing indices
-            return self._ds[uniq][inverse] if uniq.size else np.empty((0, *self.shape[1:]), self.dtype)
-        return self._ds[index]
+        return _gather(self._ds, index, self.path)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         arr = self._ds[()]
         return arr.astype(dtype) if dtype is not None else arr
 
     def close(self) -> None:
-        self._stack.close()
+        self._store.close()
 
     def __enter__(self) -> LazyArray:
         return self
@@ -310,30 +434,8 @@ def store_is_complete(
     (a dict expected value is compared with the stored JSON, e.g. ``fingerprint``), each
     ``expect_dataset_attrs[name]`` matches, and (with ``check_finite``) floating data is finite."""
     try:
-        with _open(path) as f:
-            if any(name not in f for name in required) or "coords" not in f:
-                return False
-            coords = f["coords"]
-            if coords.ndim != 2 or coords.shape[1] != 2:
-                return False
-            n = coords.shape[0]
-            if any(f[name].ndim == 0 or f[name].shape[0] != n for name in required):
-                return False
-            checks = {"coords": dict(expect_attrs or {}), **{k: dict(v) for k, v in (expect_dataset_attrs or {}).items()}}
-            for name, expected in checks.items():
-                if expected and name not in f:
-                    return False
-                stored = _attrs_dict(f[name]) if expected else {}
-                if any(k not in stored or not _same(stored[k], v) for k, v in expected.items()):
-                    return False
-            if check_finite:
-                for name in required:
-                    ds = f[name]
-                    if np.issubdtype(ds.dtype, np.floating) and not all(
-                        np.isfinite(ds[i : i + 65536]).all() for i in range(0, n, 65536)
-                    ):
-                        return False
-            return True
+        with SlideStore(path) as store:
+            return store.is_complete(required, expect_attrs, expect_dataset_attrs, check_finite)
     except (StoreError, OSError, KeyError):
         return False
 

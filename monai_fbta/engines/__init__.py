@@ -1,19 +1,9 @@
-"""monai_fbta.engines: FBTA loss, trainer, evaluator and checkpoints."""
+"""monai_fbta.engines: FBTA loss, trainer, evaluator and their batch preparation."""
 
-from monai_fbta.engines.checkpoint import (
-    BestModelSaver,
-    RunMismatchError,
-    TorchRNGState,
-    TrainingCheckpoint,
-    load_checkpoint,
-    load_inference_model,
-    save_checkpoint,
-    save_inference_model,
-    training_objects,
-)
 from monai_fbta.engines.evaluator import FBTAEvaluator, macro_auc
 from monai_fbta.engines.losses import VIEWS, FBTALoss, validate_views
-from monai_fbta.engines.trainer import FBTATrainer, encode_patches, fbta_param_groups, mil_logits, prepare_slide_batch
+from monai_fbta.engines.trainer import FBTATrainer, fbta_param_groups, mil_logits
+from monai_fbta.engines.utils import PrepareSlideBatch
 from monai_fbta.networks.translator import translate_bag
 
 __all__ = [
@@ -22,19 +12,9 @@ __all__ = [
     "validate_views",
     "FBTATrainer",
     "FBTAEvaluator",
-    "prepare_slide_batch",
+    "PrepareSlideBatch",
     "fbta_param_groups",
     "mil_logits",
-    "encode_patches",
     "macro_auc",
     "translate_bag",
-    "RunMismatchError",
-    "TorchRNGState",
-    "training_objects",
-    "save_checkpoint",
-    "load_checkpoint",
-    "save_inference_model",
-    "load_inference_model",
-    "TrainingCheckpoint",
-    "BestModelSaver",
 ]

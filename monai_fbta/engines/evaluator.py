@@ -21,7 +21,8 @@ from ignite.metrics import EpochMetric
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from monai_fbta._quiet import quiet_import
-from monai_fbta.engines.trainer import prepare_slide_batch
+from monai_fbta.engines.utils import PrepareSlideBatch
+from monai_fbta.networks.encode import autocast, resolve_amp_dtype
 from monai_fbta.networks.inference import TranslatedMIL
 
 quiet_import("monai.engines")
@@ -67,6 +68,8 @@ class FBTAEvaluator(Evaluator):
         key_metric: which metric decides the best model (one of ``auc``, ``acc``, ``bacc``, ``f1``).
         report_vanilla: also report ``f*_MIL(F^FB)`` when a translator is given.
         translate_chunk_size: instances per translator call.
+        prepare_batch: a ``PrepareBatch`` (default :class:`~monai_fbta.engines.utils.PrepareSlideBatch`).
+        amp, amp_dtype: autocast with :func:`~monai_fbta.networks.encode.resolve_amp_dtype`'s dtype.
         Other arguments are MONAI ``Evaluator``'s.
     """
 
@@ -82,16 +85,18 @@ class FBTAEvaluator(Evaluator):
         translate_chunk_size: int | None = 16384,
         epoch_length: int | None = None,
         non_blocking: bool = False,
-        prepare_batch: Callable = prepare_slide_batch,
+        prepare_batch: Callable | None = None,
         metric_cmp_fn: Callable = default_metric_cmp_fn,
         val_handlers: Sequence | None = None,
         amp: bool = False,
+        amp_dtype: torch.dtype | None = None,
         amp_kwargs: dict | None = None,
     ) -> None:
         if key_metric not in SLIDE_METRICS:
             raise ValueError(f"key_metric must be one of {sorted(SLIDE_METRICS)}, got {key_metric!r}")
         self.mil_head = mil_head
         self.translator = translator
+        self.amp_dtype = amp_dtype
         self.network = TranslatedMIL(mil_head, translator, chunk_size=translate_chunk_size)
         self.outputs = ["pred"] + (["pred_vanilla"] if translator is not None and report_vanilla else [])
         metrics = {}
@@ -107,7 +112,7 @@ class FBTAEvaluator(Evaluator):
             val_data_loader=val_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
+            prepare_batch=PrepareSlideBatch() if prepare_batch is None else prepare_batch,
             key_val_metric={key: metrics.pop(key)},
             additional_metrics=metrics,
             metric_cmp_fn=metric_cmp_fn,
@@ -152,12 +157,9 @@ class FBTAEvaluator(Evaluator):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        ctx = torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs) if engine.amp else None
-        if ctx is None:
+        with autocast(engine.state.device, resolve_amp_dtype(engine.state.device, engine.amp, engine.amp_dtype),
+                      **engine.amp_kwargs):
             probs = engine.predict(batch)
-        else:
-            with ctx:
-                probs = engine.predict(batch)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         label = batch["label"].reshape(-1).long()
         slide_id = batch.get("slide_id")

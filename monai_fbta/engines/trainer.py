@@ -1,6 +1,6 @@
 """FBTATrainer: one slide per iteration, the FBTA views, EMA teachers and the t/T curriculum.
 
-Per iteration (batch size 1, the sample dict of :class:`monai_fbta.data.dataset.FBTADataset`):
+Per iteration (batch size 1, the sample dict of :class:`monai_fbta.transforms.chain.FBTADataset`):
 
 * views: ``frozen = F^FB`` (the whole cached bag ``features [1, N, D]``, as in the paper; ``frozen_bag="pseudo"``
   is a deviation that uses ``F^FB[S]``), ``e2e = f_TFE(pb_image)``, ``translated = f_T(F^FB[S])`` (``translated_bag=
@@ -16,19 +16,19 @@ Per iteration (batch size 1, the sample dict of :class:`monai_fbta.data.dataset.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn as nn
 from ignite.engine import Events
-from torch.utils.checkpoint import checkpoint
 
 from monai_fbta._quiet import quiet_import
 from monai_fbta.engines.losses import FBTALoss, validate_views
 from monai_fbta.handlers.curriculum import CurriculumWeight
 from monai_fbta.handlers.ema import ModelEMA
+from monai_fbta.engines.utils import PrepareSlideBatch
 from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
+from monai_fbta.networks.encode import autocast, encode_patches, resolve_amp_dtype
 from monai_fbta.networks.mil_base import mil_logits
 from monai_fbta.networks.translator import translate_bag
 
@@ -37,52 +37,7 @@ from monai.engines import Trainer  # noqa: E402
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn  # noqa: E402
 from monai.engines.workflow import Workflow  # noqa: E402
 
-__all__ = ["FBTATrainer", "prepare_slide_batch", "fbta_param_groups", "mil_logits", "encode_patches"]
-
-
-def prepare_slide_batch(
-    batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs
-) -> dict[str, Any]:
-    """Move the tensors of one slide sample to ``device``, adding the batch dim to un-collated samples.
-
-    Bags become ``[1, N, D]``, patches ``[S, 3, H, W]`` (the batch dim of 1 is dropped), labels ``[1]``,
-    a collated ``slide_id`` list ``[str]`` its string.
-    """
-    out: dict[str, Any] = {}
-    for key, value in batchdata.items():
-        if key == "label" and isinstance(value, int):
-            value = torch.tensor([value])
-        if not isinstance(value, torch.Tensor):
-            collated_str = isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str)
-            out[key] = value[0] if collated_str else value
-            continue
-        value = value.to(device=device, non_blocking=non_blocking, **kwargs)
-        if key in ("features", "pb_features") and value.ndim == 2:
-            value = value.unsqueeze(0)
-        elif key in ("pb_image", "pb_image_clean") and value.ndim == 5:
-            if value.shape[0] != 1:
-                raise ValueError(f"FBTATrainer expects batch size 1 (one slide per iteration), got {value.shape[0]}")
-            value = value[0]
-        elif key == "label":
-            value = value.reshape(-1).long()
-        out[key] = value
-    if "features" in out and out["features"].shape[0] != 1:
-        raise ValueError(f"FBTATrainer expects batch size 1 (one slide per iteration), got {out['features'].shape[0]}")
-    return out
-
-
-def encode_patches(
-    encoder: nn.Module, images: torch.Tensor, chunk_size: int | None = None, grad_checkpointing: bool = False
-) -> torch.Tensor:
-    """``encoder`` over ``images [S, 3, H, W]`` in chunks -> ``[S, D]``.
-
-    With ``grad_checkpointing`` each chunk's activations are recomputed in backward, so training memory
-    is that of one chunk plus the ``[S, D]`` outputs.
-    """
-    chunks = images.split(chunk_size) if chunk_size else (images,)
-    use_ckpt = grad_checkpointing and torch.is_grad_enabled()
-    outs = [checkpoint(encoder, c, use_reentrant=False) if use_ckpt else encoder(c) for c in chunks]
-    return torch.cat(outs, 0).flatten(1)
+__all__ = ["FBTATrainer", "fbta_param_groups", "mil_logits"]
 
 
 def fbta_param_groups(
@@ -108,7 +63,7 @@ class FBTATrainer(Trainer):
     Args:
         device: device to train on.
         max_epochs: epochs T (also the curriculum's T unless ``curriculum`` says otherwise).
-        train_data_loader: yields one slide per batch (see :func:`prepare_slide_batch`).
+        train_data_loader: yields one slide per batch (``batch_size=None`` or ``1``, see :class:`PrepareSlideBatch`).
         mil_head: the shared MIL head f_MIL, ``forward(x [B, N, D]) -> [B, C]``.
         optimizer: optimiser over the trained modules (see :func:`fbta_param_groups`).
         loss_function: :class:`FBTALoss`; its ``views`` are the views used.
@@ -128,8 +83,9 @@ class FBTATrainer(Trainer):
             training (default True): batch statistics of one slide's ``S`` patches would put the ``e2e`` view
             in another feature space than ``F^FB`` from the first step (f_TFE(x) != f_FFE(x) at initialisation).
         accumulation_steps: slides per optimiser step (loss divided by it; flushed at epoch end).
-        amp: autocast (CUDA fp16 + GradScaler on GPU, bf16 on CPU unless ``amp_dtype`` says otherwise).
+        amp, amp_dtype: autocast with :func:`~monai_fbta.networks.encode.resolve_amp_dtype`'s dtype (a GradScaler with fp16).
         grad_checkpointing / encoder_chunk_size: memory controls of the e2e extractor forward.
+        prepare_batch: a ``PrepareBatch`` (default :class:`~monai_fbta.engines.utils.PrepareSlideBatch`).
         Other arguments are MONAI ``SupervisedTrainer``'s.
     """
 
@@ -160,7 +116,7 @@ class FBTATrainer(Trainer):
         encoder_chunk_size: int | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
-        prepare_batch: Callable = prepare_slide_batch,
+        prepare_batch: Callable | None = None,
         key_train_metric: dict | None = None,
         additional_metrics: dict | None = None,
         metric_cmp_fn: Callable = default_metric_cmp_fn,
@@ -193,7 +149,7 @@ class FBTATrainer(Trainer):
             data_loader=train_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
+            prepare_batch=PrepareSlideBatch() if prepare_batch is None else prepare_batch,
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             metric_cmp_fn=metric_cmp_fn,
@@ -246,17 +202,14 @@ class FBTATrainer(Trainer):
 
     def run(self) -> None:  # type: ignore[override]
         """Train; a second call, or one after ``load_state_dict``, continues from the saved epoch."""
-        on_cuda = torch.device(self.state.device).type == "cuda"
-        fp16 = self.amp and on_cuda and self.amp_dtype in (None, torch.float16)
+        fp16 = self.autocast_dtype == torch.float16 and torch.device(self.state.device).type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         Workflow.run(self)
 
-    def _autocast(self):
-        if not self.amp:
-            return nullcontext()
-        device_type = torch.device(self.state.device).type
-        dtype = self.amp_dtype or (torch.float16 if device_type == "cuda" else torch.bfloat16)
-        return torch.autocast(device_type, dtype=dtype, **self.amp_kwargs)
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of this run (:func:`~monai_fbta.networks.encode.resolve_amp_dtype`; ``None``: off)."""
+        return resolve_amp_dtype(self.state.device, self.amp, self.amp_dtype)
 
     def _accumulation_flags(self) -> tuple[bool, bool]:
         """(zero the grads before this iteration, step the optimiser after it)."""
@@ -341,7 +294,7 @@ class FBTATrainer(Trainer):
         engine._set_train_mode()
         if zero_grad:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with engine._autocast():
+        with autocast(engine.state.device, engine.autocast_dtype, **engine.amp_kwargs):
             terms, logits = engine._forward_loss(batch)
         if not torch.isfinite(terms["loss"]):
             values = {k: float(v.detach()) for k, v in terms.items()}

@@ -1,5 +1,9 @@
-"""monai_fbta.handlers: EMA teachers, curriculum weight, loss logging, training log file, metrics CSV, curves."""
+"""monai_fbta.handlers: EMA teachers, curriculum weight, checkpoints and resume, loss logging, training log file,
+metrics CSV, curves."""
 
+from monai_fbta.handlers.best_model_saver import BestModelSaver
+from monai_fbta.handlers.checkpoint import run_identity
+from monai_fbta.handlers.checkpoint_saver import TrainingCheckpoint
 from monai_fbta.handlers.curriculum import CurriculumWeight
 from monai_fbta.handlers.curves import TrainingCurves, plot_training_curves
 from monai_fbta.handlers.ema import ModelEMA
@@ -7,10 +11,16 @@ from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
 from monai_fbta.handlers.log_file import LogFile
 from monai_fbta.handlers.metrics_csv import EpochMetricsCSV
 from monai_fbta.handlers.progress import LossProgressBar
+from monai_fbta.handlers.resume import ResumeTraining, check_resume
 from monai_fbta.handlers.stats import LOSS_TERMS, loss_terms, training_log_handlers
 from monai_fbta.handlers.tensorboard import OptionalTensorBoard, tensorboard_available
 
 __all__ = [
+    "BestModelSaver",
+    "TrainingCheckpoint",
+    "ResumeTraining",
+    "check_resume",
+    "run_identity",
     "CurriculumWeight",
     "ModelEMA",
     "FBTAEvents",

@@ -87,7 +87,7 @@ class TranslatedMIL(nn.Module):
                 "these weights were saved from another network architecture than this TranslatedMIL (other feature "
                 "size, number of classes, MIL head or translator), so they would only partly load: build the "
                 "network from model.pt's own metadata (monai.bundle.load(..., workflow_type='inference') or "
-                "monai_fbta.pipeline.report.build_inference_network), or set the bundle settings it was trained with"
+                "monai_fbta.handlers.checkpoint.build_inference_network), or set the bundle settings it was trained with"
             )
         return super().load_state_dict(state, strict=strict, assign=assign)
 

@@ -24,11 +24,12 @@ from typing import Any
 import torch
 
 from monai_fbta.data.datalist import load_datalist
-from monai_fbta.data.extraction import extract_features, slide_id_of, store_path
-from monai_fbta.data.store import read_array, read_coords
+from monai_fbta.data.extraction import extract_features
+from monai_fbta.data.store import read_array, read_coords, slide_id_of, store_path
 from monai_fbta.pipeline.paths import inside, safe_name
 from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, frozen_encoder
-from monai_fbta.pipeline.report import build_inference_network, write_predictions_csv
+from monai_fbta.handlers.checkpoint import build_inference_network
+from monai_fbta.pipeline.report import write_predictions_csv
 
 __all__ = ["InferenceError", "inference_rows", "run_inference"]
 
@@ -63,7 +64,7 @@ def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"slide file(s) not found: {missing}")
-    rows = [{"slide_id": safe_name(p.stem), "image": str(p.resolve())} for p in paths]
+    rows = [{"slide_id": safe_name(slide_id_of(p)), "image": str(p.resolve())} for p in paths]
     ids = [r["slide_id"] for r in rows]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

@@ -95,7 +95,7 @@ def default_class_names(
             names = json.load(f).get("class_names")
         return list(names) if names else None
     if not _slides_in(folder) and not (folder / "labels.csv").is_file():
-        from monai_fbta.data.synthetic import CLASS_NAMES
+        from monai_fbta.synthetic import CLASS_NAMES
 
         return list(CLASS_NAMES[:num_classes])
     return None
@@ -118,7 +118,7 @@ def find_or_make_dataset(
       relative paths against ``dataset_dir``.
     * else ``dataset_dir/labels.csv`` exists: load it.
     * else ``dataset_dir`` holds no slide: generate the synthetic demo dataset there
-      (:func:`monai_fbta.data.synthetic.generate_dataset` with ``synthetic`` as arguments).
+      (:func:`monai_fbta.synthetic.generate_dataset` with ``synthetic`` as arguments).
     * else (slides but no labels): a :class:`DatalistError` saying what to pass.
     """
     folder = Path(dataset_dir)
@@ -133,7 +133,7 @@ def find_or_make_dataset(
                 [f"found {len(slides)} slides but no labels.csv: pass --datalist /path/to/labels.csv "
                  "(columns slide_id,path,label[,case_id]) or a MONAI datalist JSON"],
             )
-        from monai_fbta.data.synthetic import generate_dataset
+        from monai_fbta.synthetic import generate_dataset
 
         settings = dict(synthetic or {})
         logger.info("no slides in %s: generating the synthetic demo dataset %s", folder, settings)
@@ -163,7 +163,8 @@ def preprocess(
     left out, loudly; with ``skip_errors=False`` the first failure raises, with ``strict`` any failure
     raises once every slide was tried. Fewer than ``min_slides`` usable slides is an error.
     """
-    from monai_fbta.data.extraction import extract_features, slide_id_of
+    from monai_fbta.data.extraction import extract_features
+    from monai_fbta.data.store import slide_id_of
 
     report = extract_features(
         rows, cache_dir, encoder, tiling_kwargs=dict(tiling or {}), batch_size=batch_size,
@@ -180,7 +181,7 @@ def preprocess(
                            f"(see {os.path.join(cache_dir, 'extraction_report.csv')})")
     if num_clusters:
         from monai_fbta.data.clustering import cluster_store
-        from monai_fbta.data.extraction import store_path
+        from monai_fbta.data.store import store_path
 
         for row in kept:
             cluster_store(store_path(cache_dir, slide_id_of(row)), num_clusters, cluster_seed)
@@ -192,8 +193,7 @@ def feature_stats(rows: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLik
 
     Used to standardise the MIL head's input (:meth:`monai_fbta.networks.MILHead.set_feature_stats`).
     """
-    from monai_fbta.data.extraction import slide_id_of, store_path
-    from monai_fbta.data.store import read_array
+    from monai_fbta.data.store import read_array, slide_id_of, store_path
 
     total, total_sq, count = None, None, 0
     for row in rows:

@@ -1,9 +1,7 @@
-"""Inference-model metadata, held-out evaluation and prediction writing (used by the bundle configs).
+"""Held-out evaluation of ``model.pt`` and prediction writing (used by the bundle configs).
 
-``model.pt`` (see :func:`monai_fbta.engines.save_inference_model`) carries everything needed to
-rebuild the inference network: the EMA teacher head f*_MIL, the translator f_T and a metadata dict
-written by :func:`model_metadata`. :func:`load_inference_networks` rebuilds both from it, so
-evaluation and inference need no training config.
+``model.pt`` and its metadata are :mod:`monai_fbta.handlers.checkpoint`'s; evaluation and inference rebuild the
+network from it (:func:`~monai_fbta.handlers.checkpoint.load_inference_networks`), so they need no training config.
 """
 
 from __future__ import annotations
@@ -20,95 +18,15 @@ import numpy as np
 import torch
 
 from monai_fbta._io import atomic_open, inside
+from monai_fbta.handlers.checkpoint import RunMismatchError, check_identity, load_inference_model, load_inference_networks
 
 __all__ = [
-    "resolve_class_names",
-    "model_metadata",
-    "load_inference_networks",
-    "build_inference_network",
     "check_model",
     "evaluate_checkpoint",
     "write_predictions_csv",
 ]
 
 logger = logging.getLogger("fbta.report")
-
-
-def resolve_class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
-    """``class_names`` as a list, or ``class_0 ... class_<n-1>`` when none were given; one name per class."""
-    names = list(class_names) if class_names else [f"class_{i}" for i in range(int(num_classes))]
-    if len(names) != int(num_classes):
-        raise ValueError(f"{len(names)} class names {names} for num_classes={num_classes}")
-    return names
-
-
-def model_metadata(
-    mil_name: str,
-    feature_dim: int,
-    num_classes: int,
-    class_names: Sequence[str] | None,
-    views: Sequence[str],
-    encoder_name: str,
-    encoder_weights: str | None,
-    tiling: Mapping[str, Any],
-    mil_hidden: int = 512,
-    translator_heads: int = 10,
-    identity: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Plain-Python description of the inference network (stored in ``model.pt``), with the run's ``identity``."""
-    names = resolve_class_names(class_names, num_classes)
-    return {
-        "run_identity": None if identity is None else dict(identity),
-        "mil_name": str(mil_name),
-        "mil_hidden": int(mil_hidden),
-        "feature_dim": int(feature_dim),
-        "num_classes": int(num_classes),
-        "class_names": names,
-        "views": [str(v) for v in views],
-        "translator_heads": int(translator_heads),
-        "encoder_name": str(encoder_name),
-        "encoder_weights": None if encoder_weights is None else str(encoder_weights),
-        "tiling": {str(k): v for k, v in dict(tiling).items()},
-    }
-
-
-def _read_model(path: str | os.PathLike) -> dict[str, Any]:
-    from monai_fbta.engines import load_inference_model
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no trained model at {path}: run the bundle's training first")
-    return load_inference_model(path)
-
-
-def load_inference_networks(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """``(mil_head, translator, metadata)`` rebuilt from ``model.pt`` (``weights_only`` load), in eval mode."""
-    from monai_fbta.networks import FeatureTranslator, build_mil_head
-
-    blob = _read_model(path)
-    meta = blob["metadata"]
-    head = build_mil_head(meta["mil_name"], in_features=meta["feature_dim"], num_classes=meta["num_classes"],
-                          hidden=meta["mil_hidden"])
-    head.load_state_dict(blob["mil_head"])
-    translator = None
-    if blob["translator"] is not None:
-        translator = FeatureTranslator(meta["feature_dim"], num_heads=meta["translator_heads"])
-        translator.load_state_dict(blob["translator"])
-        translator = translator.to(device).eval()
-    return head.to(device).eval(), translator, meta
-
-
-def build_inference_network(
-    model_path: str | os.PathLike, device: str | torch.device = "cpu", channels_first: bool = False
-):
-    """:class:`~monai_fbta.networks.TranslatedMIL` with the weights of ``model.pt``, in eval mode on ``device``,
-    its ``metadata`` set from the file (the bundle's ``network_def``, with ``channels_first=True``: input
-    ``[B, D, N]`` as ``metadata.json`` describes it; bundle inference, with ``[B, N, D]``)."""
-    from monai_fbta.networks import TranslatedMIL
-
-    head, translator, meta = load_inference_networks(model_path, device)
-    network = TranslatedMIL(head, translator, channels_first=channels_first).to(device).eval()
-    network.metadata = dict(meta)
-    return network
 
 
 def write_predictions_csv(path: str | os.PathLike, records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> str:
@@ -130,14 +48,12 @@ def write_predictions_csv(path: str | os.PathLike, records: Sequence[Mapping[str
 def check_model(
     model_path: str | os.PathLike, class_names: Sequence[str] | None = None, identity: Mapping[str, Any] | None = None
 ) -> bool:
-    """Refuse (:class:`~monai_fbta.engines.RunMismatchError`) to evaluate ``model.pt`` on data it does not fit.
+    """Refuse (:class:`~monai_fbta.handlers.checkpoint.RunMismatchError`) to evaluate ``model.pt`` on data it does not fit.
 
     A model whose class names differ from ``class_names`` would read the datalist's labels as other classes;
     with ``identity`` (the current run's), a model of another run was selected on another split of other data.
     """
-    from monai_fbta.engines.checkpoint import RunMismatchError, check_identity
-
-    meta = _read_model(model_path)["metadata"]
+    meta = load_inference_model(model_path)["metadata"]
     if class_names is not None and list(class_names) != list(meta["class_names"]):
         raise RunMismatchError(
             f"{model_path} predicts the classes {meta['class_names']} but this datalist's classes are {list(class_names)}: "
@@ -164,7 +80,7 @@ def evaluate_checkpoint(
     Also writes ``<split>_predictions.csv`` beside ``metrics_path``. ``class_names`` / ``identity``: see
     :func:`check_model`.
     """
-    from monai_fbta.data.dataset import SlideDataset, collate_single
+    from monai_fbta.data.dataset import SlideDataset
     from monai_fbta.engines import FBTAEvaluator
     from monai_fbta.transforms.store import LoadStored
 
@@ -174,7 +90,7 @@ def evaluate_checkpoint(
     check_model(model_path, class_names, identity)
     head, translator, meta = load_inference_networks(model_path, device)
     dataset = SlideDataset(rows, LoadStored(store_dir, keys=("coords", "features")))  # the full bags, nothing else
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_single)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False)  # one slide per item: PrepareSlideBatch
     evaluator = FBTAEvaluator(device, loader, head, translator, prefix=split)
     evaluator.run()
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items()}
@@ -194,8 +110,7 @@ def evaluate_checkpoint(
     if metrics_path is not None:
         with atomic_open(metrics_path, "w") as f:
             json.dump(result, f, indent=1)
-        records = [{"slide_id": p["slide_id"][0] if isinstance(p["slide_id"], list) else p["slide_id"],
-                    "probs": p["pred"], "label": p["label"]} for p in evaluator.state.predictions]
+        records = [{"slide_id": p["slide_id"], "probs": p["pred"], "label": p["label"]} for p in evaluator.state.predictions]
         write_predictions_csv(os.path.join(os.path.dirname(os.fspath(metrics_path)), f"{split}_predictions.csv"),
                               records, meta["class_names"])
     return result

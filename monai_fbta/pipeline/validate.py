@@ -197,7 +197,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Our errors whose message says everything the user needs (their traceback is noise)."""
     from monai_fbta.data.datalist import DatalistError
     from monai_fbta.data.errors import SlideError
-    from monai_fbta.engines.checkpoint import RunMismatchError
+    from monai_fbta.handlers.checkpoint import RunMismatchError
     from monai_fbta.pipeline.infer import InferenceError
 
     return DatalistError, SlideError, RunMismatchError, InferenceError

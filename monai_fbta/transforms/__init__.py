@@ -23,7 +23,7 @@ from monai_fbta.transforms.augment import (  # noqa: E402
     rgb_to_hed,
 )
 from monai_fbta.transforms.clustering import ClusterFeatures, ClusterFeaturesd  # noqa: E402
-from monai_fbta.transforms.patches import ReadPatches, ReadPatchesd, SlideCache, patches_to_tensor, tiling_meta  # noqa: E402
+from monai_fbta.transforms.patches import ReadPatches, ReadPatchesd, tiling_meta  # noqa: E402
 from monai_fbta.transforms.pseudobag import PseudoBagSample, PseudoBagSampled, sample_pseudo_bag  # noqa: E402
 from monai_fbta.transforms.store import LoadStored  # noqa: E402
 from monai_fbta.transforms.tiling import TissueTile, TissueTiled  # noqa: E402
@@ -45,12 +45,10 @@ __all__ = [
     "RandStackd",
     "ReadPatches",
     "ReadPatchesd",
-    "SlideCache",
     "TissueTile",
     "TissueTiled",
     "hed_to_rgb",
     "make_e2e_augmentation",
-    "patches_to_tensor",
     "rgb_to_hed",
     "sample_pseudo_bag",
     "tiling_meta",

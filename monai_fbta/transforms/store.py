@@ -30,8 +30,7 @@ from monai.config import KeysCollection  # noqa: E402
 from monai.transforms import MapTransform  # noqa: E402
 
 from monai_fbta.data.clustering import cluster_store  # noqa: E402
-from monai_fbta.data.store import dataset_names, open_features, read_array, read_coords  # noqa: E402
-from monai_fbta.transforms.pseudobag import gather_rows  # noqa: E402
+from monai_fbta.data.store import SlideStore, slide_id_of, store_path  # noqa: E402
 
 __all__ = ["LoadStored"]
 
@@ -71,19 +70,17 @@ class LoadStored(MapTransform):
 
     def locate(self, row: Mapping[Hashable, Any]) -> tuple[str, str]:
         """``(slide_id, store path)`` of ``row``."""
-        from monai_fbta.data.extraction import slide_id_of, store_path  # extraction imports transforms.patches
-
         slide_id = slide_id_of(row)
         return slide_id, store_path(self.store_dir, slide_id)
 
-    def clusters(self, path: str) -> np.ndarray:
-        """``[N]`` KMeans labels of the store at ``path``, computed and cached in it on first use."""
-        return cluster_store(path, self.num_clusters, self.cluster_seed, self.cluster_method)
+    def clusters(self, store: str | SlideStore) -> np.ndarray:
+        """``[N]`` KMeans labels of ``store`` (a path or an open store), computed and cached in it on first use."""
+        return cluster_store(store, self.num_clusters, self.cluster_seed, self.cluster_method)
 
-    def _read(self, path: str, key: str) -> tuple[np.ndarray, dict[str, Any] | None]:
+    def _read(self, store: SlideStore, key: str) -> tuple[np.ndarray, dict[str, Any] | None]:
         if key == "coords":
-            return read_coords(path)
-        return (self.clusters(path) if key == "clusters" else read_array(path, key)), None
+            return store.coords()
+        return (self.clusters(store) if key == "clusters" else store.array(key)), None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -92,18 +89,18 @@ class LoadStored(MapTransform):
             d["slide_id"] = slide_id
             d["label"] = int(d["label"]) if d.get("label") not in (None, "") else -1
             d["image"] = os.fspath(d["image"])
-        have = set(dataset_names(path)) | {"clusters"} if self.allow_missing_keys else None
-        for key in self.keys:
-            if have is not None and key not in have:
-                continue
-            if self.index_key is not None:
-                with open_features(path, key) as lazy:
-                    d[f"{self.prefix}{key}"] = _tensor(gather_rows(lazy, np.asarray(d[self.index_key])))
-                continue
-            array, attrs = self._read(path, key)
-            d[key] = _tensor(array)
-            if attrs is not None:
-                d[f"{key}_{self.meta_key_postfix}"] = attrs
+        with SlideStore(path) as store:  # one open file for every read of this item
+            have = set(store.names()) | {"clusters"} if self.allow_missing_keys else None
+            for key in self.keys:
+                if have is not None and key not in have:
+                    continue
+                if self.index_key is not None:
+                    d[f"{self.prefix}{key}"] = _tensor(store.rows(key, np.asarray(d[self.index_key])))
+                    continue
+                array, attrs = self._read(store, key)
+                d[key] = _tensor(array)
+                if attrs is not None:
+                    d[f"{key}_{self.meta_key_postfix}"] = attrs
         return d
 
 

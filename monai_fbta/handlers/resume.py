@@ -6,62 +6,35 @@ EMA teachers, optimiser, RNG and epoch counter continue where the killed run sto
 finished run makes the rerun skip training (the configured ``max_epochs`` is kept, so raising
 ``--num_epochs`` trains the extra epochs).
 
-A run's identity (:func:`run_identity`: the datalist's content, the class names and the settings that
-define the model) is saved in ``last.pt`` and ``model.pt``; a checkpoint of another run is never resumed
-(:func:`check_resume`), so a bundle folder reused for new data cannot continue, or report, the old model.
+A run's identity (:func:`~monai_fbta.handlers.checkpoint.run_identity`: the datalist's content, the class names
+and the settings that define the model) is saved in ``last.pt`` and ``model.pt``; a checkpoint of another run is
+never resumed (:func:`check_resume`), so a bundle folder reused for new data cannot continue, or report, the old model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
 
-from monai_fbta.engines.checkpoint import (
-    RunMismatchError,
+from monai_fbta.handlers.checkpoint import (
     check_identity,
     checkpoint_identity,
     load_checkpoint,
     load_inference_model,
+    plain_value,
     training_objects,
 )
 
-__all__ = ["ResumeTraining", "RunMismatchError", "run_identity", "check_resume"]
+__all__ = ["ResumeTraining", "check_resume"]
 
 logger = logging.getLogger("fbta.resume")
 
 RESUME_REMEDY = "use a new --ckpt_dir for this run, or --resume False to start over here (replacing the old run's files)"
-
-
-def _plain(value: Any) -> Any:
-    """JSON-like copy of ``value`` (tuples -> lists), storable in a ``weights_only`` checkpoint."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def run_identity(
-    rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None, num_classes: int, settings: Mapping[str, Any]
-) -> dict[str, Any]:
-    """What makes two training runs the same run: the datalist's content (:func:`datalist_digest` of ``rows``,
-    not a file time), the class names and ``settings`` (head, views, encoder, tiling, C, M, K, fold...)."""
-    from monai_fbta.data.datalist import datalist_digest
-    from monai_fbta.pipeline.report import resolve_class_names
-
-    return {
-        "datalist_sha256": datalist_digest(rows),
-        "num_slides": len(rows),
-        "class_names": resolve_class_names(class_names, num_classes),
-        **_plain(settings),
-    }
 
 
 def check_resume(path: str | os.PathLike, identity: Mapping[str, Any], enabled: bool = True) -> bool:
@@ -85,7 +58,7 @@ class ResumeTraining:
         evaluator / best_model: the validation engine and the ``model.pt`` its :class:`BestModelSaver` writes;
             when both are given, the evaluator's best metric is restored from ``model.pt``'s metadata, so a
             resumed run only replaces ``model.pt`` with a better model than the one saved before the kill.
-        identity: this run's :func:`run_identity`; a checkpoint saved by another run is refused
+        identity: this run's :func:`~monai_fbta.handlers.checkpoint.run_identity`; a checkpoint saved by another run is refused
             (:class:`RunMismatchError`, saying what differs), never resumed.
     """
 
@@ -110,7 +83,7 @@ class ResumeTraining:
         if self.evaluator is None or self.best_model is None or not self.best_model.is_file():
             return
         meta = load_inference_model(self.best_model)["metadata"]
-        if self.identity is not None and meta.get("run_identity") != _plain(self.identity):
+        if self.identity is not None and meta.get("run_identity") != plain_value(self.identity):
             logger.warning("%s is not this run's model: its validation metric is not restored", self.best_model)
             return
         if "best_metric" in meta and "epoch" in meta:

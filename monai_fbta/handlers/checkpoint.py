@@ -1,24 +1,27 @@
-"""Atomic training checkpoints (resume) and the inference checkpoint ``model.pt``.
+"""The checkpoint files: ``last.pt`` (resume) and ``model.pt`` (the inference model), in one place.
 
 A training checkpoint is ``{name: obj.state_dict()}`` for the objects of :func:`training_objects`
 (trainer state incl. epoch, iteration, optimiser-step count and curriculum; student modules; EMA
-teachers; optimiser; scheduler; GradScaler; torch RNG). Files are written to a temporary file in the
-target folder and moved into place with ``os.replace``; everything loads with ``weights_only=True``.
-Both files may carry the run's identity (``run_identity``: datalist digest, class names, model settings),
-compared with :func:`check_identity` before a checkpoint is resumed or evaluated.
+teachers; optimiser; scheduler; GradScaler; torch RNG). ``model.pt`` is the state dict of
+:class:`~monai_fbta.networks.TranslatedMIL` (MONAI's flat layout) plus the plain-Python ``metadata`` of
+:func:`model_metadata`, from which :func:`load_inference_networks` / :func:`build_inference_network` rebuild
+the network without a training config. Files are written to a temporary file in the target folder and moved
+into place with ``os.replace``; everything loads with ``weights_only=True``. Both files may carry the run's
+identity (:func:`run_identity`: datalist digest, class names, model settings), compared with
+:func:`check_identity` before a checkpoint is resumed or evaluated. The handlers that write and read them:
+:class:`~monai_fbta.handlers.TrainingCheckpoint`, :class:`~monai_fbta.handlers.BestModelSaver`,
+:class:`~monai_fbta.handlers.ResumeTraining`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import ignite.distributed as idist
-from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from monai_fbta._io import atomic_open
@@ -29,14 +32,18 @@ __all__ = [
     "RunMismatchError",
     "check_identity",
     "checkpoint_identity",
+    "run_identity",
+    "plain_value",
     "TorchRNGState",
     "training_objects",
     "save_checkpoint",
     "load_checkpoint",
     "save_inference_model",
     "load_inference_model",
-    "TrainingCheckpoint",
-    "BestModelSaver",
+    "resolve_class_names",
+    "model_metadata",
+    "load_inference_networks",
+    "build_inference_network",
 ]
 
 
@@ -212,6 +219,8 @@ def load_inference_model(
     dict of TranslatedMIL}``; the metadata's encoder weights file is resolved against ``path``'s folder. Also
     reads the layout of monai-fbta <= 0.1 (``{"network": ..., "has_translator": ..., "metadata": ...}``).
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no trained model at {path}: run the bundle's training first")
     blob = _load(path)
     if "network" in blob:  # monai-fbta <= 0.1
         network = blob["network"]
@@ -234,47 +243,102 @@ def load_inference_model(
     return result
 
 
-class TrainingCheckpoint:
-    """Save the training state to ``path`` (e.g. ``run/last.pt``) every ``every`` epochs; ``attach(trainer)``.
-
-    ``identity`` (the run's identity, see :func:`monai_fbta.pipeline.resume.run_identity`) is saved with it.
-    """
-
-    def __init__(
-        self, path: str | os.PathLike, objects: Mapping[str, Any] | None = None, every: int = 1,
-        identity: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.path = Path(path)
-        self.objects = objects
-        self.every = every
-        self.identity = identity
-
-    def __call__(self, engine: Engine) -> None:
-        if idist.get_rank() == 0:  # one writer under torchrun; every rank holds the same weights
-            save_checkpoint(self.path, self.objects or training_objects(engine), self.identity)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+# ----------------------------------------------------------------------------- run identity
 
 
-class BestModelSaver:
-    """On an evaluator: write ``model.pt`` whenever its key metric reached a new best; ``attach(evaluator)``."""
+def plain_value(value: Any) -> Any:
+    """JSON-like copy of ``value`` (tuples -> lists), storable in a ``weights_only`` checkpoint."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        mil_head: nn.Module,
-        translator: nn.Module | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.path = Path(path)
-        self.mil_head, self.translator, self.metadata = mil_head, translator, dict(metadata or {})
 
-    def __call__(self, engine: Engine) -> None:
-        if idist.get_rank() == 0 and engine.state.best_metric_epoch == engine.state.epoch:
-            meta = {**self.metadata, "key_metric": engine.state.key_metric_name}
-            meta.update(best_metric=float(engine.state.best_metric), epoch=int(engine.state.epoch))
-            save_inference_model(self.path, self.mil_head, self.translator, meta)
+def run_identity(
+    rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None, num_classes: int, settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What makes two training runs the same run: the datalist's content (:func:`datalist_digest` of ``rows``,
+    not a file time), the class names and ``settings`` (head, views, encoder, tiling, C, M, K, fold...)."""
+    from monai_fbta.data.datalist import datalist_digest
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+    return {
+        "datalist_sha256": datalist_digest(rows),
+        "num_slides": len(rows),
+        "class_names": resolve_class_names(class_names, num_classes),
+        **plain_value(settings),
+    }
+
+
+# ----------------------------------------------------------------------------- model.pt -> networks
+
+
+def resolve_class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    """``class_names`` as a list, or ``class_0 ... class_<n-1>`` when none were given; one name per class."""
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(int(num_classes))]
+    if len(names) != int(num_classes):
+        raise ValueError(f"{len(names)} class names {names} for num_classes={num_classes}")
+    return names
+
+
+def model_metadata(
+    mil_name: str,
+    feature_dim: int,
+    num_classes: int,
+    class_names: Sequence[str] | None,
+    views: Sequence[str],
+    encoder_name: str,
+    encoder_weights: str | None,
+    tiling: Mapping[str, Any],
+    mil_hidden: int = 512,
+    translator_heads: int = 10,
+    identity: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Plain-Python description of the inference network (stored in ``model.pt``), with the run's ``identity``."""
+    names = resolve_class_names(class_names, num_classes)
+    return {
+        "run_identity": None if identity is None else dict(identity),
+        "mil_name": str(mil_name),
+        "mil_hidden": int(mil_hidden),
+        "feature_dim": int(feature_dim),
+        "num_classes": int(num_classes),
+        "class_names": names,
+        "views": [str(v) for v in views],
+        "translator_heads": int(translator_heads),
+        "encoder_name": str(encoder_name),
+        "encoder_weights": None if encoder_weights is None else str(encoder_weights),
+        "tiling": {str(k): v for k, v in dict(tiling).items()},
+    }
+
+
+def load_inference_networks(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``(mil_head, translator, metadata)`` rebuilt from ``model.pt`` (``weights_only`` load), in eval mode."""
+    from monai_fbta.networks import FeatureTranslator, build_mil_head
+
+    blob = load_inference_model(path)
+    meta = blob["metadata"]
+    head = build_mil_head(meta["mil_name"], in_features=meta["feature_dim"], num_classes=meta["num_classes"],
+                          hidden=meta["mil_hidden"])
+    head.load_state_dict(blob["mil_head"])
+    translator = None
+    if blob["translator"] is not None:
+        translator = FeatureTranslator(meta["feature_dim"], num_heads=meta["translator_heads"])
+        translator.load_state_dict(blob["translator"])
+        translator = translator.to(device).eval()
+    return head.to(device).eval(), translator, meta
+
+
+def build_inference_network(
+    model_path: str | os.PathLike, device: str | torch.device = "cpu", channels_first: bool = False
+):
+    """:class:`~monai_fbta.networks.TranslatedMIL` with the weights of ``model.pt``, in eval mode on ``device``,
+    its ``metadata`` set from the file (the bundle's ``network_def``, with ``channels_first=True``: input
+    ``[B, D, N]`` as ``metadata.json`` describes it; bundle inference, with ``[B, N, D]``)."""
+    from monai_fbta.networks import TranslatedMIL
+
+    head, translator, meta = load_inference_networks(model_path, device)
+    network = TranslatedMIL(head, translator, channels_first=channels_first).to(device).eval()
+    network.metadata = dict(meta)
+    return network

@@ -1,0 +1,72 @@
+"""The checkpoint handlers and files: TrainingCheckpoint + load_checkpoint (exact resume), BestModelSaver + model.pt."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ignite.engine import Events
+from test_trainer import C, D, _sample, _trainer
+from torch.utils.data import DataLoader
+
+from monai_fbta.engines import FBTAEvaluator
+from monai_fbta.handlers import BestModelSaver, TrainingCheckpoint
+from monai_fbta.handlers.checkpoint import load_checkpoint, load_inference_model, training_objects
+from monai_fbta.networks.abmil import ABMIL
+from monai_fbta.networks.translator import FeatureTranslator
+
+torch.set_num_threads(1)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    data = [_sample(i) for i in range(3)]
+    kw = {"ema_momentum": 0.2, "ema_momentum_warmup": 0.6, "ema_warmup_steps": 4, "accumulation_steps": 2}
+
+    torch.manual_seed(1)
+    full = _trainer(data, max_epochs=4, **kw)
+    full.run()
+
+    torch.manual_seed(1)
+    first = _trainer(data, max_epochs=4, **kw)
+    TrainingCheckpoint(tmp_path / "last.pt").attach(first)
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: e.terminate())
+    first.run()
+    assert first.state.epoch == 2 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+    torch.manual_seed(12345)  # a fresh process: other weights, other RNG state
+    second = _trainer(data, max_epochs=4, seed=7, **kw)
+    load_checkpoint(tmp_path / "last.pt", training_objects(second))
+    assert second.state.epoch == 2 and second.state.curriculum == first.state.curriculum
+    second.run()
+
+    assert second.state.epoch == 4 and second.state.optimizer_step == full.state.optimizer_step == 8
+    assert second.state.curriculum == full.state.curriculum == 1.0
+    for name in ("mil_head", "translator", "trainable_encoder", "ema_mil_head", "ema_encoder"):
+        a, b = training_objects(full)[name], training_objects(second)[name]
+        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{name}.{k}")
+
+
+def test_validation_best_model_and_inference_checkpoint(tmp_path):
+    from monai_fbta._quiet import quiet_import
+
+    ValidationHandler = quiet_import("monai.handlers").ValidationHandler
+    data = [_sample(i) for i in range(4)]
+    trainer = _trainer(data, max_epochs=3)
+    head, translator = trainer.inference_head, trainer.translator
+    ev = FBTAEvaluator("cpu", DataLoader(data, batch_size=1), head, translator, key_metric="acc")
+    meta = {"class_names": ["a", "b"], "views": trainer.views, "feature_dim": D, "encoder": "tiny_cnn"}
+    BestModelSaver(tmp_path / "model.pt", head, translator, meta).attach(ev)
+    ValidationHandler(interval=1, validator=ev, epoch_level=True).attach(trainer)
+    trainer.run()
+    assert ev.state.best_metric_epoch >= 1
+    fresh_head, fresh_tr = ABMIL(D, C, hidden=16, attention_dim=8), FeatureTranslator(D, num_heads=3, hidden=16)
+    blob = load_inference_model(tmp_path / "model.pt", fresh_head, fresh_tr)
+    assert blob["metadata"]["class_names"] == ["a", "b"] and blob["metadata"]["epoch"] == ev.state.best_metric_epoch
+    assert blob["metadata"]["key_metric"] == "val_acc"
+    if ev.state.best_metric_epoch == 3:  # the saved weights are the final teacher's
+        for a, b in zip(fresh_head.state_dict().values(), copy.deepcopy(head).state_dict().values()):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_inference_model(tmp_path / "nope.pt")
