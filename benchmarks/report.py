@@ -24,7 +24,7 @@ from _common import format_table  # noqa: E402
 
 from monai_fbta._io import atomic_open  # noqa: E402
 
-ORDER = ["accuracy", "memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "mil_heads"]
+ORDER = ["accuracy", "memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "scaling", "mil_heads"]
 TITLES = {
     "accuracy": "Accuracy on the synthetic benchmark: vanilla MIL vs +FBTA, and the view ablation",
     "memory": "Peak memory of one training iteration vs bag size",
@@ -32,12 +32,14 @@ TITLES = {
     "inference": "Slide inference: translation vs re-extraction",
     "read_patches": "Patch-read throughput",
     "frozen_pipeline": "Frozen-bag pipeline (extraction, KMeans, per-iteration costs)",
+    "scaling": "Scaling over processes (torchrun, gloo on the CPU)",
     "mil_heads": "MIL heads: forward+backward time and memory",
 }
 COLUMNS = {
     "memory": ["config", "n", "source", "peak_gb", "saved_mb", "seconds"],
     "epoch_time": ["method", "s_per_epoch", "patches_through_extractor_per_epoch"],
-    "inference": ["method", "patches", "seconds", "source"],
+    "inference": ["method", "patches", "seconds", "cpu_s"],
+    "frozen_pipeline": ["run", "patches", "seconds", "patches_per_s", "vs_bare"],
 }
 
 
@@ -89,6 +91,10 @@ def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_d
                   "ablation": "View ablation (ABMIL)"}
         for name, rows in payload["tables"].items():
             lines += [f"{titles.get(name, name)}:", "", format_table(rows, markdown=True), ""]
+    for title, rows in payload.get("extra_tables", {}).items():
+        lines += ["", f"{title}:", "", format_table(rows, markdown=True)]
+    if payload.get("notes"):
+        lines += [""] + [f"- {note}" for note in payload["notes"]]
     for config, fit in payload.get("fits", {}).items():
         if "n_exceeding_limit" in fit:
             lines.append(f"\n{config}: {fit['peak_mb_per_patch']:.2f} MB per patch; exceeds "
