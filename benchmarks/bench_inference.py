@@ -96,6 +96,7 @@ def reextract(slide: str, coords: np.ndarray, attrs: dict[str, Any], encoder: to
     enc = prepare_encoder(encoder, device, channels_last=True)
     batches = PatchBatches(slide, coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]), int(attrs["patch_size"]),
                            args.batch_size)
+    encode_batch(enc, torch.rand(2, 3, attrs["patch_size"], attrs["patch_size"]), device, amp_dtype, True)  # warm-up
     wall, cpu, feats = 0.0, 0.0, []
 
     def step(it) -> bool:
@@ -236,11 +237,11 @@ def report(args, info, device, re, tr_times, hm_times, checks, n_hm, low, cpu, d
     end = machine_info(device)
     notes = [
         f"{low} f_T vs float32 f_T on both slides: max |dprob| {worst:.2g} (tolerance {args.tolerance:g}), same predicted "
-        f"class: {ok}; translator K = {args.heads}, hidden = D (the default width; {4 * args.heads * dim * dim / 1e6:.0f} "
+        f"class: {ok}; translator K = {args.heads}, hidden = D (the default width; {4 * args.heads * dim * dim / 1e6:.3g} "
         "MFLOP per patch), its MLPs at full scale (not the near-identity initialisation)",
-        f"load average {info['load_avg_1m']:.2f} at start, {end['load_avg_1m']:.2f} at the end: the re-extraction is one "
-        "long run and the translations repeat after it, so each saw the load of its own minutes; CPU seconds (this "
-        "process and its DataLoader workers) are the cross-check that other jobs change least",
+        f"load average {info['load_avg_1m']:.2f} at start, {end['load_avg_1m']:.2f} at the end (other jobs share the "
+        "machine); the translation repeats ran between re-extraction batches, so both sides saw the same load; CPU "
+        "seconds (this process and its DataLoader workers) are a second view that other jobs change less",
         f"re-extraction throughput {n_re / re['read_encode_s']:.1f} patches/s with {args.workers} reader worker(s), batch "
         f"{args.batch_size}; {len(tr_times['fp32'])} translation repeats, {len(tr_times['fp32']) - 1} of them run while "
         f"the re-extraction's clock was stopped every {args.interleave_every} batches; the translation timing reads a "

@@ -39,7 +39,7 @@ COLUMNS = {
     "memory": ["config", "n", "source", "peak_gb", "saved_mb", "seconds"],
     "epoch_time": ["method", "s_per_epoch", "patches_through_extractor_per_epoch"],
     "inference": ["method", "patches", "seconds", "cpu_s"],
-    "frozen_pipeline": ["run", "patches", "seconds", "patches_per_s", "vs_bare"],
+    "frozen_pipeline": ["run", "patches", "seconds", "patches_per_s", "vs_bare", "vs_bare_each_repeat"],
 }
 
 
@@ -58,6 +58,17 @@ def _results_tables(results: Any) -> list[str]:
             out.append(f"**{key}**\n\n" + format_table(_scalars(sub), markdown=True))
         return out
     return [f"```\n{json.dumps(results, indent=2)}\n```"]
+
+
+def _repeat_rows(times: Mapping[str, Any], prefix: str = "") -> list[dict[str, str]]:
+    """``{name: [seconds, ...]}`` (nested one level deep or not) as rows ``run | seconds of each repeat``."""
+    rows = []
+    for name, values in times.items():
+        if isinstance(values, Mapping):
+            rows += _repeat_rows(values, f"{prefix}{name}: ")
+        else:
+            rows.append({"run": f"{prefix}{name}", "seconds of each repeat": ", ".join(f"{v:.3g}" for v in values)})
+    return rows
 
 
 def _machine(m: Mapping[str, Any]) -> str:
@@ -91,6 +102,9 @@ def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_d
                   "ablation": "View ablation (ABMIL)"}
         for name, rows in payload["tables"].items():
             lines += [f"{titles.get(name, name)}:", "", format_table(rows, markdown=True), ""]
+    if isinstance(payload.get("times"), Mapping):
+        lines += ["", "Seconds of each repeat, in the order they ran (interleaved):", "",
+                  format_table(_repeat_rows(payload["times"]), markdown=True)]
     for title, rows in payload.get("extra_tables", {}).items():
         lines += ["", f"{title}:", "", format_table(rows, markdown=True)]
     if payload.get("notes"):
