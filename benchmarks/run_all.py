@@ -36,10 +36,10 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
         "--reextract-tiles", "4", "8", "--heatmap-tiles", "8", "8", "--encoder", "tiny_cnn", "--heads", "2", "--repeats", "1",
         "--workers", "0", "--data-dir", "/tmp/fbta_bench_quick"]),
     "read_patches": ("bench_read_patches.py", "json_path", [], ["--n", "40"]),
-    "frozen_pipeline": ("bench_frozen_pipeline.py", "own", [], [
+    "frozen_pipeline": ("bench_frozen_pipeline.py", "own", ["--tiles", "16", "24"], [
         "--encoder", "tiny_cnn", "--tiles", "4", "8", "--repeats", "1", "--profile-patches", "32", "--kmeans-n", "2000",
         "--kmeans-d", "64", "--clusters", "8", "--iterations", "3", "--data-dir", "/tmp/fbta_bench_quick"]),
-    "scaling": ("bench_scaling.py", "own", [], [
+    "scaling": ("bench_scaling.py", "own", ["--tiles", "4", "8", "--epochs", "3"], [
         "--slides", "2", "--tiles", "2", "4", "--encoder", "tiny_cnn", "--repeats", "1", "--epochs", "2",
         "--data-dir", "/tmp/fbta_bench_quick"]),
     "mil_heads": ("bench_mil_heads.py", "json_stdout", ["--max-n", "mambamil=10000"],
