@@ -28,8 +28,13 @@ from monai_fbta._io import atomic_open
 __all__ = [
     "add_common_args", "resolve_device", "start_run", "machine_info", "rss_mb", "PeakMemory", "SavedTensorMeter",
     "run_child", "child_main", "linear_fit", "timed", "format_table", "print_table", "write_json", "save_plot",
-    "mem_available_mb", "print_ratios", "finish", "ratio",
+    "mem_available_mb", "print_ratios", "finish", "ratio", "tiled_slide", "interleaved", "median", "cpu_seconds", "timed_cpu",
+    "DATA_DIR",
 ]
+
+
+DATA_DIR = os.environ.get("FBTA_BENCH_DATA", os.path.join("/tmp", "fbta_bench_data"))
+"""Where benchmarks keep the slides they generate between runs (``$FBTA_BENCH_DATA``; outside the repository)."""
 
 
 def add_common_args(parser, threads: int | None = None) -> None:
@@ -307,3 +312,130 @@ def finish(args, name: str, payload: dict[str, Any], draw: Callable[[Any], None]
     if getattr(args, "plot", None) and draw is not None:
         save_plot(args.plot, draw)
         print(f"wrote {args.plot}")
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of ``values`` (NaN when empty)."""
+    values = list(values)
+    return float(np.median(values)) if values else float("nan")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its children that have ended (DataLoader workers)."""
+    t = os.times()  # children: 10 ms ticks; this process: process_time's finer clock
+    return time.process_time() + t.children_user + t.children_system
+
+
+def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """``(wall seconds, CPU seconds, fn())``: CPU time is what other jobs on a shared machine change least."""
+    cpu = cpu_seconds()
+    wall, out = timed(fn)
+    return wall, cpu_seconds() - cpu, out
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: bool = True,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds of every call of ``fns`` run A, B, A, B, ... ``repeats`` times (load drift hits each alike).
+
+    One untimed call of each first when ``warmup``. Returns ``{name: [seconds, ...]}``; the CPU seconds of each
+    call are appended to ``cpu[name]`` when ``cpu`` is given.
+    """
+    if warmup:
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            wall, used, _ = timed_cpu(fn)
+            times[name].append(wall)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(used)
+    return times
+
+
+def _texture_bank(rng: np.random.Generator, count: int, tile: int) -> np.ndarray:
+    """``count`` H&E-pink textured ``[tile, tile, 3]`` uint8 tiles (smooth variation plus grain)."""
+    from scipy import ndimage as ndi
+
+    low = ndi.zoom(rng.random((count, tile // 32, tile // 32, 3), dtype=np.float32), (1, 32, 32, 1), order=1)
+    pink = np.array([200, 120, 180], np.float32)
+    bank = np.clip(pink * (0.75 + 0.5 * low), 0, 255).astype(np.uint8)
+    return bank ^ rng.integers(0, 24, bank.shape, dtype=np.uint8)
+
+
+def _level_tiles(shape: tuple[int, int], box: tuple[int, int, int, int], bank: np.ndarray, seed: int) -> Iterator[np.ndarray]:
+    """Row-major ``[tile, tile, 3]`` tiles of one level ``shape`` (h, w): textured inside ``box`` (x0, y0, x1, y1
+    in this level's pixels), white elsewhere."""
+    tile = bank.shape[1]
+    rng = np.random.default_rng(seed)
+    x0, y0, x1, y1 = box
+    for ty in range(0, shape[0], tile):
+        for tx in range(0, shape[1], tile):
+            out = np.full((tile, tile, 3), 255, np.uint8)
+            cy0, cy1 = max(y0 - ty, 0), min(y1 - ty, tile)
+            cx0, cx1 = max(x0 - tx, 0), min(x1 - tx, tile)
+            if cy1 > cy0 and cx1 > cx0:
+                out[cy0:cy1, cx0:cx1] = bank[rng.integers(len(bank))][cy0:cy1, cx0:cx1]
+            yield out
+
+
+def _small_level(shape: tuple[int, int], box: tuple[int, int, int, int], bank: np.ndarray, seed: int) -> np.ndarray:
+    """One small level as an array (for the thumbnail page), from the same tiles as :func:`_level_tiles`."""
+    tile = bank.shape[1]
+    tiles = _level_tiles(shape, box, bank, seed)
+    grid = [[next(tiles) for _ in range(0, shape[1], tile)] for _ in range(0, shape[0], tile)]
+    return np.concatenate([np.concatenate(row, 1) for row in grid], 0)[: shape[0], : shape[1]]
+
+
+def tiled_slide(path: str | os.PathLike, tissue_tiles: tuple[int, int], margin_tiles: int = 2, tile: int = 256,
+                mpp: float = 0.5, quality: int = 90, seed: int = 0) -> str:
+    """An Aperio-style pyramidal JPEG TIFF of ``tissue_tiles`` (rows, cols) textured tiles inside a white margin.
+
+    Written tile by tile (memory stays small for slides of 10^4-10^5 patches) with the layout of
+    :func:`monai_fbta.synthetic.tiff.write_pyramidal_tiff`: level 0, a small thumbnail page, then levels at
+    downsample 2, 4, ... down to <= 1024 px. ``tile``-px patches at ``mpp`` tile the tissue exactly: tiling at
+    ``patch_size=tile``, ``target_mpp=mpp`` gives ``rows * cols`` patches. Kept when it exists with the same
+    settings (recorded in the file's ImageDescription), so benchmarks can cache it between runs.
+    """
+    import tifffile
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tag = f"bench tiled_slide {tissue_tiles[0]}x{tissue_tiles[1]} m{margin_tiles} t{tile} mpp{mpp:g} q{quality} s{seed}"
+    if os.path.isfile(path):
+        try:
+            with tifffile.TiffFile(path) as tf:
+                if tag in (tf.pages[0].description or ""):
+                    return path
+        except Exception:  # unreadable (e.g. a killed write): rewrite it
+            pass
+    rng = np.random.default_rng(seed)
+    bank = _texture_bank(rng, 16, tile)
+    rows, cols = tissue_tiles
+    h, w = (rows + 2 * margin_tiles) * tile, (cols + 2 * margin_tiles) * tile
+    box0 = (margin_tiles * tile, margin_tiles * tile, (margin_tiles + cols) * tile, (margin_tiles + rows) * tile)
+    shapes = [(h, w)]
+    while max(shapes[-1]) > 1024 and min(shapes[-1]) >= 32:
+        shapes.append((shapes[-1][0] // 2, shapes[-1][1] // 2))
+    small = shapes[-1]
+    head = f"Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+    common = dict(photometric="rgb", compression="jpeg", compressionargs={"level": quality}, metadata=None)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with tifffile.TiffWriter(tmp, bigtiff=h * w * 3 > 2**32 - 2**28) as tw:
+        for i, shape in enumerate(shapes):
+            scale = 2**i
+            box = tuple(v // scale for v in box0)
+            data = _level_tiles(shape, box, bank, seed + i)
+            if i == 0:
+                tw.write(data, shape=(*shape, 3), dtype=np.uint8, tile=(tile, tile),
+                         description=f"{head}|AppMag = {10 / mpp:g}|MPP = {mpp:g}|{tag}",
+                         resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", **common)
+                thumb = _small_level(small, tuple(v // 2 ** (len(shapes) - 1) for v in box0), bank, seed)
+                tw.write(thumb, rowsperstrip=16, description=f"Aperio Image Library v12.0.15 \r\n{w}x{h} -> "
+                         f"{thumb.shape[1]}x{thumb.shape[0]} - ", **common)
+            else:
+                tw.write(data, shape=(*shape, 3), dtype=np.uint8, tile=(tile, tile),
+                         description=f"Aperio Image Library v12.0.15 \r\n{w}x{h} -> {shape[1]}x{shape[0]} - ({tile}x{tile})",
+                         **common)
+    os.replace(tmp, path)
+    return path

@@ -24,7 +24,7 @@ from _common import format_table  # noqa: E402
 
 from monai_fbta._io import atomic_open  # noqa: E402
 
-ORDER = ["accuracy", "memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "mil_heads"]
+ORDER = ["accuracy", "memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "scaling", "mil_heads"]
 TITLES = {
     "accuracy": "Accuracy on the synthetic benchmark: vanilla MIL vs +FBTA, and the view ablation",
     "memory": "Peak memory of one training iteration vs bag size",
@@ -32,12 +32,14 @@ TITLES = {
     "inference": "Slide inference: translation vs re-extraction",
     "read_patches": "Patch-read throughput",
     "frozen_pipeline": "Frozen-bag pipeline (extraction, KMeans, per-iteration costs)",
+    "scaling": "Scaling over processes (torchrun, gloo on the CPU)",
     "mil_heads": "MIL heads: forward+backward time and memory",
 }
 COLUMNS = {
     "memory": ["config", "n", "source", "peak_gb", "saved_mb", "seconds"],
     "epoch_time": ["method", "s_per_epoch", "patches_through_extractor_per_epoch"],
-    "inference": ["method", "patches", "seconds", "source"],
+    "inference": ["method", "patches", "seconds", "cpu_s"],
+    "frozen_pipeline": ["run", "patches", "seconds", "patches_per_s", "vs_bare", "vs_bare_each_repeat"],
 }
 
 
@@ -56,6 +58,17 @@ def _results_tables(results: Any) -> list[str]:
             out.append(f"**{key}**\n\n" + format_table(_scalars(sub), markdown=True))
         return out
     return [f"```\n{json.dumps(results, indent=2)}\n```"]
+
+
+def _repeat_rows(times: Mapping[str, Any], prefix: str = "") -> list[dict[str, str]]:
+    """``{name: [seconds, ...]}`` (nested one level deep or not) as rows ``run | seconds of each repeat``."""
+    rows = []
+    for name, values in times.items():
+        if isinstance(values, Mapping):
+            rows += _repeat_rows(values, f"{prefix}{name}: ")
+        else:
+            rows.append({"run": f"{prefix}{name}", "seconds of each repeat": ", ".join(f"{v:.3g}" for v in values)})
+    return rows
 
 
 def _machine(m: Mapping[str, Any]) -> str:
@@ -108,6 +121,13 @@ def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_d
                   "ablation": "View ablation (ABMIL)"}
         for name, rows in payload["tables"].items():
             lines += [f"{titles.get(name, name)}:", "", format_table(rows, markdown=True), ""]
+    if isinstance(payload.get("times"), Mapping):
+        lines += ["", "Seconds of each repeat, in the order they ran (interleaved):", "",
+                  format_table(_repeat_rows(payload["times"]), markdown=True)]
+    for title, rows in payload.get("extra_tables", {}).items():
+        lines += ["", f"{title}:", "", format_table(rows, markdown=True)]
+    if payload.get("notes"):
+        lines += [""] + [f"- {note}" for note in payload["notes"]]
     if name == "memory":
         lines += _memory_notes(payload)
     ratios: Mapping[str, Mapping[str, Any]] = payload.get("ratios", {})

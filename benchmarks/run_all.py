@@ -2,7 +2,7 @@
 ``docs/images/bench_<name>.png``; then ``python benchmarks/report.py`` renders ``docs/benchmarks.md``.
 
 Our scripts take ``--json``/``--plot`` paths and record the machine themselves. The others
-(``bench_frozen_pipeline``, ``bench_mil_heads`` print JSON; ``bench_read_patches`` writes it) are
+(``bench_mil_heads`` prints JSON; ``bench_read_patches`` writes it) are
 wrapped here into the same envelope: ``{"benchmark", "command", "machine", "results"}``.
 
     python benchmarks/run_all.py [--only memory epoch_time] [--quick] [--device cpu]
@@ -34,11 +34,15 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "epoch_time": ("bench_epoch_time.py", "own", ["--encoder", "tiny_cnn", "--patch", "128", "--slide-size", "6144"], [
         "--slides", "2", "--slide-size", "512", "--encoder", "tiny_cnn", "--clusters", "8"]),
     "inference": ("bench_inference.py", "own", [], [
-        "--n", "2000", "--subset", "64", "--encoder", "tiny_cnn", "--patch", "64", "--workers", "0"]),
+        "--reextract-tiles", "4", "8", "--heatmap-tiles", "8", "8", "--encoder", "tiny_cnn", "--heads", "2", "--repeats", "1",
+        "--workers", "0", "--data-dir", "/tmp/fbta_bench_quick"]),
     "read_patches": ("bench_read_patches.py", "json_path", [], ["--n", "40"]),
-    "frozen_pipeline": ("bench_frozen_pipeline.py", "json_stdout", [], [
-        "--encoder", "tiny_cnn", "--slide-size", "2048", "--kmeans-n", "2000", "--kmeans-d", "64", "--clusters", "8",
-        "--iterations", "3"]),
+    "frozen_pipeline": ("bench_frozen_pipeline.py", "own", ["--tiles", "16", "24"], [
+        "--encoder", "tiny_cnn", "--tiles", "4", "8", "--repeats", "1", "--profile-patches", "32", "--kmeans-n", "2000",
+        "--kmeans-d", "64", "--clusters", "8", "--iterations", "3", "--data-dir", "/tmp/fbta_bench_quick"]),
+    "scaling": ("bench_scaling.py", "own", ["--tiles", "4", "8", "--epochs", "3"], [
+        "--slides", "2", "--tiles", "2", "4", "--encoder", "tiny_cnn", "--repeats", "1", "--epochs", "2",
+        "--data-dir", "/tmp/fbta_bench_quick"]),
     "mil_heads": ("bench_mil_heads.py", "json_stdout", ["--max-n", "mambamil=10000"],
                   ["--n", "500", "--dim", "64", "--heads", "abmil"]),
 }

@@ -91,10 +91,14 @@ def test_epoch_time_and_inference_tiny_then_report(tmp_path, capsys):
     assert out["rows"][1]["patches_through_extractor_per_epoch"] <= 2 * 4
     assert (images / "bench_epoch_time.png").stat().st_size > 1000
 
-    inf = infer.main(["--n", "400", "--subset", "16", "--patch", "32", "--encoder", "tiny_cnn", "--workers", "0",
-                      "--repeats", "1", "--device", "cpu", "--json", str(results / "inference.json")])
-    assert inf["rows"][2]["source"] == "scaled from 16"
-    assert inf["rows"][2]["seconds"] == pytest.approx(inf["rows"][1]["seconds"] * 400 / 16)
+    inf = infer.main(["--reextract-tiles", "2", "4", "--heatmap-tiles", "4", "4", "--encoder", "tiny_cnn", "--heads", "2",
+                      "--repeats", "1", "--workers", "0", "--device", "cpu", "--data-dir", str(tmp_path / "slides"),
+                      "--workdir", str(tmp_path / "work"), "--json", str(results / "inference.json")])
+    read_encode, mil, reextract = (r["seconds"] for r in inf["rows"][:3])
+    assert [r["patches"] for r in inf["rows"]] == [8] * 6 + [16] * 3  # both sides on the same slide; all measured
+    assert reextract == pytest.approx(read_encode + mil) and all(r["seconds"] > 0 for r in inf["rows"])
+    assert all(c["same_class"] for c in inf["checks"].values())
+    assert (tmp_path / "work" / "out" / "heatmaps" / "bench_hm_heatmap.png").is_file()
 
     md = tmp_path / "benchmarks.md"
     report.main(["--results-dir", str(results), "--images-dir", str(images), "--out", str(md)])
@@ -110,3 +114,18 @@ def test_run_all_parses_printed_json():
     assert run_all._parse_json_stdout("noise\n[\n {\"a\": 1}\n]\n") == [{"a": 1}]
     with pytest.raises(ValueError):
         run_all._parse_json_stdout("no json here")
+
+
+def test_frozen_pipeline_and_scaling_tiny(tmp_path):
+    pipeline = importlib.import_module("bench_frozen_pipeline")
+    out = pipeline.main(["--encoder", "tiny_cnn", "--tiles", "2", "4", "--repeats", "1", "--workers", "0",
+                         "--profile-patches", "8", "--kmeans-n", "200", "--kmeans-d", "16", "--clusters", "4",
+                         "--iterations", "2", "--device", "cpu", "--data-dir", str(tmp_path)])
+    assert [r["run"] for r in out["rows"]] == ["bare forward", "extraction, 0 reader worker(s)"]
+    assert out["rows"][0]["patches"] == 8 and all(r["patches_per_s"] > 0 for r in out["rows"])
+    assert set(out["ratios"]) == {"extraction, 0 reader worker(s) / bare forward"}
+    assert all(v > 0 for v in out["profile_ms_per_patch"].values())
+    scaling = importlib.import_module("bench_scaling")
+    out = scaling.main(["--slides", "2", "--tiles", "2", "2", "--encoder", "tiny_cnn", "--repeats", "1",
+                        "--skip", "training", "--device", "cpu", "--data-dir", str(tmp_path)])
+    assert [(r["what"], r["processes"], r["patches_or_slides"]) for r in out["rows"]] == [("extraction", 1, 8), ("extraction", 2, 8)]

@@ -324,3 +324,6 @@ def test_inference_config_writes_attention_csv_and_qupath_geojson(tmp_path):
     assert len(geo["features"]) == len(rows) > 0 and abs(sum(float(r["attention"]) for r in rows) - 1) < 1e-4
     bundle(args + ["--output_dir", str(tmp_path / "off"), "--attention_maps", "False"], cwd=tmp_path)
     assert (tmp_path / "off" / "predictions.csv").is_file() and not (tmp_path / "off" / "attention").exists()
+    bundle(args + ["--output_dir", str(tmp_path / "bf16"), "--translator_dtype", "bfloat16"], cwd=tmp_path)
+    fp32, bf16 = (list(csv.DictReader(open(tmp_path / d / "predictions.csv"))) for d in ("out", "bf16"))
+    assert fp32[0]["pred"] == bf16[0]["pred"] and abs(float(fp32[0]["prob_a"]) - float(bf16[0]["prob_a"])) < 1e-2

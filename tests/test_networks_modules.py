@@ -50,6 +50,47 @@ def test_translator_near_identity_at_init_and_trainable():
         translator(torch.randn(3, 65))
 
 
+
+def _per_head_mean(t: FeatureTranslator, x: torch.Tensor) -> torch.Tensor:
+    """The translator's mean as it was computed before the two-matmul path: every head with einsum, then the mean."""
+    flat = x.reshape(-1, t.in_features)
+    h = torch.nn.functional.gelu(torch.einsum("md,kdh->kmh", flat, t.w1) + t.b1)
+    return (flat + torch.einsum("kmh,khd->kmd", h, t.w2) + t.b2).mean(0).reshape(x.shape)
+
+
+def test_translator_mean_as_two_matmuls_equals_the_mean_of_the_heads():
+    """forward() without heads is two GEMMs over the K heads side by side: the same values and gradients."""
+    torch.manual_seed(0)
+    t = FeatureTranslator(32, num_heads=10, hidden=24, init_scale=1.0)  # full-scale MLP: far from the identity
+    x = torch.randn(3, 50, 32)
+    fast, reference = t(x), _per_head_mean(t, x)
+    assert (fast - x).abs().max() > 0.1  # the MLP part matters
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(f(t, x).pow(2).sum(), list(t.parameters())) for f in (FeatureTranslator.forward, _per_head_mean)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_translated_mil_bf16_translator_stays_close_to_fp32():
+    """translator_dtype='bfloat16' runs f_T under autocast; probabilities move by < 1e-2 on a full-scale translator."""
+    from monai_fbta.networks import TranslatedMIL, build_mil_head
+    from monai_fbta.networks.inference import autocast_dtype
+
+    torch.manual_seed(0)
+    head, t = build_mil_head("abmil", in_features=64, num_classes=3).eval(), FeatureTranslator(64, init_scale=1.0).eval()
+    bag = torch.randn(1, 3000, 64).half()  # cached features are fp16
+    exact, fast = TranslatedMIL(head, t), TranslatedMIL(head, t, translator_dtype="bfloat16", chunk_size=1000)
+    with torch.no_grad():
+        p32, a32 = exact(bag, return_attention=True)
+        p16, a16 = fast(bag, return_attention=True)
+        assert torch.equal(p32, torch.softmax(head(t(bag.float())), -1))  # default: plain float32
+    assert p16.dtype == a16.dtype == torch.float32
+    assert (p16 - p32).abs().max() < 1e-2 and (a16 - a32).abs().max() < 1e-2 * a32.max()
+    assert not torch.equal(p16, p32)  # bf16 really ran
+    assert autocast_dtype("bf16") is torch.bfloat16 and autocast_dtype("float32") is None
+    with pytest.raises(ValueError, match="translator_dtype"):
+        TranslatedMIL(head, t, translator_dtype="int8")
+
 # ---------------------------------------------------------------- encoder
 def test_tiny_cnn_shapes_and_size():
     encoder = PatchEncoder("tiny_cnn", out_features=48)

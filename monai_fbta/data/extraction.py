@@ -50,6 +50,9 @@ from monai_fbta.networks.encode import encode_batch, prepare_encoder, resolve_am
 __all__ = [
     "SlideResult",
     "ExtractionReport",
+    "PatchBatches",
+    "patch_loader",
+    "encode_batch",
     "extract_features",
     "encoder_fingerprint",
     "slide_fingerprint",
@@ -219,6 +222,15 @@ class PatchBatches(Dataset):
         return {"x": patches_to_tensor(patches, self.out_size), "bad": bad}
 
 
+def patch_loader(batches: PatchBatches, num_workers: int, device: torch.device) -> DataLoader:
+    """The extraction DataLoader over ``batches`` (one item = one coordinate batch): ``num_workers`` reader
+    processes with 4 batches prefetched each (0: read in this process), pinned memory on CUDA."""
+    return DataLoader(
+        batches, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False,
+    )
+
+
 # ----------------------------------------------------------------------------- one slide
 
 
@@ -270,11 +282,7 @@ def _extract_slide(
         os.fspath(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
         int(attrs["patch_size"]), settings["batch_size"], settings["backend"], row.get("mpp"), settings["skip_bad_patches"],
     )
-    workers = settings["num_workers"]
-    loader = DataLoader(
-        batches, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
-    )
+    loader = patch_loader(batches, settings["num_workers"], device)
     feats: list[torch.Tensor] = []
     bad: list[tuple[int, str]] = []
     with tqdm(total=len(coords), desc=slide_id_of(row), unit="patch", leave=False, disable=not progress) as bar:

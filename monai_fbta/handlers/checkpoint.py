@@ -331,14 +331,17 @@ def load_inference_networks(path: str | os.PathLike, device: str | torch.device 
 
 
 def build_inference_network(
-    model_path: str | os.PathLike, device: str | torch.device = "cpu", channels_first: bool = False
+    model_path: str | os.PathLike, device: str | torch.device = "cpu", channels_first: bool = False,
+    translator_dtype: torch.dtype | str | None = None,
 ):
     """:class:`~monai_fbta.networks.TranslatedMIL` with the weights of ``model.pt``, in eval mode on ``device``,
     its ``metadata`` set from the file (the bundle's ``network_def``, with ``channels_first=True``: input
-    ``[B, D, N]`` as ``metadata.json`` describes it; bundle inference, with ``[B, N, D]``)."""
+    ``[B, D, N]`` as ``metadata.json`` describes it; bundle inference, with ``[B, N, D]``). ``translator_dtype``:
+    see :class:`~monai_fbta.networks.TranslatedMIL` (``None``: float32)."""
     from monai_fbta.networks import TranslatedMIL
 
     head, translator, meta = load_inference_networks(model_path, device)
-    network = TranslatedMIL(head, translator, channels_first=channels_first).to(device).eval()
+    network = TranslatedMIL(head, translator, channels_first=channels_first, translator_dtype=translator_dtype)
+    network = network.to(device).eval()
     network.metadata = dict(meta)
     return network

@@ -12,7 +12,7 @@ from torch import nn
 from monai_fbta.networks.mil_base import mil_logits
 from monai_fbta.networks.translator import translate_bag
 
-__all__ = ["TranslatedMIL", "METADATA_KEY", "LAYOUT_KEY", "state_layout"]
+__all__ = ["TranslatedMIL", "METADATA_KEY", "LAYOUT_KEY", "state_layout", "autocast_dtype"]
 
 METADATA_KEY = "metadata"
 """Entry of ``model.pt`` holding the plain-Python description of the model (not a weight)."""
@@ -31,6 +31,20 @@ def state_layout(state: Mapping[str, Any]) -> torch.Tensor:
     return torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64)
 
 
+def autocast_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``None``, ``torch.bfloat16`` / ``torch.float16`` or their names (``"bfloat16"``, ``"bf16"``, ``"float16"``,
+    ``"fp16"``; ``"float32"``/``"fp32"`` mean ``None``) -> the autocast dtype, or ``None`` for plain float32."""
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "float32": None, "fp32": None}
+    if dtype is None or dtype == torch.float32:
+        return None
+    if isinstance(dtype, str) and dtype.lower() in names:
+        return names[dtype.lower()]
+    if dtype in (torch.bfloat16, torch.float16):
+        return dtype
+    raise ValueError(f"translator_dtype must be None, 'bfloat16' or 'float16', got {dtype!r}")
+
+
 class TranslatedMIL(nn.Module):
     """``probs = softmax(f*_MIL(f_T(F^FB)))`` on whole bags of frozen features: the one predictor of the package.
 
@@ -44,6 +58,10 @@ class TranslatedMIL(nn.Module):
             as the bundle's ``network_def`` and ``metadata.json`` do; default ``[B, N, D]``.
         chunk_size: instances per translator call (:func:`~monai_fbta.networks.translator.translate_bag`;
             exact, f_T acts per instance); ``None`` translates the whole bag at once.
+        translator_dtype: ``None`` (default: float32, exact) or ``"bfloat16"`` / ``"float16"``: f_T runs under
+            ``torch.autocast`` in that dtype (its output is cast back to float32 for the MIL head). bf16 is faster on CPUs with
+            native bf16 and on GPUs; ``benchmarks/bench_inference.py`` measures the time and how far the predictions
+            move (docs/benchmarks.md).
 
     ``forward(features, return_attention=False, translate=True)``: features are cast to float32; returns
     float32 probabilities ``[B, C]``, or ``(probabilities [B, C], attention [B, N])`` with ``return_attention``
@@ -62,8 +80,10 @@ class TranslatedMIL(nn.Module):
         translator: nn.Module | None = None,
         channels_first: bool = False,
         chunk_size: int | None = 16384,
+        translator_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
+        self.translator_dtype = autocast_dtype(translator_dtype)
         self.mil_head = mil_head
         self.translator = translator
         self.channels_first = bool(channels_first)
@@ -98,7 +118,10 @@ class TranslatedMIL(nn.Module):
             features = features.transpose(1, 2)
         bag = features.float()
         if translate and self.translator is not None:
-            bag = translate_bag(self.translator, bag, self.chunk_size)
+            dtype = self.translator_dtype
+            with torch.autocast(bag.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                bag = translate_bag(self.translator, bag, self.chunk_size)
+            bag = bag.float()
         if not return_attention:
             return torch.softmax(mil_logits(self.mil_head, bag).float(), dim=-1)
         logits, attention = self.mil_head(bag, return_attention=True)

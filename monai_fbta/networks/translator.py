@@ -14,7 +14,10 @@ __all__ = ["FeatureTranslator", "translate_bag"]
 class FeatureTranslator(nn.Module):
     """``head_k(x) = x + W2_k dropout(GELU(W1_k x + b1_k)) + b2_k``; output = mean over the K heads.
 
-    The K heads are stacked weights applied with one ``einsum`` each (no Python loop over heads).
+    The K heads are stacked weights. The mean (the usual call) is two plain matrix products with the heads
+    side by side, ``[M, D] @ [D, K*hidden]`` then ``[M, K*hidden] @ [K*hidden, D] / K``: the same sum as the
+    mean of the K heads, without the ``[K, M, D]`` per-head outputs. ``return_heads=True`` (L_dist) computes
+    every head with one ``einsum`` per layer (no Python loop over heads).
 
     Initialisation: the first layer as ``nn.Linear``; the last layer as ``nn.Linear`` times
     ``init_scale`` (default 0.01), so f_T starts within about 1% of the identity (frozen features
@@ -63,11 +66,19 @@ class FeatureTranslator(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FeatureTranslator: expected [..., {self.in_features}] features, got {list(x.shape)}")
         flat = x.reshape(-1, self.in_features)  # [M, D]
+        if not return_heads:
+            return self._mean(flat).reshape(x.shape)
         h = self.dropout(F.gelu(torch.einsum("md,kdh->kmh", flat, self.w1) + self.b1))  # [K, M, hidden]
         heads = flat + torch.einsum("kmh,khd->kmd", h, self.w2) + self.b2  # [K, M, D]
         heads = heads.reshape(self.num_heads, *x.shape)
-        mean = heads.mean(0)
-        return (mean, heads) if return_heads else mean
+        return heads.mean(0), heads
+
+    def _mean(self, flat: torch.Tensor) -> torch.Tensor:
+        """``mean_k head_k(flat)`` for ``flat [M, D]`` as two matrix products over the K heads side by side."""
+        w1 = self.w1.permute(1, 0, 2).reshape(self.in_features, -1)  # [D, K*hidden], head-major columns
+        h = self.dropout(F.gelu(torch.addmm(self.b1.reshape(-1), flat, w1)))  # [M, K*hidden]
+        out = torch.addmm(self.b2.mean(0).reshape(-1), h, self.w2.reshape(-1, self.in_features), alpha=1.0 / self.num_heads)
+        return flat + out
 
 
 def translate_bag(translator: nn.Module, bag: torch.Tensor, chunk_size: int | None = 16384) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, frozen_encoder
 from monai_fbta.handlers.checkpoint import build_inference_network
 from monai_fbta.pipeline.report import write_predictions_csv
 
-__all__ = ["InferenceError", "inference_rows", "run_inference"]
+__all__ = ["InferenceError", "inference_rows", "run_inference", "predict_slide"]
 
 logger = logging.getLogger("fbta.inference")
 
@@ -81,6 +81,37 @@ def _slide_size(path: str | os.PathLike) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def predict_slide(
+    network: torch.nn.Module, store: str, row: Mapping[str, Any], device: str | torch.device = "cpu",
+    heatmaps: Any = None, attention_maps: Any = None,
+) -> dict[str, Any]:
+    """Predict one slide from its feature store: load coords and features, ``network`` (a
+    :class:`~monai_fbta.networks.TranslatedMIL` with ``metadata``), then the writers when given (a
+    :class:`~monai_fbta.handlers.heatmap.HeatmapWriter`, an :class:`~monai_fbta.handlers.attention.AttentionWriter`).
+
+    Returns the slide's record (``slide_id``, ``probs``, ``pred``, ``pred_name``, ``num_patches``, written paths).
+    """
+    names = network.metadata["class_names"]
+    sid = slide_id_of(row)
+    coords, attrs = read_coords(store)
+    features = torch.as_tensor(read_array(store, "features")).to(device)
+    with torch.no_grad():
+        probs, attention = network(features[None], return_attention=True)  # [1, C], [1, N]
+    probs, attention = probs[0].cpu().tolist(), attention[0].cpu().numpy()
+    pred = int(max(range(len(probs)), key=probs.__getitem__))
+    record = {"slide_id": sid, "image": row["image"], "probs": probs, "pred": pred, "pred_name": names[pred],
+              "label": row.get("label"), "num_patches": len(coords)}
+    if heatmaps is not None:
+        record["heatmap"] = heatmaps.write_one(
+            safe_name(sid), row["image"], coords, attention, float(attrs["patch_size_level0"]),
+            title=f"{sid}: {names[pred]} (p={probs[pred]:.2f})",
+        )
+    if attention_maps is not None:
+        record["attention_csv"], record["attention_geojson"] = attention_maps.write_one(
+            safe_name(sid), coords, attention, float(attrs["patch_size_level0"]), _slide_size(row["image"]))
+    return record
+
+
 def run_inference(
     model_path: str | os.PathLike,
     inputs: str | os.PathLike | Sequence[str],
@@ -94,6 +125,7 @@ def run_inference(
     num_workers: int = 0,
     skip_errors: bool = True,
     strict: bool = False,
+    translator_dtype: torch.dtype | str | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every input slide; returns one record per slide (``slide_id``, ``probs``, ``pred_name``...).
 
@@ -101,8 +133,9 @@ def run_inference(
     wins). ``heatmaps`` / ``attention_maps``: write the PNG heatmaps / the per-patch attention CSV and GeoJSON.
     ``predictions.csv`` holds the slides that worked; then :class:`InferenceError` is raised when no slide could
     be predicted, or, with ``strict``, when any slide failed (so a script's exit status tells).
+    ``translator_dtype``: f_T's autocast dtype (:class:`~monai_fbta.networks.TranslatedMIL`; ``None``: float32).
     """
-    network = build_inference_network(model_path, device)
+    network = build_inference_network(model_path, device, translator_dtype=translator_dtype)
     meta = network.metadata
     output_dir = os.fspath(output_dir)
     cache_dir = os.fspath(cache_dir) if cache_dir else inside(output_dir, "cache")
@@ -127,25 +160,9 @@ def run_inference(
         if sid in failed:
             logger.error("slide %s skipped: %s", sid, failed[sid])
             continue
-        store = store_path(cache_dir, sid)
-        coords, attrs = read_coords(store)
-        features = torch.as_tensor(read_array(store, "features")).to(device)
-        with torch.no_grad():
-            probs, attention = network(features[None], return_attention=True)  # [1, C], [1, N]
-        probs, attention = probs[0].cpu().tolist(), attention[0].cpu().numpy()
-        pred = int(max(range(len(probs)), key=probs.__getitem__))
-        record = {"slide_id": sid, "image": row["image"], "probs": probs, "pred": pred, "pred_name": names[pred],
-                  "label": row.get("label"), "num_patches": len(coords)}
-        if writer is not None:
-            record["heatmap"] = writer.write_one(
-                safe_name(sid), row["image"], coords, attention, float(attrs["patch_size_level0"]),
-                title=f"{sid}: {names[pred]} (p={probs[pred]:.2f})",
-            )
-        if tables is not None:
-            record["attention_csv"], record["attention_geojson"] = tables.write_one(
-                safe_name(sid), coords, attention, float(attrs["patch_size_level0"]), _slide_size(row["image"]))
+        record = predict_slide(network, store_path(cache_dir, sid), row, device, writer, tables)
         records.append(record)
-        logger.info("%s: %s (p=%.3f)", sid, names[pred], probs[pred])
+        logger.info("%s: %s (p=%.3f)", sid, record["pred_name"], record["probs"][record["pred"]])
     path = write_predictions_csv(inside(output_dir, "predictions.csv"), records, names)
     summary = f"{len(records)} slide(s) predicted -> {path}" + (f"; {len(failed)} failed (see {report.csv_path})" if failed else "")
     print(summary, flush=True)
