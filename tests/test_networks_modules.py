@@ -225,3 +225,33 @@ def test_target_dotted_paths():
     assert parser.get_parsed_content("head")(torch.randn(1, 4, 8)).shape == (1, 2)
     assert parser.get_parsed_content("translator").num_heads == 10
     assert parser.get_parsed_content("encoder").out_features == 64
+
+
+def test_translate_bag_in_checkpointed_chunks_is_exact_and_keeps_only_the_output():
+    """With gradients on, a long bag is translated chunk by chunk under checkpointing: the same values
+    and gradients, and autograd keeps about the [N, D] output instead of [K, N, hidden] activations."""
+    from monai_fbta.networks.translator import translate_bag
+
+    torch.manual_seed(0)
+    translator = FeatureTranslator(16, num_heads=4, hidden=32).double()
+    bag = torch.randn(1, 900, 16, dtype=torch.double)
+    outs = []
+    for chunk in (None, 100):
+        translator.zero_grad()
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = translate_bag(translator, bag, chunk)
+        (out * out).sum().backward()
+        for t in (bag, *translator.parameters()):
+            storages.pop(t.untyped_storage().data_ptr(), None)
+        outs.append((out.detach(), [p.grad.clone() for p in translator.parameters()], sum(storages.values())))
+    (whole, whole_grads, whole_saved), (chunked, chunked_grads, chunked_saved) = outs
+    torch.testing.assert_close(chunked, whole)
+    for a, b in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(a, b)
+    assert chunked_saved < whole_saved / 4, (chunked_saved, whole_saved)

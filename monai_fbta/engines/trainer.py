@@ -29,7 +29,7 @@ from monai_fbta.handlers.ema import ModelEMA
 from monai_fbta.engines.utils import PrepareSlideBatch
 from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
 from monai_fbta.networks.encode import autocast, encode_patches, resolve_amp_dtype
-from monai_fbta.networks.mil_base import mil_logits
+from monai_fbta.networks.mil_base import DEFAULT_BAG_CHUNK_SIZE, mil_logits
 from monai_fbta.networks.translator import translate_bag
 
 quiet_import("monai.engines")
@@ -244,7 +244,7 @@ class FBTATrainer(Trainer):
                 if pseudo_translated:
                     feats["translated"] = mean
             if self.translator is not None and "translated" in self.views and full:
-                feats["translated"] = translate_bag(self.translator, batch["features"])
+                feats["translated"] = translate_bag(self.translator, batch["features"], DEFAULT_BAG_CHUNK_SIZE)
             if "e2e" in self.views:
                 e2e = encode_patches(
                     self.trainable_encoder, batch["pb_image"], self.encoder_chunk_size, self.grad_checkpointing

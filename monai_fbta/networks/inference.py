@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from monai_fbta.networks.mil_base import mil_logits
+from monai_fbta.networks.encode import autocast
 from monai_fbta.networks.translator import translate_bag
 
 __all__ = ["TranslatedMIL", "METADATA_KEY", "LAYOUT_KEY", "state_layout", "autocast_dtype"]
@@ -118,8 +119,7 @@ class TranslatedMIL(nn.Module):
             features = features.transpose(1, 2)
         bag = features.float()
         if translate and self.translator is not None:
-            dtype = self.translator_dtype
-            with torch.autocast(bag.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(bag.device, self.translator_dtype):
                 bag = translate_bag(self.translator, bag, self.chunk_size)
             bag = bag.float()
         if not return_attention:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_fbta.networks.mil_base import checkpointed
+
 __all__ = ["FeatureTranslator", "translate_bag"]
 
 
@@ -84,8 +86,10 @@ class FeatureTranslator(nn.Module):
 def translate_bag(translator: nn.Module, bag: torch.Tensor, chunk_size: int | None = 16384) -> torch.Tensor:
     """``f_T(bag)`` for ``bag [B, N, D]``, in chunks of instances (f_T acts per instance, so this is exact).
 
+    With gradients on, each chunk runs under activation checkpointing, so training keeps the ``[N, D]``
+    output and one chunk's ``[K, chunk, hidden]`` activations, not those of all N instances.
     Under ``torch.jit.trace`` the whole bag is translated at once (a traced branch would be fixed by the example).
     """
     if not chunk_size or torch.jit.is_tracing() or bag.shape[1] <= chunk_size:
         return translator(bag)
-    return torch.cat([translator(c) for c in bag.split(chunk_size, dim=1)], dim=1)
+    return torch.cat([checkpointed(translator, c) for c in bag.split(chunk_size, dim=1)], dim=1)
