@@ -92,7 +92,7 @@ def _memory_notes(payload: Mapping[str, Any]) -> list[str]:
     limit = payload.get("settings", {}).get("limit_gb", 24)
     for config, fit in payload.get("fits", {}).items():
         if "peak_mb_per_patch" in fit:
-            notes.append(f"- {config}: measured up to N = {fit['largest_measured_n']:,} (the cap of this run); "
+            notes.append(f"- {config}: largest N measured {fit['largest_measured_n']:,}; "
                          f"{fit['peak_mb_per_patch']:.1f} MB per patch; that slope passes {limit:g} GB at "
                          f"N ~ {fit.get('n_exceeding_limit_from_slope', 0):,} (slope of measured points, not a measurement)")
     return ["", *notes] if notes else []
