@@ -89,11 +89,16 @@ class SRMamba(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, z = self.in_proj(x).chunk(2, dim=-1)
-        order = stride_order(x.shape[1], self.rate, x.device)
-        restore = torch.empty_like(order)
-        restore[order] = torch.arange(order.numel(), device=x.device)
+        order, restore = self._reordering(x.shape[1], x.device)
         y = self.forward_branch(h) + self.reordered_branch(h[:, order])[:, restore]
         return self.out_proj(y * F.silu(z))
+
+    def _reordering(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, restore)`` ``[L]`` each: the reordered branch's token order and its inverse."""
+        order = stride_order(length, self.rate, device)
+        restore = torch.empty_like(order)
+        restore[order] = torch.arange(length, device=device)
+        return order, restore
 
     def residual_chunked(self, x: torch.Tensor, norm: nn.Module, chunk_size: int) -> torch.Tensor:
         """``x + self(norm(x))`` for ``x [B, L, dim]``, segment by segment along each branch's order, exactly.
@@ -118,9 +123,7 @@ class SRMamba(nn.Module):
                 terms.append(term)
             return torch.cat(terms, dim=1)  # in the branch's order
 
-        order = stride_order(length, self.rate, x.device)
-        restore = torch.empty_like(order)
-        restore[order] = torch.arange(length, device=x.device)
+        order, restore = self._reordering(length, x.device)
         natural = torch.arange(length, device=x.device)
         return x + run(self.forward_branch, natural) + run(self.reordered_branch, order)[:, restore]
 

@@ -14,7 +14,9 @@ Bags longer than ``bag_chunk_size`` (default 2048) go through each head's chunke
 same function, computed over segments of ``bag_chunk_size`` instances, each segment under
 activation checkpointing when gradients are on. Softmax-weighted sums over the whole bag are
 combined exactly from per-segment ``(logsumexp, weighted mean)`` pairs (:func:`combine_softmax_parts`),
-so training memory holds a few ``[N, hidden]`` tensors plus one segment's activations, never an
+so training memory is O(hidden) per instance (``[N, hidden]`` tensors and their gradients: none for
+ABMIL, about 20 hidden-sized vectors per instance for MambaMIL at the backward peak) plus one segment's
+activations, never an
 ``[N, heads, landmarks]`` attention kernel or ``[N, expand * hidden]`` scan inputs (docs/benchmarks.md,
 "Peak memory").
 """
