@@ -35,6 +35,9 @@ def test_terms_match_definitions():
     torch.testing.assert_close(out["dist"], dist)
     torch.testing.assert_close(out["loss"], cls + 2.0 * 0.3 * cons + 0.5 * dist)
     assert all(out[k] > 0 for k in ("cls", "cons", "dist"))
+    for v in views:  # each view's CE is reported for the logs, detached
+        torch.testing.assert_close(out[f"cls_{v}"], -torch.log_softmax(logits[v], -1)[0, 2].detach())
+        assert not out[f"cls_{v}"].requires_grad
 
 
 def test_no_gradient_to_teacher_or_target():

@@ -33,7 +33,8 @@ def validate_views(views: Sequence[str]) -> list[str]:
 
 
 class FBTALoss(nn.Module):
-    """The FBTA loss; returns a dict ``{"loss", "cls", "cons", "dist"}`` of scalar tensors.
+    """The FBTA loss; returns a dict ``{"loss", "cls", "cons", "dist"}`` of scalar tensors, plus each view's
+    detached cross-entropy ``cls_<view>`` (logs only) when there is more than one view.
 
     Args:
         views: views used for classification, a subset of ``("frozen", "e2e", "translated")``.
@@ -97,9 +98,8 @@ class FBTALoss(nn.Module):
         label = label.reshape(-1).long()
         first = logits[self.views[0]]
         zero = first.new_zeros(())
-        cls = torch.stack(
-            [F.cross_entropy(logits[v].float(), label, label_smoothing=self.label_smoothing) for v in self.views]
-        ).mean()
+        per_view = [F.cross_entropy(logits[v].float(), label, label_smoothing=self.label_smoothing) for v in self.views]
+        cls = torch.stack(per_view).mean()
         cons = zero
         if self.uses_teacher:
             if teacher_logits is None:
@@ -111,7 +111,10 @@ class FBTALoss(nn.Module):
                 raise ValueError("FBTALoss: translator_heads and distill_target are required when lambda_dist > 0")
             dist = self.distillation(translator_heads, distill_target)
         loss = cls + self.cons_weight * float(curriculum) * cons + self.lambda_dist * dist
-        return {"loss": loss, "cls": cls, "cons": cons, "dist": dist}
+        terms = {"loss": loss, "cls": cls, "cons": cons, "dist": dist}
+        if len(self.views) > 1:  # each view's CE, for the logs only (detached)
+            terms.update({f"cls_{v}": ce.detach() for v, ce in zip(self.views, per_view)})
+        return terms
 
     @staticmethod
     def consistency(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,9 @@ def plot_training_curves(csv_path: str | os.PathLike, path: str | os.PathLike) -
     losses, metrics = fig.subplots(1, 2)
     for key in [k for k in LOSS_TERMS if k in rows[0]]:
         losses.plot(epochs, series(key), marker=".", label=key)
-    losses.set(xlabel="epoch", ylabel="mean over the epoch", title="training losses")
+    for key in [k for k in rows[0] if k.startswith("cls_")]:  # each view's cross-entropy
+        losses.plot(epochs, series(key), linestyle=":", label=key)
+    losses.set(xlabel="epoch", ylabel="mean over the epoch", title="training losses (per view dotted)")
     val_keys = [k for k in rows[0] if k.startswith("val_")]
     for key in val_keys:
         metrics.plot(epochs, series(key), marker=".", label=key, linestyle="--" if key.endswith("_vanilla") else "-")

@@ -13,8 +13,11 @@ LOSS_TERMS = ("loss", "cls", "cons", "dist")
 
 
 def loss_terms(output: Mapping) -> dict[str, float]:
-    """The scalar loss terms of an :class:`FBTATrainer` iteration output."""
-    return {k: float(output[k]) for k in LOSS_TERMS if k in output}
+    """The scalar loss terms of an :class:`FBTATrainer` iteration output (:data:`LOSS_TERMS`, then each view's
+    cross-entropy ``cls_<view>`` when the loss reports it)."""
+    terms = {k: float(output[k]) for k in LOSS_TERMS if k in output}
+    terms.update({k: float(v) for k, v in output.items() if isinstance(k, str) and k.startswith("cls_")})
+    return terms
 
 
 def training_log_handlers(
