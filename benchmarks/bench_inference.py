@@ -12,12 +12,13 @@ DataLoader workers) are both recorded.
   through :func:`~monai_fbta.data.extraction.patch_loader`, ``--workers`` reader processes) and encoded by
   :func:`~monai_fbta.data.extraction.encode_batch` (inference mode, channels_last, bf16 autocast where the CPU
   has it), then the ABMIL head on the bag. The coordinates are cached on both sides (tiling timed apart).
-* ``translate``: the same slide's cached features through :func:`monai_fbta.pipeline.infer.predict_slide`
-  (bundle inference: load coords + features, :class:`~monai_fbta.networks.TranslatedMIL`), float32 and with
+* ``translate``: the same slide's cached features through bundle inference's evaluator
+  (:func:`monai_fbta.pipeline.infer.inference_evaluator`: load coords + features,
+  :class:`~monai_fbta.networks.TranslatedMIL`), float32 and with
   ``--translator-dtype`` (bf16). One repeat of each runs every ``--interleave-every`` re-extraction batches
   while the re-extraction's clock is stopped (load drift hits both sides alike); medians.
 * ``heatmap``: a ``--heatmap-tiles`` slide (>= 20,000 patches; random fp16 features in its store) through
-  ``predict_slide`` with the heatmap PNG and the attention CSV/GeoJSON writers, as bundle inference runs it.
+  the evaluator with the heatmap PNG and the attention CSV/GeoJSON writers as handlers, as bundle inference runs it.
 
 The bf16 translator's probabilities and attention are compared with float32 on both slides; the ratio's target
 counts as met only when the predicted class is the same and ``max |dprob| <= --tolerance``.
@@ -129,10 +130,19 @@ def agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     return {"max_abs_dprob": float(np.max(np.abs(np.subtract(a["probs"], b["probs"])))), "same_class": a["pred"] == b["pred"]}
 
 
-def predictor(network, store: str, row: dict[str, Any], device, writers: Sequence[Any] = (None, None)) -> Callable[[], dict]:
-    from monai_fbta.pipeline.infer import predict_slide
+def predictor(network, store: str, row: dict[str, Any], device, writers: Sequence[Any] = ()) -> Callable[[], dict]:
+    """One slide through bundle inference's evaluator (:func:`monai_fbta.pipeline.infer.inference_evaluator`: load
+    coords + features, :class:`~monai_fbta.networks.TranslatedMIL`, ``writers`` as its handlers); returns its record."""
+    from monai_fbta.pipeline.infer import inference_evaluator
 
-    return lambda: predict_slide(network, store, row, device, *writers)
+    row = dict(row, slide_id=os.path.splitext(os.path.basename(store))[0])
+    evaluator = inference_evaluator(network, [row], os.path.dirname(store), device, writers)
+
+    def run() -> dict:
+        evaluator.run()
+        return evaluator.state.predictions[0]
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -86,6 +86,8 @@ def test_inference_writes_predictions_and_heatmaps(trained, tmp_path):
         probs = [float(r[f"prob_{c}"]) for c in ("inflammation", "pleomorphic", "glandular")]
         assert abs(sum(probs) - 1) < 1e-4 and r["pred_name"] in ("inflammation", "pleomorphic", "glandular")
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == [f"{s.stem}_heatmap.png" for s in slides]
+    assert sorted(p.name for p in (out / "attention").iterdir()) == sorted(
+        f"{s.stem}_attention.{ext}" for s in slides for ext in ("csv", "geojson"))
 
 
 @pytest.mark.skipif(not (REAL_DIR / "cmu-1-small-region.svs").is_file(), reason="real test slides not found")
@@ -327,3 +329,37 @@ def test_inference_config_writes_attention_csv_and_qupath_geojson(tmp_path):
     bundle(args + ["--output_dir", str(tmp_path / "bf16"), "--translator_dtype", "bfloat16"], cwd=tmp_path)
     fp32, bf16 = (list(csv.DictReader(open(tmp_path / d / "predictions.csv"))) for d in ("out", "bf16"))
     assert fp32[0]["pred"] == bf16[0]["pred"] and abs(float(fp32[0]["prob_a"]) - float(bf16[0]["prob_a"])) < 1e-2
+
+
+def test_inference_handlers_are_swapped_or_removed_by_one_override(tmp_path):
+    """inference.json's evaluator writes through its handlers: one override replaces a writer, or the handler list."""
+    from test_reliability import TILING, _tissue_slide, _tiny_model
+
+    model, slide = _tiny_model(tmp_path, TILING), _tissue_slide(tmp_path / "s.tif")
+    args = ["run", "--config_file", INFER, "--model_path", str(model), "--input", slide, "--num_workers", "0"]
+    maps = tmp_path / "maps"
+    small = f"{{'_target_': 'monai_fbta.handlers.HeatmapWriter', 'output_dir': '{maps}', 'thumbnail_size': 128}}"
+    bundle(args + ["--output_dir", str(tmp_path / "swap"), "--handlers#1", small], cwd=tmp_path)
+    assert [p.name for p in maps.iterdir()] == ["s_heatmap.png"] and not (tmp_path / "swap" / "heatmaps").exists()
+    assert sorted(p.name for p in (tmp_path / "swap").iterdir()) == ["attention", "cache", "predictions.csv"]
+    bundle(args + ["--output_dir", str(tmp_path / "csv_only"), "--evaluator#val_handlers", "['@handlers#0']"], cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "csv_only").iterdir()) == ["cache", "predictions.csv"]
+
+
+def test_inference_skips_a_failing_slide_naming_it_and_strict_fails(tmp_path):
+    from test_reliability import TILING, _tissue_slide, _tiny_model
+
+    model = _tiny_model(tmp_path, TILING)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _tissue_slide(slides / "good.tif")
+    _tissue_slide(slides / "nompp.tif", mpp=None)
+    args = ["run", "--config_file", INFER, "--model_path", str(model), "--input", str(slides), "--num_workers", "0",
+            "--heatmaps", "False", "--output_dir", str(tmp_path / "out")]
+    out = bundle(args, cwd=tmp_path)
+    assert "slide nompp skipped: " in out.stderr and "1 slide(s) failed and are skipped" in out.stdout
+    assert [r["slide_id"] for r in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))] == ["good"]
+    last = bundle_fails(args + ["--strict", "True"], cwd=tmp_path)
+    assert last[-1].startswith("error: InferenceError: strict mode: a slide failed: 1 slide(s) predicted; 1 failed")
+    assert "first failure: nompp: " in last[-1]
+    assert [r["slide_id"] for r in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))] == ["good"]

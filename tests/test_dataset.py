@@ -189,3 +189,23 @@ def test_load_stored_reads_only_the_indexed_rows(stores):
     assert LoadStored(out, keys=("features", "nothing"), allow_missing_keys=True)(rows[0]).keys() >= {"features", "slide_id"}
     with pytest.raises(StoreError, match="no dataset 'nothing'"):
         LoadStored(out, keys="nothing")(rows[0])
+
+
+def test_construction_opens_each_store_once(stores, monkeypatch):
+    """FBTADataset checks (complete, finite) and clusters each row's store through one open file (it used to open it
+    up to three times: two completeness checks and the clustering)."""
+    import os
+
+    import h5py
+
+    from monai_fbta.data import store
+
+    rows, out = stores
+    FBTADataset(rows, out, num_clusters=5)  # clusters computed and cached in the stores
+    opened = []
+    real = h5py.File
+    monkeypatch.setattr(store.h5py, "File", lambda name, *a, **k: opened.append(os.fspath(name)) or real(name, *a, **k))
+    for cluster_on_init in (True, False):
+        opened.clear()
+        FBTADataset(rows, out, num_clusters=5, cluster_on_init=cluster_on_init)
+        assert opened == [os.fspath(out / f"s{i}.h5") for i in range(len(rows))]

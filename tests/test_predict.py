@@ -126,11 +126,11 @@ def test_inference_writes_attention_csv_and_geojson(tmp_path):
     model = _tiny_model(tmp_path, TILING)
     slide = _tissue_slide(tmp_path / "s.tif")
     (record,) = run_inference(model, [slide], tmp_path / "out", heatmaps=False, batch_size=8)
-    assert record["attention_csv"] == str(tmp_path / "out" / "attention" / "s_attention.csv")
+    attention_csv, attention_geojson = (tmp_path / "out" / "attention" / f"s_attention.{ext}" for ext in ("csv", "geojson"))
     coords, attrs = read_coords(tmp_path / "out" / "cache" / "s.h5")
     feats = torch.as_tensor(read_array(tmp_path / "out" / "cache" / "s.h5", "features"))
     with torch.no_grad():
         probs, attention = build_inference_network(model)(feats[None], return_attention=True)
     assert record["probs"] == pytest.approx(probs[0].tolist(), abs=1e-6)
-    _check_outputs(record["attention_csv"], record["attention_geojson"], coords, attention[0].numpy(),
+    _check_outputs(attention_csv, attention_geojson, coords, attention[0].numpy(),
                    attrs["patch_size_level0"], (512, 512))

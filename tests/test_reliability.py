@@ -161,7 +161,9 @@ def test_bundle_exposes_fail_fast_resume_assume_mpp_and_slide_check():
     prepare = train["prepare"]
     assert prepare["_target_"].endswith("Preprocessor") and prepare["fail_fast"] == "@fail_fast"
     assert prepare["check_slides"] == "@check_slides" and prepare["strict"] == "@strict"
-    assert infer["inference"]["skip_errors"] == "$not @fail_fast" and infer["inference"]["assume_mpp"] == "@assume_mpp"
+    preprocess = infer["preprocess"]
+    assert preprocess["fail_fast"] == "@fail_fast" and preprocess["assume_mpp"] == "@assume_mpp"
+    assert preprocess["strict"] == "@strict"
     assert train["strict"] is False and infer["strict"] is False and infer["assume_mpp"] is None
     resume = [h for h in train["train"]["handlers"] if h["_target_"].endswith("ResumeTraining")]
     assert len(resume) == 1 and resume[0]["enabled"] == "@resume" and resume[0]["path"] == "@last_ckpt"

@@ -1,6 +1,7 @@
 """monai_fbta.handlers: EMA teachers, curriculum weight, checkpoints and resume, loss logging, training log file,
-metrics CSV, curves."""
+metrics CSV, curves; inference writers (predictions CSV, heatmaps, attention CSV + GeoJSON)."""
 
+from monai_fbta.handlers.attention import AttentionWriter
 from monai_fbta.handlers.best_model_saver import BestModelSaver
 from monai_fbta.handlers.checkpoint import run_identity
 from monai_fbta.handlers.checkpoint_saver import TrainingCheckpoint
@@ -8,8 +9,10 @@ from monai_fbta.handlers.curriculum import CurriculumWeight
 from monai_fbta.handlers.curves import TrainingCurves, plot_training_curves
 from monai_fbta.handlers.ema import ModelEMA
 from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
+from monai_fbta.handlers.heatmap import HeatmapWriter
 from monai_fbta.handlers.log_file import LogFile
 from monai_fbta.handlers.metrics_csv import EpochMetricsCSV
+from monai_fbta.handlers.predictions import PredictionsCSV, write_predictions_csv
 from monai_fbta.handlers.progress import LossProgressBar
 from monai_fbta.handlers.resume import ResumeTraining, check_resume
 from monai_fbta.handlers.stats import LOSS_TERMS, loss_terms, training_log_handlers
@@ -35,4 +38,8 @@ __all__ = [
     "plot_training_curves",
     "OptionalTensorBoard",
     "tensorboard_available",
+    "PredictionsCSV",
+    "write_predictions_csv",
+    "HeatmapWriter",
+    "AttentionWriter",
 ]

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_fbta._io import atomic_open
+from monai_fbta._io import atomic_open, inside, safe_name
 from monai_fbta.handlers.heatmap import rank_normalise
 
 __all__ = ["attention_table", "attention_geojson", "AttentionWriter"]
@@ -77,11 +77,13 @@ def attention_geojson(
 
 
 class AttentionWriter:
-    """Writes ``<slide_id>_attention.csv`` and ``<slide_id>_attention.geojson`` per slide into ``output_dir``.
+    """Writes ``<slide_id>_attention.csv`` and ``<slide_id>_attention.geojson`` per slide into ``output_dir`` (the id
+    made a safe file name).
 
-    :meth:`write_one` is called by bundle inference (:func:`monai_fbta.pipeline.infer.run_inference`).
-    ``attach(engine)`` registers on ``Events.ITERATION_COMPLETED`` for an evaluator whose output holds
-    ``slide_id``, ``coords [N, 2]``, ``attention [N]``, ``patch_size_level0`` and ``slide_size`` (width, height).
+    ``attach(engine)`` registers on ``Events.ITERATION_COMPLETED`` for an evaluator whose output (a dict, or a list
+    of them) holds ``slide_id``, ``coords [N, 2]``, ``attention [N]``, ``patch_size_level0`` and ``slide_size``
+    (width, height), as :class:`~monai_fbta.engines.inference.FBTAInferenceEvaluator`'s does (bundle inference).
+    :attr:`written` lists the files.
     """
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
@@ -105,7 +107,7 @@ class AttentionWriter:
         writer.writerow(CSV_COLUMNS)
         for (x, y), a, r in zip(coords.tolist(), scores, rank):
             writer.writerow([x, y, f"{float(patch_size_level0):g}", f"{a:.8g}", f"{r:.6f}"])
-        base = os.path.join(self.output_dir, f"{slide_id}_attention")
+        base = inside(self.output_dir, f"{safe_name(slide_id)}_attention")
         with atomic_open(base + ".csv", "w", newline="") as f:
             f.write(text.getvalue())
         with atomic_open(base + ".geojson", "w") as f:

@@ -9,11 +9,9 @@ uncoloured. A colour bar and the predicted class are drawn beside the map.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-
 import numpy as np
 
-from monai_fbta._io import atomic_open
+from monai_fbta._io import atomic_open, inside, safe_name
 
 __all__ = ["rank_normalise", "attention_to_grid", "render_heatmap", "write_heatmap", "HeatmapWriter"]
 
@@ -125,24 +123,24 @@ def write_heatmap(
 
 
 class HeatmapWriter:
-    """Writes one heatmap PNG per slide from an evaluator's per-slide attention.
+    """Writes ``<output_dir>/<slide_id>_heatmap.png`` per slide (:func:`write_heatmap`; the id made a safe file name).
 
-    ``attach(engine)`` registers on ``Events.ITERATION_COMPLETED``; the engine output must hold
-    ``slide_id``, ``image`` (slide path), ``coords`` [N, 2], ``attention`` [N] and, optionally,
-    ``pred_name``. Slides are opened with :func:`monai_fbta.data.slide.open_slide`.
+    ``attach(engine)`` registers on ``Events.ITERATION_COMPLETED``; the engine output (a dict, or a list of them)
+    must hold ``slide_id``, ``image`` (slide path), ``coords [N, 2]``, ``attention [N]`` and the
+    ``patch_size_level0_key``; with ``pred_name`` (and ``probs [C]``, ``pred``) the title names the prediction, as
+    :class:`~monai_fbta.engines.inference.FBTAInferenceEvaluator`'s output does. Slides are opened with
+    :func:`monai_fbta.data.slide.open_slide`; :attr:`written` lists the files.
     """
 
     def __init__(
         self,
-        output_dir: str,
+        output_dir: str | os.PathLike,
         patch_size_level0_key: str = "patch_size_level0",
         thumbnail_size: int = 1024,
-        class_names: Sequence[str] | None = None,
     ) -> None:
-        self.output_dir = output_dir
+        self.output_dir = os.fspath(output_dir)
         self.patch_size_level0_key = patch_size_level0_key
         self.thumbnail_size = thumbnail_size
-        self.class_names = list(class_names) if class_names else None
         self.written: list[str] = []
 
     def attach(self, engine) -> None:
@@ -151,12 +149,13 @@ class HeatmapWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def write_one(self, slide_id: str, slide_path: str, coords, attention, patch_size_level0: float, title: str = "") -> str:
+        """One slide's PNG from ``coords [N, 2]`` and ``attention [N]``; returns its path."""
         from monai_fbta.data.slide import open_slide
 
         with open_slide(slide_path) as slide:
             thumb = slide.thumbnail(self.thumbnail_size)
             size = slide.level_dimensions[0]
-        out = os.path.join(self.output_dir, f"{slide_id}_heatmap.png")
+        out = inside(self.output_dir, f"{safe_name(slide_id)}_heatmap.png")
         write_heatmap(out, thumb, np.asarray(coords), np.asarray(attention, dtype=np.float64).ravel(),
                       float(patch_size_level0), size, title=title or slide_id)
         self.written.append(out)
@@ -165,7 +164,15 @@ class HeatmapWriter:
     def __call__(self, engine) -> None:
         outputs = engine.state.output
         for item in outputs if isinstance(outputs, list) else [outputs]:
-            self.write_one(
-                str(item["slide_id"]), str(item["image"]), item["coords"], item["attention"],
-                float(item[self.patch_size_level0_key]), item.get("pred_name", ""),
-            )
+            self.write_one(str(item["slide_id"]), str(item["image"]), item["coords"], item["attention"],
+                           float(item[self.patch_size_level0_key]), _title(item))
+
+
+def _title(item: dict) -> str:
+    """``"<slide_id>: <pred_name> (p=0.93)"``; ``""`` (the slide id alone) without ``pred_name``."""
+    if not item.get("pred_name"):
+        return ""
+    title = f"{item['slide_id']}: {item['pred_name']}"
+    if "probs" in item and "pred" in item:
+        title += f" (p={float(np.asarray(item['probs']).ravel()[int(item['pred'])]):.2f})"
+    return title

@@ -1,16 +1,24 @@
-"""Slide-level inference with a trained bundle: ``y = f*_MIL(f_T(F^FB))`` plus attention heatmaps.
+"""Slide-level inference with a trained bundle: ``y = f*_MIL(f_T(F^FB))`` plus attention maps, as an evaluator.
 
-No patch is pushed through the trainable extractor: the frozen features of every tissue patch are
-read from the cache (or extracted once, with the frozen encoder named in ``model.pt``), translated
-by f_T and classified by the EMA teacher head, all by :class:`~monai_fbta.networks.TranslatedMIL` (the one
-predictor). Inference is a loop over slides, not an evaluator, so it calls the writers' ``write_one`` per
-slide. Outputs, all inside ``output_dir``:
+No patch is pushed through the trainable extractor: the frozen features of every tissue patch are read from the
+cache (or extracted once, with the frozen encoder named in ``model.pt``), translated by f_T and classified by the EMA
+teacher head, all by :class:`~monai_fbta.networks.TranslatedMIL` (the one predictor). ``inference.json`` declares
+the pieces by ``_target_`` and runs ``validate_settings``, ``preprocess.run()``, ``evaluator.run()``,
+``preprocess.finish()``:
 
-* ``predictions.csv``: slide id, one probability per class, predicted index and class name;
-* ``heatmaps/<slide_id>_heatmap.png``: attention over the slide thumbnail;
-* ``attention/<slide_id>_attention.csv`` and ``.geojson``: per-patch attention with level-0 coordinates, the
-  GeoJSON importable into QuPath (:mod:`monai_fbta.handlers.attention`);
-* ``cache/``: the per-slide feature stores (reused by the next run) and ``extraction_report.csv``.
+* :class:`InferencePreprocessor` (``preprocess``): the rows to predict (:func:`inference_rows`), their features
+  extracted into ``cache_dir`` (cached, resumable); failing slides are skipped and named;
+* a ``monai.data.Dataset`` of the rows that worked with ``LoadStored(keys=["coords", "features"])``, a
+  ``DataLoader(batch_size=None)``;
+* :class:`~monai_fbta.engines.inference.FBTAInferenceEvaluator` with handlers that write, inside ``output_dir``:
+  ``predictions.csv`` (:class:`~monai_fbta.handlers.predictions.PredictionsCSV`: slide id, one probability per
+  class, predicted index and class name), ``heatmaps/<slide_id>_heatmap.png``
+  (:class:`~monai_fbta.handlers.heatmap.HeatmapWriter`), ``attention/<slide_id>_attention.csv`` and ``.geojson``
+  (:class:`~monai_fbta.handlers.attention.AttentionWriter`: per-patch attention with level-0 coordinates, the
+  GeoJSON importable into QuPath); ``cache/`` holds the feature stores and ``extraction_report.csv``.
+
+:func:`run_inference` builds the same pieces for Python callers; :func:`inference_evaluator` the dataset, loader and
+evaluator alone.
 """
 
 from __future__ import annotations
@@ -18,20 +26,31 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
+from monai_fbta._quiet import quiet_import
 from monai_fbta.data.datalist import load_datalist
 from monai_fbta.data.extraction import extract_features
-from monai_fbta.data.store import read_array, read_coords, slide_id_of, store_path
+from monai_fbta.data.store import slide_id_of
+from monai_fbta.engines.inference import FBTAInferenceEvaluator
+from monai_fbta.handlers.attention import AttentionWriter
+from monai_fbta.handlers.checkpoint import build_inference_network
+from monai_fbta.handlers.heatmap import HeatmapWriter
+from monai_fbta.handlers.predictions import PredictionsCSV
 from monai_fbta.pipeline.paths import inside, safe_name
 from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, frozen_encoder
-from monai_fbta.handlers.checkpoint import build_inference_network
-from monai_fbta.pipeline.report import write_predictions_csv
+from monai_fbta.transforms.store import LoadStored
 
-__all__ = ["InferenceError", "inference_rows", "run_inference", "predict_slide"]
+quiet_import("monai")
+from monai.data import Dataset  # noqa: E402
+from monai.transforms import Compose  # noqa: E402
+
+__all__ = ["InferenceError", "InferencePreprocessor", "inference_rows", "inference_evaluator", "run_inference"]
 
 logger = logging.getLogger("fbta.inference")
 
@@ -72,44 +91,100 @@ def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any
     return rows
 
 
-def _slide_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(width, height)`` of the slide at level 0."""
-    from monai_fbta.data.slide import open_slide
+class InferencePreprocessor:
+    """Bundle inference's preprocessing (``preprocess`` in ``inference.json``): the slides to predict and their
+    cached frozen features.
 
-    with open_slide(path) as slide:
-        width, height = slide.level_dimensions[0]
-    return int(width), int(height)
+    Building it does nothing; :attr:`rows` reads the inputs (cheap, no slide is read); :meth:`run` tiles and
+    extracts every slide into ``cache_dir`` (:func:`~monai_fbta.data.extraction.extract_features`: cached,
+    resumable) and skips the slides that fail, naming each; :attr:`data` is then the rows to predict; :meth:`finish`,
+    after the evaluator, raises in ``strict`` mode when a slide failed.
 
+    Args:
+        inputs: a slide file, a folder of slides, a list of slide paths or a labelled datalist (:func:`inference_rows`).
+        cache_dir: folder of the feature stores (and ``extraction_report.csv``).
+        encoder: the frozen extractor of ``model.pt`` (:func:`~monai_fbta.pipeline.prepare.frozen_encoder`).
+        tiling: the model's tiling settings (``model.pt`` metadata ``tiling``).
+        class_names: the model's classes (a datalist's labels are read with them).
+        assume_mpp: um/px of slides whose metadata has none (a datalist's ``mpp`` column wins).
+        batch_size, num_workers, device: of the extraction.
+        fail_fast: stop at the first failing slide (its error is raised) instead of skipping it.
+        strict: :meth:`finish` raises :class:`InferenceError` when a slide failed (the others are predicted first).
 
-def predict_slide(
-    network: torch.nn.Module, store: str, row: Mapping[str, Any], device: str | torch.device = "cpu",
-    heatmaps: Any = None, attention_maps: Any = None,
-) -> dict[str, Any]:
-    """Predict one slide from its feature store: load coords and features, ``network`` (a
-    :class:`~monai_fbta.networks.TranslatedMIL` with ``metadata``), then the writers when given (a
-    :class:`~monai_fbta.handlers.heatmap.HeatmapWriter`, an :class:`~monai_fbta.handlers.attention.AttentionWriter`).
-
-    Returns the slide's record (``slide_id``, ``probs``, ``pred``, ``pred_name``, ``num_patches``, written paths).
+    :meth:`run` raises :class:`InferenceError` when no slide could be extracted (nothing to predict).
     """
-    names = network.metadata["class_names"]
-    sid = slide_id_of(row)
-    coords, attrs = read_coords(store)
-    features = torch.as_tensor(read_array(store, "features")).to(device)
-    with torch.no_grad():
-        probs, attention = network(features[None], return_attention=True)  # [1, C], [1, N]
-    probs, attention = probs[0].cpu().tolist(), attention[0].cpu().numpy()
-    pred = int(max(range(len(probs)), key=probs.__getitem__))
-    record = {"slide_id": sid, "image": row["image"], "probs": probs, "pred": pred, "pred_name": names[pred],
-              "label": row.get("label"), "num_patches": len(coords)}
-    if heatmaps is not None:
-        record["heatmap"] = heatmaps.write_one(
-            safe_name(sid), row["image"], coords, attention, float(attrs["patch_size_level0"]),
-            title=f"{sid}: {names[pred]} (p={probs[pred]:.2f})",
-        )
-    if attention_maps is not None:
-        record["attention_csv"], record["attention_geojson"] = attention_maps.write_one(
-            safe_name(sid), coords, attention, float(attrs["patch_size_level0"]), _slide_size(row["image"]))
-    return record
+
+    def __init__(
+        self,
+        inputs: str | os.PathLike | Sequence[str],
+        cache_dir: str | os.PathLike,
+        encoder: torch.nn.Module,
+        tiling: Mapping[str, Any],
+        class_names: Sequence[str] | None = None,
+        assume_mpp: float | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        device: str | torch.device | None = None,
+        fail_fast: bool = False,
+        strict: bool = False,
+    ) -> None:
+        self.inputs, self.cache_dir, self.encoder = inputs, os.fspath(cache_dir), encoder
+        self.tiling = dict(tiling, **({} if assume_mpp is None else {"assume_mpp": float(assume_mpp)}))
+        self.class_names = class_names
+        self.extract_kwargs = {"batch_size": batch_size, "num_workers": num_workers, "device": device,
+                               "skip_errors": not fail_fast}
+        self.strict = strict
+        self.failed: dict[str, str] = {}
+        self.report_path: str | None = None
+        self._data: list[dict[str, Any]] | None = None
+
+    @cached_property
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows to predict (:func:`inference_rows`)."""
+        return inference_rows(self.inputs, self.class_names)
+
+    def run(self) -> InferencePreprocessor:
+        """Extract every slide's features into ``cache_dir`` (cached); skip and name the slides that failed."""
+        report = extract_features(self.rows, self.cache_dir, self.encoder, tiling_kwargs=self.tiling, **self.extract_kwargs)
+        self.failed = {r.slide_id: r.error for r in report.failed}
+        self.report_path = report.csv_path
+        for slide_id, error in self.failed.items():
+            logger.error("slide %s skipped: %s", slide_id, error)
+        self._data = [row for row in self.rows if slide_id_of(row) not in self.failed]
+        if not self._data:
+            raise self._error("no slide could be predicted", "0 slide(s) predicted (no predictions.csv written)")
+        if self.failed:
+            print(f"{len(self.failed)} slide(s) failed and are skipped (see {self.report_path})", flush=True)
+        return self
+
+    @property
+    def data(self) -> list[dict[str, Any]]:
+        """The rows whose features are ready (the dataset's); :meth:`run` must have run."""
+        if self._data is None:
+            raise RuntimeError("InferencePreprocessor.data: call run() first (inference.json's steps do: '$@preprocess.run()')")
+        return self._data
+
+    def finish(self) -> None:
+        """After the evaluator: with ``strict``, raise :class:`InferenceError` when a slide failed."""
+        if self.strict and self.failed:
+            raise self._error("strict mode: a slide failed", f"{len(self.data)} slide(s) predicted")
+
+    def _error(self, why: str, done: str) -> InferenceError:
+        slide_id, error = next(iter(self.failed.items()))
+        return InferenceError(f"{why}: {done}; {len(self.failed)} failed (see {self.report_path}); "
+                              f"first failure: {slide_id}: {error}")
+
+
+def inference_evaluator(
+    network: torch.nn.Module, rows: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLike,
+    device: str | torch.device = "cpu", handlers: Sequence[Any] = (),
+) -> FBTAInferenceEvaluator:
+    """What ``inference.json`` declares after preprocessing: ``Dataset(rows, Compose([LoadStored(cache_dir,
+    keys=["coords", "features"])]))``, ``DataLoader(batch_size=None)`` and the evaluator of ``network`` (a
+    :class:`~monai_fbta.networks.TranslatedMIL` taking ``[B, N, D]``) with ``handlers``."""
+    dataset = Dataset(list(rows), Compose([LoadStored(cache_dir, keys=["coords", "features"])]))
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
+    return FBTAInferenceEvaluator(device, loader, network, val_handlers=handlers)
 
 
 def run_inference(
@@ -127,48 +202,28 @@ def run_inference(
     strict: bool = False,
     translator_dtype: torch.dtype | str | None = None,
 ) -> list[dict[str, Any]]:
-    """Predict every input slide; returns one record per slide (``slide_id``, ``probs``, ``pred_name``...).
+    """``inference.json`` in Python: predict every input slide; returns one record per predicted slide
+    (``slide_id``, ``image``, ``label``, ``probs``, ``pred``, ``pred_name``, ``num_patches``).
 
     ``assume_mpp`` (um/px) is the pixel size of slides whose metadata has none (a datalist's ``mpp`` column
     wins). ``heatmaps`` / ``attention_maps``: write the PNG heatmaps / the per-patch attention CSV and GeoJSON.
-    ``predictions.csv`` holds the slides that worked; then :class:`InferenceError` is raised when no slide could
-    be predicted, or, with ``strict``, when any slide failed (so a script's exit status tells).
-    ``translator_dtype``: f_T's autocast dtype (:class:`~monai_fbta.networks.TranslatedMIL`; ``None``: float32).
+    ``predictions.csv`` holds the slides that worked; :class:`InferenceError` is raised when no slide could be
+    predicted, or, with ``strict``, when any slide failed (so a script's exit status tells). ``skip_errors=False``
+    stops at the first failing slide. ``translator_dtype``: f_T's autocast dtype
+    (:class:`~monai_fbta.networks.TranslatedMIL`; ``None``: float32).
     """
     network = build_inference_network(model_path, device, translator_dtype=translator_dtype)
     meta = network.metadata
     output_dir = os.fspath(output_dir)
-    cache_dir = os.fspath(cache_dir) if cache_dir else inside(output_dir, "cache")
-    rows = inference_rows(inputs, meta["class_names"])
-    tiling = dict(meta["tiling"], **({} if assume_mpp is None else {"assume_mpp": float(assume_mpp)}))
     encoder = frozen_encoder(meta["encoder_name"], meta["encoder_weights"], os.path.dirname(os.fspath(model_path)))
-    report = extract_features(rows, cache_dir, encoder, tiling_kwargs=tiling, batch_size=batch_size,
-                              num_workers=num_workers, device=device, skip_errors=skip_errors)
-    failed = {r.slide_id: r.error for r in report.failed}
-    names = meta["class_names"]
-    records, writer, tables = [], None, None
-    if heatmaps:
-        from monai_fbta.handlers.heatmap import HeatmapWriter
-
-        writer = HeatmapWriter(inside(output_dir, "heatmaps"))
-    if attention_maps:
-        from monai_fbta.handlers.attention import AttentionWriter
-
-        tables = AttentionWriter(inside(output_dir, "attention"))
-    for row in rows:
-        sid = slide_id_of(row)
-        if sid in failed:
-            logger.error("slide %s skipped: %s", sid, failed[sid])
-            continue
-        record = predict_slide(network, store_path(cache_dir, sid), row, device, writer, tables)
-        records.append(record)
-        logger.info("%s: %s (p=%.3f)", sid, record["pred_name"], record["probs"][record["pred"]])
-    path = write_predictions_csv(inside(output_dir, "predictions.csv"), records, names)
-    summary = f"{len(records)} slide(s) predicted -> {path}" + (f"; {len(failed)} failed (see {report.csv_path})" if failed else "")
-    print(summary, flush=True)
-    if failed and (strict or not records):
-        first = next(iter(failed.items()))
-        why = "no slide could be predicted" if not records else "strict mode: a slide failed"
-        raise InferenceError(f"{why}: {summary}; first failure: {first[0]}: {first[1]}")
-    return records
-
+    preprocess = InferencePreprocessor(
+        inputs, cache_dir or inside(output_dir, "cache"), encoder, meta["tiling"], meta["class_names"], assume_mpp,
+        batch_size, num_workers, device, fail_fast=not skip_errors, strict=strict,
+    ).run()
+    handlers = [PredictionsCSV(inside(output_dir, "predictions.csv"))]
+    handlers += [HeatmapWriter(inside(output_dir, "heatmaps"))] if heatmaps else []
+    handlers += [AttentionWriter(inside(output_dir, "attention"))] if attention_maps else []
+    evaluator = inference_evaluator(network, preprocess.data, preprocess.cache_dir, device, handlers)
+    evaluator.run()
+    preprocess.finish()
+    return evaluator.state.predictions

@@ -6,43 +6,24 @@ network from it (:func:`~monai_fbta.handlers.checkpoint.load_inference_networks`
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from monai_fbta._io import atomic_open, inside
 from monai_fbta.handlers.checkpoint import RunMismatchError, check_identity, load_inference_model, load_inference_networks
+from monai_fbta.handlers.predictions import write_predictions_csv
 
 __all__ = [
     "check_model",
     "evaluate_checkpoint",
-    "write_predictions_csv",
 ]
 
 logger = logging.getLogger("fbta.report")
-
-
-def write_predictions_csv(path: str | os.PathLike, records: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> str:
-    """``slide_id, prob_<class>..., pred, pred_name[, label]`` per slide, written atomically."""
-    text = io.StringIO()
-    has_label = any(r.get("label") is not None and int(r["label"]) >= 0 for r in records)
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["slide_id", *[f"prob_{c}" for c in class_names], "pred", "pred_name"] + (["label"] if has_label else []))
-    for r in records:
-        probs = [float(p) for p in r["probs"]]
-        pred = int(np.argmax(probs))
-        row = [r["slide_id"], *[f"{p:.6f}" for p in probs], pred, class_names[pred]]
-        writer.writerow(row + ([r.get("label", "")] if has_label else []))
-    with atomic_open(path, "w", newline="") as f:
-        f.write(text.getvalue())
-    return str(path)
 
 
 def check_model(

@@ -17,7 +17,7 @@ quiet_import("monai")
 from monai.transforms import Compose, CopyItemsd  # noqa: E402
 
 from monai_fbta.data.dataset import SlideDataset  # noqa: E402
-from monai_fbta.data.store import StoreError, store_is_complete  # noqa: E402
+from monai_fbta.data.store import SlideStore, StoreError  # noqa: E402
 from monai_fbta.transforms.augment import make_e2e_augmentation  # noqa: E402
 from monai_fbta.transforms.patches import ReadPatchesd  # noqa: E402
 from monai_fbta.transforms.pseudobag import PseudoBagSampled  # noqa: E402
@@ -60,6 +60,26 @@ def fbta_transforms(
     return Compose(chain)
 
 
+def _open_checked(path: str, slide_id: str, row: Mapping[str, Any]) -> SlideStore:
+    """The open store of ``row``, refused (:class:`StoreError`) unless complete (coords, features) with finite features."""
+    missing = f"no complete feature store for slide {row.get('image')!r}; run extract_features first"
+    try:
+        store = SlideStore(path).open()
+    except StoreError as err:
+        raise StoreError(path, missing) from err
+    try:
+        complete = store.is_complete(required=("coords", "features"))
+        finite = complete and store.is_complete(required=("features",), check_finite=True)
+    except (OSError, KeyError) as err:
+        store.close()
+        raise StoreError(path, f"{missing} ({err})") from err
+    if not finite:
+        store.close()
+        raise StoreError(path, missing if not complete else
+                         f"features of slide {slide_id!r} contain NaN/inf: delete this store to re-extract it")
+    return store
+
+
 class FBTADataset(SlideDataset):
     """Slides of a datalist with their stores (from :func:`~monai_fbta.data.extraction.extract_features`) and the
     FBTA training transforms of :func:`fbta_transforms`; the stores are checked now (complete, finite).
@@ -87,12 +107,9 @@ class FBTADataset(SlideDataset):
         loader: LoadStored = transform.transforms[0]
         for row in self.data:
             slide_id, path = loader.locate(row)
-            if not store_is_complete(path, required=("coords", "features")):
-                raise StoreError(path, f"no complete feature store for slide {row.get('image')!r}; run extract_features first")
-            if not store_is_complete(path, required=("features",), check_finite=True):
-                raise StoreError(path, f"features of slide {slide_id!r} contain NaN/inf: delete this store to re-extract it")
-            if cluster_on_init:
-                loader.clusters(path)
+            with _open_checked(path, slide_id, row) as store:  # one open per row: checks and clustering
+                if cluster_on_init:
+                    loader.clusters(store)
 
     @property
     def rows(self) -> list[dict[str, Any]]:

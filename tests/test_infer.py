@@ -1,0 +1,85 @@
+"""pipeline.infer: inference as an evaluator with handlers (run_inference builds what inference.json declares)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+
+import pytest
+import torch
+from test_predict import _check_outputs
+from test_reliability import TILING, _tissue_slide, _tiny_model
+
+from monai_fbta.data.slide import open_slide
+from monai_fbta.data.store import read_array, read_coords
+from monai_fbta.handlers import PredictionsCSV
+from monai_fbta.handlers.checkpoint import build_inference_network
+from monai_fbta.handlers.heatmap import write_heatmap
+from monai_fbta.pipeline.infer import InferenceError, InferencePreprocessor, inference_evaluator, run_inference
+from monai_fbta.pipeline.prepare import frozen_encoder
+
+torch.set_num_threads(1)
+
+
+def test_outputs_are_the_network_on_the_cached_features(tmp_path):
+    """predictions.csv, the heatmap PNG and the attention CSV/GeoJSON are what the writers make of the network's
+    probabilities and attention on the slide's cached features (the heatmap byte for byte, titled with the prediction)."""
+    model = _tiny_model(tmp_path, TILING)
+    slides = [_tissue_slide(tmp_path / "s.tif"), _tissue_slide(tmp_path / "t.tif", size=640)]
+    out = tmp_path / "out"
+    records = run_inference(model, slides, out, batch_size=8)
+    assert [r["slide_id"] for r in records] == ["s", "t"]
+    network = build_inference_network(model)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert list(rows[0]) == ["slide_id", "prob_a", "prob_b", "pred", "pred_name"]
+    for row, record, size in zip(rows, records, (512, 640)):
+        sid = row["slide_id"]
+        store = out / "cache" / f"{sid}.h5"
+        coords, attrs = read_coords(store)
+        with torch.no_grad():
+            probs, attention = network(torch.as_tensor(read_array(store, "features"))[None], return_attention=True)
+        probs, attention = probs[0], attention[0].numpy()
+        pred = int(probs.argmax())
+        assert [row["prob_a"], row["prob_b"]] == [f"{float(p):.6f}" for p in probs]
+        assert (int(row["pred"]), row["pred_name"]) == (pred, "ab"[pred]) == (record["pred"], record["pred_name"])
+        assert record["probs"] == pytest.approx(probs.tolist(), abs=1e-6) and record["num_patches"] == len(coords)
+        _check_outputs(out / "attention" / f"{sid}_attention.csv", out / "attention" / f"{sid}_attention.geojson",
+                       coords, attention, attrs["patch_size_level0"], (size, size))
+        with open_slide(record["image"]) as slide:
+            thumb = slide.thumbnail(1024)
+        expected = write_heatmap(str(tmp_path / f"{sid}_expected.png"), thumb, coords, attention,
+                                 attrs["patch_size_level0"], (size, size), title=f"{sid}: {'ab'[pred]} (p={float(probs[pred]):.2f})")
+        assert (out / "heatmaps" / f"{sid}_heatmap.png").read_bytes() == open(expected, "rb").read()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_slide_failing_extraction_is_skipped_and_named_and_strict_raises(tmp_path, caplog):
+    model = _tiny_model(tmp_path, TILING)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _tissue_slide(slides / "good.tif")
+    _tissue_slide(slides / "nompp.tif", mpp=None)  # no pixel size: tiling fails
+    network = build_inference_network(model)
+    meta = network.metadata
+    encoder = frozen_encoder(meta["encoder_name"], meta["encoder_weights"], tmp_path / "models")
+    cache = tmp_path / "cache"
+    preprocess = InferencePreprocessor(slides, cache, encoder, meta["tiling"], meta["class_names"], batch_size=8, strict=True)
+    with pytest.raises(RuntimeError, match=r"call run\(\) first"):
+        preprocess.data
+    with caplog.at_level(logging.ERROR, logger="fbta.inference"):
+        preprocess.run()
+    assert "slide nompp skipped" in caplog.text and "no pixel size" in caplog.text
+    assert list(preprocess.failed) == ["nompp"] and [r["slide_id"] for r in preprocess.data] == ["good"]
+
+    evaluator = inference_evaluator(network, preprocess.data, cache, handlers=[PredictionsCSV(tmp_path / "p.csv")])
+    evaluator.run()
+    assert [r["slide_id"] for r in csv.DictReader(open(tmp_path / "p.csv"))] == ["good"]  # the others are predicted first
+    with pytest.raises(InferenceError, match=r"strict mode: a slide failed: 1 slide\(s\) predicted; 1 failed .* "
+                                             r"first failure: nompp: .*nompp.tif: no pixel size"):
+        preprocess.finish()
+
+    InferencePreprocessor(slides, cache, encoder, meta["tiling"], meta["class_names"], batch_size=8).run().finish()
+    with pytest.raises(InferenceError, match=r"no slide could be predicted: .* 1 failed .* first failure: nompp"):
+        InferencePreprocessor(slides / "nompp.tif", cache, encoder, meta["tiling"], batch_size=8).run()
+    with pytest.raises(Exception, match="nompp.tif: no pixel size"):  # fail_fast: the slide's own error, at once
+        InferencePreprocessor(slides, tmp_path / "c2", encoder, meta["tiling"], batch_size=8, fail_fast=True).run()
