@@ -96,3 +96,11 @@ def corrupt_tile(path, index: int, how: str = "garbage", page: int = 0) -> tuple
     with open(path, "wb") as f:
         f.write(bytes(data))
     return xy
+
+
+TILING = {"patch_size": 64, "target_mpp": 0.5, "tissue_threshold": 0.5}  # tiling settings for tissue_slide's slides
+
+
+def tissue_slide(path, size: int = 512, **kw) -> str:
+    """A ``size``-px square slide (2 levels, 64-px tiles) with a tissue rectangle 48 px in from every edge."""
+    return write_slide(path, tissue_rect_image(size, size, (48, 48, size - 48, size - 48)), **{"levels": 2, "tile": 64, **kw})

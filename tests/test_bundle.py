@@ -314,9 +314,10 @@ def test_two_process_torchrun_training(trained, tmp_path):
 
 def test_inference_config_writes_attention_csv_and_qupath_geojson(tmp_path):
     """inference.json passes ``attention_maps``: per slide a CSV and a GeoJSON beside the heatmaps (tiny model, no training)."""
-    from test_reliability import TILING, _tissue_slide, _tiny_model
+    from conftest import tiny_model
+    from slide_factory import TILING, tissue_slide
 
-    model, slide = _tiny_model(tmp_path, TILING), _tissue_slide(tmp_path / "s.tif")
+    model, slide = tiny_model(tmp_path, TILING), tissue_slide(tmp_path / "s.tif")
     args = ["run", "--config_file", INFER, "--model_path", str(model), "--input", slide, "--num_workers", "0",
             "--heatmaps", "False"]
     bundle(args + ["--output_dir", str(tmp_path / "out")], cwd=tmp_path)
@@ -333,9 +334,10 @@ def test_inference_config_writes_attention_csv_and_qupath_geojson(tmp_path):
 
 def test_inference_handlers_are_swapped_or_removed_by_one_override(tmp_path):
     """inference.json's evaluator writes through its handlers: one override replaces a writer, or the handler list."""
-    from test_reliability import TILING, _tissue_slide, _tiny_model
+    from conftest import tiny_model
+    from slide_factory import TILING, tissue_slide
 
-    model, slide = _tiny_model(tmp_path, TILING), _tissue_slide(tmp_path / "s.tif")
+    model, slide = tiny_model(tmp_path, TILING), tissue_slide(tmp_path / "s.tif")
     args = ["run", "--config_file", INFER, "--model_path", str(model), "--input", slide, "--num_workers", "0"]
     maps = tmp_path / "maps"
     small = f"{{'_target_': 'monai_fbta.handlers.HeatmapWriter', 'output_dir': '{maps}', 'thumbnail_size': 128}}"
@@ -347,13 +349,14 @@ def test_inference_handlers_are_swapped_or_removed_by_one_override(tmp_path):
 
 
 def test_inference_skips_a_failing_slide_naming_it_and_strict_fails(tmp_path):
-    from test_reliability import TILING, _tissue_slide, _tiny_model
+    from conftest import tiny_model
+    from slide_factory import TILING, tissue_slide
 
-    model = _tiny_model(tmp_path, TILING)
+    model = tiny_model(tmp_path, TILING)
     slides = tmp_path / "slides"
     slides.mkdir()
-    _tissue_slide(slides / "good.tif")
-    _tissue_slide(slides / "nompp.tif", mpp=None)
+    tissue_slide(slides / "good.tif")
+    tissue_slide(slides / "nompp.tif", mpp=None)
     args = ["run", "--config_file", INFER, "--model_path", str(model), "--input", str(slides), "--num_workers", "0",
             "--heatmaps", "False", "--output_dir", str(tmp_path / "out")]
     out = bundle(args, cwd=tmp_path)

@@ -5,35 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from slide_factory import tissue_rect_image, write_slide
 from torch.utils.data import DataLoader
 
 from monai_fbta.data.clustering import cluster_store
 from monai_fbta.transforms.chain import FBTADataset
-from monai_fbta.data.extraction import extract_features
 from monai_fbta.data.store import StoreError, add_arrays, read_array, read_attrs
 from monai_fbta.transforms.patches import ReadPatches
 
 torch.set_num_threads(1)
-
-
-def _frozen_encoder() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()
-    )
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-    rows = []
-    for i in range(2):
-        img = tissue_rect_image(768, 1024, (64, 64, 960, 704), seed=i)
-        img[::7] = (img[::7] * 0.6).astype(np.uint8)  # some texture so features vary
-        rows.append({"image": write_slide(root / f"s{i}.tif", img, levels=2, tile=64, mpp=0.5), "label": i})
-    extract_features(rows, root / "out", _frozen_encoder(), {"patch_size": 64, "target_mpp": 0.5}, progress=False)
-    return rows, root / "out"
 
 
 def test_item_keys_shapes_and_consistency(stores):

@@ -16,22 +16,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from slide_factory import corrupt_tile, tissue_rect_image, write_slide
+from conftest import tiny_encoder
+from slide_factory import TILING, corrupt_tile, tissue_rect_image, write_slide
 
 from monai_fbta.data.errors import SlideError
 from monai_fbta.data.extraction import encoder_fingerprint, extract_features
 from monai_fbta.data.store import StoreError, read_array, read_coords, store_is_complete
-from monai_fbta.networks.registry import build_encoder
 from monai_fbta.transforms.patches import ReadPatches
 
 torch.set_num_threads(1)
-TILING = {"patch_size": 64, "target_mpp": 0.5, "tissue_threshold": 0.5}
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _encoder(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_encoder("tiny_cnn")
 
 
 def _slides(folder: Path, n: int = 3, size: tuple[int, int] = (768, 1024)) -> list[dict]:
@@ -49,7 +43,7 @@ def _slides(folder: Path, n: int = 3, size: tuple[int, int] = (768, 1024)) -> li
 
 def test_store_contents_match_direct_encoding(tmp_path):
     rows = _slides(tmp_path / "slides")
-    enc = _encoder()
+    enc = tiny_encoder()
     report = extract_features(rows, tmp_path / "out", enc, TILING, batch_size=16, amp=False, progress=False)
     assert [r.status for r in report.results] == ["done"] * 3
     for row, res in zip(rows, report.results):
@@ -70,24 +64,24 @@ def test_store_contents_match_direct_encoding(tmp_path):
 def test_rerun_skips_and_fingerprint_change_recomputes(tmp_path):
     rows = _slides(tmp_path / "slides", n=2)
     out = tmp_path / "out"
-    extract_features(rows, out, _encoder(0), TILING, batch_size=32, progress=False)
+    extract_features(rows, out, tiny_encoder(0), TILING, batch_size=32, progress=False)
     h5 = out / "slide1.h5"
     mtime, before = h5.stat().st_mtime_ns, read_array(h5, "features")
-    again = extract_features(rows, out, _encoder(0), TILING, batch_size=32, progress=False)
+    again = extract_features(rows, out, tiny_encoder(0), TILING, batch_size=32, progress=False)
     assert [r.status for r in again.results] == ["skipped", "skipped"]
     assert h5.stat().st_mtime_ns == mtime
     # other weights -> recomputed
-    other = extract_features(rows, out, _encoder(1), TILING, batch_size=32, progress=False)
+    other = extract_features(rows, out, tiny_encoder(1), TILING, batch_size=32, progress=False)
     assert [r.status for r in other.results] == ["done", "done"]
     assert not np.array_equal(read_array(h5, "features"), before)
     # other tiling -> recomputed with new coords
     tiling = {**TILING, "tissue_threshold": 0.9}
-    assert [r.status for r in extract_features(rows, out, _encoder(1), tiling, progress=False).results] == ["done"] * 2
+    assert [r.status for r in extract_features(rows, out, tiny_encoder(1), tiling, progress=False).results] == ["done"] * 2
     assert read_coords(h5)[1]["tissue_threshold"] == pytest.approx(0.9)
     # a file that is not HDF5 is neither trusted nor overwritten (we did not write it)
     h5.write_bytes(b"not an hdf5 file")
     with pytest.raises(StoreError, match="slide1.h5: exists but is not a readable HDF5 file"):
-        extract_features(rows, out, _encoder(1), tiling, progress=False)
+        extract_features(rows, out, tiny_encoder(1), tiling, progress=False)
     assert h5.read_bytes() == b"not an hdf5 file"
 
 
@@ -100,7 +94,7 @@ def test_clam_features_in_the_cache_folder_are_refused_before_any_work(tmp_path)
         f.create_dataset("features", data=np.ones((4, 1024), np.float32))
     before = (out / "slide1.h5").read_bytes()
     with pytest.raises(StoreError, match=r"1 file\(s\) in the feature cache were not written by monai_fbta(.|\n)*slide1.h5: not a monai_fbta store"):
-        extract_features(rows, out, _encoder(), TILING, progress=False)
+        extract_features(rows, out, tiny_encoder(), TILING, progress=False)
     assert (out / "slide1.h5").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["slide1.h5"]  # slide0 was not started either
 
@@ -108,7 +102,7 @@ def test_clam_features_in_the_cache_folder_are_refused_before_any_work(tmp_path)
 def test_a_changed_slide_file_is_recomputed_and_the_report_says_why(tmp_path):
     rows = _slides(tmp_path / "slides", n=3)
     out = tmp_path / "out"
-    enc = _encoder(0)
+    enc = tiny_encoder(0)
     first = [dict(rows[1], slide_id="s")]
     extract_features(first, out, enc, TILING, progress=False)
     h5 = out / "s.h5"
@@ -150,7 +144,7 @@ def test_a_corrupt_tile_fails_the_slide_or_with_skip_bad_patches_drops_its_patch
     path = tmp_path / "s.svs"
     write_pyramidal_tiff(path, tissue_rect_image(512, 512, (32, 32, 480, 480)), mpp=0.5, tile=128, smallest_level=128)
     x, y = corrupt_tile(path, 5)  # level-0 (128, 128)-(256, 256): four 64 px patches
-    rows, enc, out = [{"image": str(path)}], _encoder(), tmp_path / "out"
+    rows, enc, out = [{"image": str(path)}], tiny_encoder(), tmp_path / "out"
     tiling = {**TILING, "mask_max_size": 128}  # tissue mask from level 2, so tiling does not read the bad tile
     capfd.readouterr()
     res = extract_features(rows, out, enc, tiling, progress=False).results[0]
@@ -170,8 +164,8 @@ def test_a_corrupt_tile_fails_the_slide_or_with_skip_bad_patches_drops_its_patch
 
 
 def test_encoder_fingerprint_tracks_weights():
-    assert encoder_fingerprint(_encoder(0)) == encoder_fingerprint(_encoder(0))
-    assert encoder_fingerprint(_encoder(0))["weights"] != encoder_fingerprint(_encoder(1))["weights"]
+    assert encoder_fingerprint(tiny_encoder(0)) == encoder_fingerprint(tiny_encoder(0))
+    assert encoder_fingerprint(tiny_encoder(0))["weights"] != encoder_fingerprint(tiny_encoder(1))["weights"]
 
 
 def test_bad_slides_reported_and_others_processed(tmp_path):
@@ -183,7 +177,7 @@ def test_bad_slides_reported_and_others_processed(tmp_path):
     text.write_text("this is not a slide\n")
     white = write_slide(tmp_path / "slides" / "white.tif", np.full((512, 512, 3), 255, np.uint8), levels=2, mpp=0.5)
     bad = [{"image": str(truncated)}, {"image": str(text)}, {"image": white}]
-    report = extract_features(bad[:1] + rows + bad[1:], tmp_path / "out", _encoder(), TILING, progress=False)
+    report = extract_features(bad[:1] + rows + bad[1:], tmp_path / "out", tiny_encoder(), TILING, progress=False)
     status = {r.slide_id: r for r in report.results}
     assert status["slide0"].status == status["slide1"].status == "done"
     for name, path in (("truncated", truncated), ("notes", text), ("white", white)):
@@ -195,7 +189,7 @@ def test_bad_slides_reported_and_others_processed(tmp_path):
     assert table["notes"]["status"] == "error" and "notes.svs" in table["notes"]["error"]
     assert table["slide1"]["status"] == "done" and int(table["slide1"]["n_patches"]) > 0
     with pytest.raises(SlideError, match="notes.svs"):
-        extract_features([{"image": str(text)}], tmp_path / "out2", _encoder(), TILING, skip_errors=False, progress=False)
+        extract_features([{"image": str(text)}], tmp_path / "out2", tiny_encoder(), TILING, skip_errors=False, progress=False)
 
 
 # ----------------------------------------------------------------------------- CLI subprocesses

@@ -5,29 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from conftest import stepping_engine
 from ignite.engine import Engine, Events
 
-from monai_fbta.handlers import CurriculumWeight, FBTAEvents, ModelEMA, loss_terms, training_log_handlers
+from monai_fbta.handlers import CurriculumWeight, ModelEMA, loss_terms, training_log_handlers
 
 torch.set_num_threads(1)
-
-
-def _stepping_engine(model: nn.Module, steps_per_event: int = 1) -> Engine:
-    """An engine whose iteration perturbs ``model`` (an optimiser step stand-in) and fires the step event."""
-
-    def step(engine, _):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        if engine.state.iteration % steps_per_event == 0:
-            engine.state.optimizer_step += 1
-            engine.fire_event(FBTAEvents.OPTIMIZER_STEP_COMPLETED)
-        return {"loss": 1.0, "cls": 0.5, "cons": 0.25, "dist": 0.125}
-
-    engine = Engine(step)
-    engine.register_events(*FBTAEvents)
-    engine.state.optimizer_step = 0
-    return engine
 
 
 def test_ema_one_step_exact_formula():
@@ -35,7 +18,7 @@ def test_ema_one_step_exact_formula():
     model = nn.Linear(4, 3)
     ema = ModelEMA(model, momentum=0.25)
     before = [p.detach().clone() for p in ema.ema_model.parameters()]
-    engine = _stepping_engine(model)
+    engine = stepping_engine(model)
     ema.attach(engine)
     engine.run([0], max_epochs=1)
     for old, new, student in zip(before, ema.ema_model.parameters(), model.parameters()):
@@ -48,7 +31,7 @@ def test_ema_momentum_one_makes_the_teacher_a_copy_of_the_student():
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     ema = ModelEMA(model, momentum=1.0)
-    engine = _stepping_engine(model)
+    engine = stepping_engine(model)
     ema.attach(engine)
     engine.run(range(3), max_epochs=1)
     for teacher, student in zip(ema.ema_model.parameters(), model.parameters()):
@@ -61,7 +44,7 @@ def test_ema_moves_only_on_optimizer_steps():
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     ema = ModelEMA(model, momentum=0.5)
-    engine = _stepping_engine(model, steps_per_event=3)
+    engine = stepping_engine(model, steps_per_event=3)
     ema.attach(engine)
     snapshots = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: snapshots.append(ema.ema_model.weight.clone()))
@@ -78,7 +61,7 @@ def test_ema_warmup_schedule_follows_step_count():
     values = [ema.momentum_at(s) for s in range(1, 8)]
     assert values[0] == pytest.approx(0.5) and values[4] == pytest.approx(0.01) and values[6] == pytest.approx(0.01)
     assert all(a > b for a, b in zip(values[:5], values[1:5]))
-    engine = _stepping_engine(model)
+    engine = stepping_engine(model)
     ema.attach(engine)
     seen = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.m_head))
@@ -92,7 +75,7 @@ def test_two_ema_handlers_keep_separate_momenta():
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     ema_a = ModelEMA(a, momentum=0.1, momentum_warmup=0.9, warmup_steps=3, name="ema_a")
     ema_b = ModelEMA(b, momentum=0.2, name="ema_b")
-    engine = _stepping_engine(a)
+    engine = stepping_engine(a)
     ema_a.attach(engine)
     ema_b.attach(engine)
     engine.run([0], max_epochs=1)
@@ -118,7 +101,7 @@ def test_curriculum_ramp_and_scale():
 
 
 def test_stats_handler_logs_every_loss_term(capsys):
-    engine = _stepping_engine(nn.Linear(2, 2))
+    engine = stepping_engine(nn.Linear(2, 2))
     for handler in training_log_handlers(name="fbta.test", progress=True):
         handler.attach(engine)
     engine.run(range(2), max_epochs=1)
@@ -132,7 +115,7 @@ def test_stats_handler_logs_every_loss_term(capsys):
 def test_ema_copies_buffers_by_value():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     ema = ModelEMA(model, momentum=0.5)
-    engine = _stepping_engine(model)
+    engine = stepping_engine(model)
     ema.attach(engine)
     engine.run([0], max_epochs=1)
     student, teacher = model[1].running_mean, ema.ema_model[1].running_mean
@@ -148,7 +131,7 @@ def test_training_record_on_disk_log_csv_curves(tmp_path, caplog):
 
     from monai_fbta.handlers import EpochMetricsCSV, LogFile, OptionalTensorBoard, TrainingCurves, tensorboard_available
 
-    engine = _stepping_engine(nn.Linear(2, 2))
+    engine = stepping_engine(nn.Linear(2, 2))
     evaluator = Engine(lambda e, b: None)
 
     @engine.on(Events.EPOCH_COMPLETED)

@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from slide_factory import tissue_rect_image, write_slide
+from conftest import tiny_encoder
+from slide_factory import TILING, tissue_rect_image, write_slide
 
 from monai_fbta.data.extraction import extract_features
 from monai_fbta.data.store import STORE_MARKER, StoreError, read_array, read_coords, store_path
@@ -17,12 +18,6 @@ from monai_fbta.networks.registry import build_encoder
 from monai_fbta.transforms.patches import ReadPatches
 
 torch.set_num_threads(1)
-TILING = {"patch_size": 64, "target_mpp": 0.5, "tissue_threshold": 0.5}
-
-
-def _encoder(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_encoder("tiny_cnn")
 
 
 @pytest.fixture()
@@ -49,7 +44,7 @@ def _clam_file(path, slide, encoder=None, coords=None):
 
 
 def test_clam_features_are_imported_and_reused_by_extraction(tmp_path, slide):
-    enc = _encoder(0)
+    enc = tiny_encoder(0)
     (tmp_path / "clam").mkdir()
     clam = _clam_file(tmp_path / "clam" / "s1.h5", slide, enc)
     before = clam.read_bytes()
@@ -70,7 +65,7 @@ def test_clam_features_are_imported_and_reused_by_extraction(tmp_path, slide):
     mtime = ours.stat().st_mtime_ns
     report = extract_features([{"image": slide, "slide_id": "s1"}], cache, enc, TILING, progress=False)
     assert report.results[0].status == "skipped" and ours.stat().st_mtime_ns == mtime  # not extracted again
-    other = extract_features([{"image": slide, "slide_id": "s1"}], cache, _encoder(1), TILING, progress=False)
+    other = extract_features([{"image": slide, "slide_id": "s1"}], cache, tiny_encoder(1), TILING, progress=False)
     assert other.results[0].status == "done" and "encoder weights" in other.results[0].note
     np.testing.assert_array_equal(read_coords(ours)[0], _grid())  # the imported coords are kept, only re-encoded
 
@@ -81,16 +76,16 @@ def test_clam_features_are_imported_and_reused_by_extraction(tmp_path, slide):
 
 
 def test_import_refuses_features_of_another_encoder_or_slide(tmp_path, slide):
-    clam = _clam_file(tmp_path / "s1.h5", slide, _encoder(0))
+    clam = _clam_file(tmp_path / "s1.h5", slide, tiny_encoder(0))
     with pytest.raises(StoreError, match="s1.h5: the encoder does not reproduce the imported features"):
-        import_features(clam, slide, tmp_path / "cache" / "s1.h5", _encoder(1))
+        import_features(clam, slide, tmp_path / "cache" / "s1.h5", tiny_encoder(1))
     far = _clam_file(tmp_path / "far.h5", slide, coords=np.array([[0, 0], [5000, 64]]))
     with pytest.raises(StoreError, match=r"far.h5: coords reach \(5000, 64\) but .*s1.tif is 640x512 px"):
         import_features(far, slide, tmp_path / "cache" / "far.h5")
     with pytest.raises(ValueError, match="name the encoder"):
         import_features(clam, slide, tmp_path / "cache" / "s1.h5")
     with pytest.raises(StoreError, match="never overwrites files it did not write"):  # importing onto itself
-        import_features(clam, slide, clam, _encoder(0))
+        import_features(clam, slide, clam, tiny_encoder(0))
     assert not (tmp_path / "cache").exists()
 
 
@@ -100,7 +95,7 @@ def test_trident_coords_only_are_encoded_not_retiled(tmp_path, slide):
         ds = f.create_dataset("coords", data=_grid()[::2])
         ds.attrs.update(patch_size=64, patch_size_level0=64, level0_magnification=20, target_magnification=20)
     import_features(src, slide, tmp_path / "cache" / "s1.h5")
-    res = extract_features([{"image": slide, "slide_id": "s1"}], tmp_path / "cache", _encoder(), TILING, progress=False)
+    res = extract_features([{"image": slide, "slide_id": "s1"}], tmp_path / "cache", tiny_encoder(), TILING, progress=False)
     assert res.results[0].status == "done" and res.results[0].n_patches == len(_grid()[::2])
     np.testing.assert_array_equal(read_coords(tmp_path / "cache" / "s1.h5")[0], _grid()[::2])
 

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
-from test_predict import _check_outputs
-from test_reliability import TILING, _tissue_slide, _tiny_model
+from conftest import check_attention_outputs, tiny_model
+from slide_factory import TILING, tissue_slide
 
 from monai_fbta.data.slide import open_slide
 from monai_fbta.data.store import read_array, read_coords
@@ -24,8 +24,8 @@ torch.set_num_threads(1)
 def test_outputs_are_the_network_on_the_cached_features(tmp_path):
     """predictions.csv, the heatmap PNG and the attention CSV/GeoJSON are what the writers make of the network's
     probabilities and attention on the slide's cached features (the heatmap byte for byte, titled with the prediction)."""
-    model = _tiny_model(tmp_path, TILING)
-    slides = [_tissue_slide(tmp_path / "s.tif"), _tissue_slide(tmp_path / "t.tif", size=640)]
+    model = tiny_model(tmp_path, TILING)
+    slides = [tissue_slide(tmp_path / "s.tif"), tissue_slide(tmp_path / "t.tif", size=640)]
     out = tmp_path / "out"
     records = run_inference(model, slides, out, batch_size=8)
     assert [r["slide_id"] for r in records] == ["s", "t"]
@@ -43,7 +43,7 @@ def test_outputs_are_the_network_on_the_cached_features(tmp_path):
         assert [row["prob_a"], row["prob_b"]] == [f"{float(p):.6f}" for p in probs]
         assert (int(row["pred"]), row["pred_name"]) == (pred, "ab"[pred]) == (record["pred"], record["pred_name"])
         assert record["probs"] == pytest.approx(probs.tolist(), abs=1e-6) and record["num_patches"] == len(coords)
-        _check_outputs(out / "attention" / f"{sid}_attention.csv", out / "attention" / f"{sid}_attention.geojson",
+        check_attention_outputs(out / "attention" / f"{sid}_attention.csv", out / "attention" / f"{sid}_attention.geojson",
                        coords, attention, attrs["patch_size_level0"], (size, size))
         with open_slide(record["image"]) as slide:
             thumb = slide.thumbnail(1024)
@@ -54,11 +54,11 @@ def test_outputs_are_the_network_on_the_cached_features(tmp_path):
 
 
 def test_a_slide_failing_extraction_is_skipped_and_named_and_strict_raises(tmp_path, caplog):
-    model = _tiny_model(tmp_path, TILING)
+    model = tiny_model(tmp_path, TILING)
     slides = tmp_path / "slides"
     slides.mkdir()
-    _tissue_slide(slides / "good.tif")
-    _tissue_slide(slides / "nompp.tif", mpp=None)  # no pixel size: tiling fails
+    tissue_slide(slides / "good.tif")
+    tissue_slide(slides / "nompp.tif", mpp=None)  # no pixel size: tiling fails
     network = build_inference_network(model)
     meta = network.metadata
     encoder = frozen_encoder(meta["encoder_name"], meta["encoder_weights"], tmp_path / "models")

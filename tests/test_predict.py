@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import uuid
 
 import numpy as np
 import pytest
 import torch
-from test_reliability import TILING, _tissue_slide, _tiny_model
+from conftest import check_attention_outputs, tiny_model
+from slide_factory import TILING, tissue_slide
 from torch.utils.data import DataLoader
 
 from monai_fbta.engines import FBTAEvaluator
@@ -69,36 +68,11 @@ def test_chunked_translation_equals_unchunked():
         torch.testing.assert_close(a, b)
 
 
-def _check_outputs(csv_path: str, geojson_path: str, coords: np.ndarray, attention: np.ndarray, size: int,
-                   slide_wh: tuple[int, int]) -> None:
-    rows = list(csv.DictReader(open(csv_path)))
-    assert list(rows[0]) == ["x", "y", "patch_size_level0", "attention", "attention_rank"]
-    assert [(int(r["x"]), int(r["y"])) for r in rows] == [tuple(c) for c in coords.tolist()]
-    assert {float(r["patch_size_level0"]) for r in rows} == {float(size)}
-    np.testing.assert_allclose([float(r["attention"]) for r in rows], attention, rtol=1e-6)
-    ranks = np.array([float(r["attention_rank"]) for r in rows])
-    assert ranks.min() >= 0 and ranks.max() <= 1 and ranks[np.argmax(attention)] == ranks.max()
-
-    collection = json.load(open(geojson_path))
-    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == len(coords)
-    assert len({f["id"] for f in collection["features"]}) == len(coords)
-    for i, (feature, (x, y), a) in enumerate(zip(collection["features"], coords.tolist(), attention)):
-        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon" and uuid.UUID(feature["id"])
-        assert feature["properties"]["name"] == f"patch {i}"
-        (ring,) = feature["geometry"]["coordinates"]
-        assert len(ring) == 5 and ring[0] == ring[-1]  # closed ring
-        xs, ys = [p[0] for p in ring], [p[1] for p in ring]
-        assert min(xs) == x and min(ys) == y and 0 <= min(xs) < max(xs) <= slide_wh[0] and 0 <= min(ys) < max(ys) <= slide_wh[1]
-        props = feature["properties"]
-        assert props["objectType"] == "tile" and props["classification"]["name"] == "attention"
-        assert props["measurements"]["attention"] == pytest.approx(a, rel=1e-6)
-
-
 def test_attention_writer_csv_and_geojson(tmp_path):
     coords = np.array([[0, 0], [64, 0], [64, 64], [100, 70]])
     attention = np.array([0.1, 0.4, 0.3, 0.2])
     csv_path, geo = AttentionWriter(tmp_path).write_one("s", coords, attention, 64, (140, 128))
-    _check_outputs(csv_path, geo, coords, attention, 64, (140, 128))
+    check_attention_outputs(csv_path, geo, coords, attention, 64, (140, 128))
     ring = json.load(open(geo))["features"][3]["geometry"]["coordinates"][0]
     assert max(p[0] for p in ring) == 140 and max(p[1] for p in ring) == 128  # clipped to the slide
     with pytest.raises(ValueError, match="outside the 100x100 slide"):
@@ -115,7 +89,7 @@ def test_attention_writer_csv_and_geojson(tmp_path):
     writer.attach(engine)
     engine.run([0])
     assert writer.written == [str(tmp_path / "engine" / "e_attention.csv"), str(tmp_path / "engine" / "e_attention.geojson")]
-    _check_outputs(*writer.written, coords, attention, 64, (140, 128))
+    check_attention_outputs(*writer.written, coords, attention, 64, (140, 128))
 
 
 def test_inference_writes_attention_csv_and_geojson(tmp_path):
@@ -123,8 +97,8 @@ def test_inference_writes_attention_csv_and_geojson(tmp_path):
     from monai_fbta.data.store import read_array, read_coords
     from monai_fbta.handlers.checkpoint import build_inference_network
 
-    model = _tiny_model(tmp_path, TILING)
-    slide = _tissue_slide(tmp_path / "s.tif")
+    model = tiny_model(tmp_path, TILING)
+    slide = tissue_slide(tmp_path / "s.tif")
     (record,) = run_inference(model, [slide], tmp_path / "out", heatmaps=False, batch_size=8)
     attention_csv, attention_geojson = (tmp_path / "out" / "attention" / f"s_attention.{ext}" for ext in ("csv", "geojson"))
     coords, attrs = read_coords(tmp_path / "out" / "cache" / "s.h5")
@@ -132,5 +106,5 @@ def test_inference_writes_attention_csv_and_geojson(tmp_path):
     with torch.no_grad():
         probs, attention = build_inference_network(model)(feats[None], return_attention=True)
     assert record["probs"] == pytest.approx(probs[0].tolist(), abs=1e-6)
-    _check_outputs(attention_csv, attention_geojson, coords, attention[0].numpy(),
+    check_attention_outputs(attention_csv, attention_geojson, coords, attention[0].numpy(),
                    attrs["patch_size_level0"], (512, 512))

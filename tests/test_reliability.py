@@ -20,46 +20,27 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from slide_factory import tissue_rect_image, write_slide
+from conftest import tiny_encoder, tiny_model, write_csv
+from slide_factory import TILING, tissue_rect_image, tissue_slide, write_slide
 
 from monai_fbta.data.datalist import DatalistError, check_splits, load_datalist, select_fold
 from monai_fbta.transforms.chain import FBTADataset
 from monai_fbta.data.errors import SlideError
 from monai_fbta.data.extraction import extract_features
 from monai_fbta.data.store import StoreError, add_arrays, read_array, store_is_complete, store_path, write_coords
-from monai_fbta.networks.registry import build_encoder
 from monai_fbta.pipeline.infer import run_inference
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-TILING = {"patch_size": 64, "target_mpp": 0.5, "tissue_threshold": 0.5}
-
-
-def _encoder(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_encoder("tiny_cnn")
-
-
-def _tissue_slide(path: Path, size: int = 512, **kw) -> str:
-    return write_slide(path, tissue_rect_image(size, size, (48, 48, size - 48, size - 48)), **{"levels": 2, "tile": 64, **kw})
-
-
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 # ----------------------------------------------------------------------------- 1. input validation
 
 
 def test_datalist_reports_every_problem_at_once(tmp_path):
-    good = _tissue_slide(tmp_path / "good.tif")
+    good = tissue_slide(tmp_path / "good.tif")
     (tmp_path / "notes.svs").write_text("not a slide\n")
-    csv_path = _write_csv(tmp_path / "labels.csv", [
+    csv_path = write_csv(tmp_path / "labels.csv", [
         {"slide_id": "good", "path": "good.tif", "label": "a", "case_id": "p1", "mpp": ""},
         {"slide_id": "gone", "path": "missing.svs", "label": "a", "case_id": "p2", "mpp": ""},
         {"slide_id": "notes", "path": "notes.svs", "label": "b", "case_id": "p3", "mpp": ""},
@@ -87,7 +68,7 @@ def test_datalist_reports_every_problem_at_once(tmp_path):
         load_datalist(csv_path, classes=["a", "b"])
     assert "unreadable" not in str(quick.value)
     # a valid table keeps its mpp column (the override reaches open_slide in extraction)
-    ok = _write_csv(tmp_path / "ok.csv", [{"slide_id": "good", "path": good, "label": "a", "mpp": "0.25"}])
+    ok = write_csv(tmp_path / "ok.csv", [{"slide_id": "good", "path": good, "label": "a", "mpp": "0.25"}])
     assert load_datalist(ok, classes=["a", "b"], check_slides=True)[0]["mpp"] == 0.25
 
 
@@ -111,15 +92,15 @@ def test_splits_file_with_a_patient_in_train_and_test_is_refused():
 def _bad_slide_rows(folder: Path) -> tuple[list[dict], dict[str, str]]:
     """One good slide and one of each fault; returns rows and the expected message pattern per slide id."""
     folder.mkdir()
-    good = _tissue_slide(folder / "good.tif")
+    good = tissue_slide(folder / "good.tif")
     data = Path(good).read_bytes()
     (folder / "truncated.tif").write_bytes(data[: len(data) // 3])
     (folder / "notaslide.svs").write_bytes(b"%PDF-1.4 definitely not a slide" * 10)
-    weird = _tissue_slide(folder / "weird.tif")
+    weird = tissue_slide(folder / "weird.tif")
     with tifffile.TiffFile(weird, mode="r+b") as tif:
         for page in tif.pages:
             page.tags["Compression"].overwrite(60123)
-    nompp = _tissue_slide(folder / "nompp.tif", mpp=None)
+    nompp = tissue_slide(folder / "nompp.tif", mpp=None)
     write_slide(folder / "blank.tif", np.full((512, 512, 3), 255, np.uint8), levels=2, tile=64)
     write_slide(folder / "tiny.tif", tissue_rect_image(40, 40, (0, 0, 40, 40)), tile=None)
     write_slide(folder / "flat.tif", tissue_rect_image(384, 384, (32, 32, 352, 352)), tile=None)
@@ -139,7 +120,7 @@ def _bad_slide_rows(folder: Path) -> tuple[list[dict], dict[str, str]]:
 
 def test_each_bad_slide_is_skipped_with_a_specific_message(tmp_path):
     rows, expected = _bad_slide_rows(tmp_path / "slides")
-    report = extract_features(rows, tmp_path / "out", _encoder(), TILING, progress=False)
+    report = extract_features(rows, tmp_path / "out", tiny_encoder(), TILING, progress=False)
     with open(tmp_path / "out" / "extraction_report.csv") as f:
         table = {r["slide_id"]: r for r in csv.DictReader(f)}
     for sid, pattern in expected.items():
@@ -150,7 +131,7 @@ def test_each_bad_slide_is_skipped_with_a_specific_message(tmp_path):
     assert len(report.failed) == len(expected)
     # fail fast: the first bad slide stops the run with its message
     with pytest.raises(SlideError, match=expected["truncated"]):
-        extract_features(rows, tmp_path / "out2", _encoder(), TILING, skip_errors=False, progress=False)
+        extract_features(rows, tmp_path / "out2", tiny_encoder(), TILING, skip_errors=False, progress=False)
 
 
 def test_bundle_exposes_fail_fast_resume_assume_mpp_and_slide_check():
@@ -178,7 +159,7 @@ class _NaNEncoder(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner = _encoder()
+        self.inner = tiny_encoder()
         self.name = "nan_cnn"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +167,7 @@ class _NaNEncoder(torch.nn.Module):
 
 
 def test_nan_features_at_extraction_are_not_stored(tmp_path):
-    row = {"image": _tissue_slide(tmp_path / "s.tif"), "slide_id": "s"}
+    row = {"image": tissue_slide(tmp_path / "s.tif"), "slide_id": "s"}
     report = extract_features([row], tmp_path / "out", _NaNEncoder(), TILING, amp=False, progress=False)
     assert report.results[0].status == "error"
     assert re.search(r"s\.tif: the encoder produced NaN/inf features for \d+ of \d+ patches", report.results[0].error)
@@ -247,13 +228,13 @@ def test_store_path_never_leaves_the_cache_folder(tmp_path, slide_id):
 
 
 def test_hostile_slide_id_is_written_inside_the_cache(tmp_path):
-    row = {"image": _tissue_slide(tmp_path / "s.tif"), "slide_id": "../../../escaped"}
-    report = extract_features([row], tmp_path / "a" / "cache", _encoder(), TILING, progress=False)
+    row = {"image": tissue_slide(tmp_path / "s.tif"), "slide_id": "../../../escaped"}
+    report = extract_features([row], tmp_path / "a" / "cache", tiny_encoder(), TILING, progress=False)
     assert report.results[0].status == "done"
     assert sorted(p.name for p in (tmp_path / "a" / "cache").iterdir()) == ["_.._.._escaped.h5", "extraction_report.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "s.tif"]
     with pytest.raises(ValueError, match=r"stores would collide\): \['a b', 'a/b'\]"):
-        extract_features([dict(row, slide_id="a/b"), dict(row, slide_id="a b")], tmp_path / "b", _encoder(), TILING)
+        extract_features([dict(row, slide_id="a/b"), dict(row, slide_id="a b")], tmp_path / "b", tiny_encoder(), TILING)
 
 
 def test_no_pickle_loads_and_no_shell_strings_in_the_package():
@@ -283,27 +264,11 @@ def _env() -> dict:
     return env
 
 
-def _tiny_model(tmp_path: Path, tiling: dict) -> Path:
-    from monai_fbta.handlers.checkpoint import save_inference_model
-    from monai_fbta.networks import FeatureTranslator, build_mil_head
-    from monai_fbta.pipeline.prepare import frozen_encoder
-    from monai_fbta.handlers.checkpoint import model_metadata
-
-    models = tmp_path / "models"
-    enc = frozen_encoder("tiny_cnn", None, models)  # saves its random weights beside model.pt
-    d = enc.out_features
-    meta = model_metadata("abmil", d, 2, ["a", "b"], ["frozen", "translated"], "tiny_cnn", enc.weights_file, tiling, 16, 2)
-    torch.manual_seed(0)
-    save_inference_model(models / "model.pt", build_mil_head("abmil", in_features=d, num_classes=2, hidden=16),
-                         FeatureTranslator(d, num_heads=2), meta)
-    return models / "model.pt"
-
-
 def test_model_pt_names_its_frozen_encoder_relative_to_itself_and_travels(tmp_path):
     """model.pt used to store the encoder file's absolute path: a moved bundle lost its encoder."""
     from monai_fbta.handlers.checkpoint import load_inference_model
 
-    model_pt = _tiny_model(tmp_path / "a", {"patch_size": 64})
+    model_pt = tiny_model(tmp_path / "a", {"patch_size": 64})
     assert torch.load(model_pt, weights_only=True)["metadata"]["encoder_weights"] == "frozen_encoder_tiny_cnn.pt"
     moved = tmp_path / "b"
     (tmp_path / "a").rename(moved)
@@ -339,7 +304,7 @@ def test_inference_killed_then_rerun_reuses_features_and_writes_whole_files(tmp_
     slides.mkdir()
     for i in range(3):
         write_slide(slides / f"s{i}.tif", tissue_rect_image(768, 768, (64, 64, 704, 704), seed=i), levels=2, tile=64)
-    model = _tiny_model(tmp_path, TILING)
+    model = tiny_model(tmp_path, TILING)
     out = tmp_path / "out"
     proc = subprocess.Popen(_inference_script(model, slides, out), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -365,7 +330,7 @@ def test_inference_killed_then_rerun_reuses_features_and_writes_whole_files(tmp_
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
     # a model using another patch size does not reuse the cached features: they are recomputed
-    other = _tiny_model(tmp_path / "other", {**TILING, "patch_size": 32})
+    other = tiny_model(tmp_path / "other", {**TILING, "patch_size": 32})
     run_inference(other, slides, out, heatmaps=False, batch_size=8)
     with open(out / "cache" / "extraction_report.csv") as f:
         assert {r["status"] for r in csv.DictReader(f)} == {"done"}

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Engine
-from test_reliability import TILING, _tissue_slide, _tiny_model, _write_csv
+from conftest import RUN_SETTINGS, datalist_rows, tiny_encoder, tiny_model, write_csv
+from slide_factory import TILING, tissue_slide
 
 from monai_fbta.data.datalist import DatalistError, datalist_digest, load_datalist, make_splits
 from monai_fbta.handlers import ResumeTraining, TrainingCheckpoint, check_resume, run_identity
@@ -25,29 +26,22 @@ from monai_fbta.pipeline.prepare import split_rows
 from monai_fbta.pipeline.report import check_model, evaluate_checkpoint
 from monai_fbta.pipeline.validate import RENAMED_OPTIONS, option_problems, settings_problems
 
-SETTINGS = {"mil_name": "abmil", "views": ["frozen", "e2e"], "tiling": TILING, "num_clusters": 8, "fold": 0}
-
-
-def _rows(n: int = 12, labels: tuple[int, ...] = (0, 1)) -> list[dict]:
-    return [{"slide_id": f"s{i}", "image": f"/data/s{i}.tif", "label": labels[i % len(labels)], "case_id": f"s{i}"}
-            for i in range(n)]
-
 
 # ----------------------------------------------------------------------------- item 1: run identity
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     """A folder where the demo trained, reused for other data: its last.pt is refused, saying what differs."""
-    demo = run_identity(_rows(), ["tumour", "normal"], 2, SETTINGS)
-    assert run_identity(list(reversed(_rows())), ("tumour", "normal"), 2, dict(SETTINGS)) == demo  # order, tuples
+    demo = run_identity(datalist_rows(), ["tumour", "normal"], 2, RUN_SETTINGS)
+    assert run_identity(list(reversed(datalist_rows())), ("tumour", "normal"), 2, dict(RUN_SETTINGS)) == demo  # order, tuples
     head = ABMIL(8, 2, hidden=8)
     trainer = Engine(lambda e, b: None)
     trainer.state.max_epochs = 3
     TrainingCheckpoint(tmp_path / "last.pt", objects={"head": head}, identity=demo)(trainer)
     assert check_resume(tmp_path / "last.pt", demo) is True
 
-    relabelled = [dict(r, label=1 - r["label"]) for r in _rows()]
-    new = run_identity(relabelled, ["a", "b"], 2, dict(SETTINGS, mil_name="transmil"))
+    relabelled = [dict(r, label=1 - r["label"]) for r in datalist_rows()]
+    new = run_identity(relabelled, ["a", "b"], 2, dict(RUN_SETTINGS, mil_name="transmil"))
     with pytest.raises(RunMismatchError) as err:
         check_resume(tmp_path / "last.pt", new)
     msg = str(err.value)
@@ -67,38 +61,38 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
 
 
 def test_datalist_digest_follows_content_not_file_times(tmp_path):
-    slide = _tissue_slide(tmp_path / "a.tif")
-    path = _write_csv(tmp_path / "labels.csv", [{"slide_id": "a", "path": slide, "label": 1}])
+    slide = tissue_slide(tmp_path / "a.tif")
+    path = write_csv(tmp_path / "labels.csv", [{"slide_id": "a", "path": slide, "label": 1}])
     first = datalist_digest(load_datalist(path))
     os.utime(path, (1, 1))
     assert datalist_digest(load_datalist(path)) == first
-    _write_csv(path, [{"slide_id": "a", "path": slide, "label": 0}])
+    write_csv(path, [{"slide_id": "a", "path": slide, "label": 0}])
     assert datalist_digest(load_datalist(path)) != first
 
 
 def test_evaluation_refuses_a_model_with_other_class_names(tmp_path):
-    model = _tiny_model(tmp_path, TILING)  # classes ["a", "b"]
+    model = tiny_model(tmp_path, TILING)  # classes ["a", "b"]
     assert check_model(model, ["a", "b"])
     with pytest.raises(RunMismatchError, match=r"predicts the classes \['a', 'b'\] but this datalist's classes are \['b', 'a'\]"):
         evaluate_checkpoint(model, [{"slide_id": "x", "image": "x.tif", "label": 0}], tmp_path / "none", class_names=["b", "a"])
     with pytest.raises(RunMismatchError, match="trained by another run: it holds no run identity"):
-        check_model(model, ["a", "b"], identity=run_identity(_rows(), ["a", "b"], 2, SETTINGS))
+        check_model(model, ["a", "b"], identity=run_identity(datalist_rows(), ["a", "b"], 2, RUN_SETTINGS))
 
 
 def test_inference_reads_datalist_labels_with_the_model_class_names(tmp_path):
-    model = _tiny_model(tmp_path, TILING)  # classes ["a", "b"]
-    slide = _tissue_slide(tmp_path / "s.tif")
-    good = _write_csv(tmp_path / "good.csv", [{"slide_id": "s", "path": slide, "label": "b"}])
+    model = tiny_model(tmp_path, TILING)  # classes ["a", "b"]
+    slide = tissue_slide(tmp_path / "s.tif")
+    good = write_csv(tmp_path / "good.csv", [{"slide_id": "s", "path": slide, "label": "b"}])
     records = run_inference(model, good, tmp_path / "out", heatmaps=False, batch_size=8)
     assert [r["label"] for r in records] == [1]
-    bad = _write_csv(tmp_path / "bad.csv", [{"slide_id": "s", "path": slide, "label": "tumour"}])
+    bad = write_csv(tmp_path / "bad.csv", [{"slide_id": "s", "path": slide, "label": "tumour"}])
     with pytest.raises(DatalistError, match=r"unknown label 'tumour' \(known classes \['a', 'b'\]\)"):
         run_inference(model, bad, tmp_path / "out2", heatmaps=False)
 
 
 def test_splits_file_follows_its_datalist(tmp_path, caplog):
     path = tmp_path / "splits.json"
-    rows = _rows()
+    rows = datalist_rows()
     split_rows(rows, path, num_folds=3, val_fraction=0.5)
     made = json.loads(path.read_text())
     assert made["datalist_sha256"] == datalist_digest(rows)
@@ -136,7 +130,7 @@ def test_settings_problems_name_the_option_and_what_is_wrong(tmp_path):
 
     slides = [_write_empty(tmp_path / f"s{i}.tif") for i in range(10)]
     labels = ["a"] * 8 + ["b"] * 2
-    datalist = _write_csv(tmp_path / "labels.csv", [{"slide_id": f"s{i}", "path": p, "label": lab}
+    datalist = write_csv(tmp_path / "labels.csv", [{"slide_id": f"s{i}", "path": p, "label": lab}
                                                    for i, (p, lab) in enumerate(zip(slides, labels))])
     problems = settings_problems(num_classes=2, class_names=["a", "b"], datalist=datalist, num_folds=5, val_fraction=0.2)
     assert problems == ["class 'b' has 2 case(s) but 5 parts need at least 5 cases per class: lower --num_folds or add "
@@ -171,15 +165,15 @@ def test_one_name_per_option_across_training_evaluation_and_inference():
 
 
 def test_inference_raises_when_nothing_or_in_strict_mode_something_failed(tmp_path):
-    model = _tiny_model(tmp_path, TILING)
+    model = tiny_model(tmp_path, TILING)
     slides = tmp_path / "slides"
     slides.mkdir()
-    _tissue_slide(slides / "nompp.tif", mpp=None)
+    tissue_slide(slides / "nompp.tif", mpp=None)
     with pytest.raises(InferenceError, match=r"no slide could be predicted: 0 slide\(s\) predicted .* 1 failed .*--assume_mpp"):
         run_inference(model, slides, tmp_path / "out", heatmaps=False, batch_size=8)
     assert len(run_inference(model, slides, tmp_path / "out", heatmaps=False, batch_size=8, assume_mpp=0.5)) == 1
 
-    _tissue_slide(slides / "good.tif")
+    tissue_slide(slides / "good.tif")
     out = tmp_path / "out_strict"
     assert [r["slide_id"] for r in run_inference(model, [str(slides / "good.tif"), str(slides / "nompp.tif")], out,
                                                  heatmaps=False, batch_size=8)] == ["good"]
@@ -190,12 +184,10 @@ def test_inference_raises_when_nothing_or_in_strict_mode_something_failed(tmp_pa
 
 
 def test_training_preprocessing_in_strict_mode_fails_when_a_slide_failed(tmp_path):
-    from test_reliability import _encoder
-
     from monai_fbta.pipeline.prepare import preprocess
 
-    rows = [{"slide_id": "good", "image": _tissue_slide(tmp_path / "good.tif"), "label": 0},
-            {"slide_id": "nompp", "image": _tissue_slide(tmp_path / "nompp.tif", mpp=None), "label": 1}]
-    assert [r["slide_id"] for r in preprocess(rows, tmp_path / "cache", _encoder(), TILING)] == ["good"]
+    rows = [{"slide_id": "good", "image": tissue_slide(tmp_path / "good.tif"), "label": 0},
+            {"slide_id": "nompp", "image": tissue_slide(tmp_path / "nompp.tif", mpp=None), "label": 1}]
+    assert [r["slide_id"] for r in preprocess(rows, tmp_path / "cache", tiny_encoder(), TILING)] == ["good"]
     with pytest.raises(RuntimeError, match=r"strict mode: 1 slide\(s\) failed in preprocessing .*extraction_report.csv"):
-        preprocess(rows, tmp_path / "cache", _encoder(), TILING, strict=True)
+        preprocess(rows, tmp_path / "cache", tiny_encoder(), TILING, strict=True)
