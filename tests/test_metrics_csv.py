@@ -1,0 +1,55 @@
+"""handlers/metrics_csv.py: EpochMetricsCSV, in the on-disk training record it writes with LogFile (log_file.py),
+TrainingCurves (curves.py) and OptionalTensorBoard (tensorboard.py): one run checks the four together."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import stepping_engine
+from ignite.engine import Engine, Events
+
+torch.set_num_threads(1)
+
+
+def test_training_record_on_disk_log_csv_curves(tmp_path, caplog):
+    """Log file, per-epoch metrics CSV (every loss term, both validation paths), curves PNG, TensorBoard note."""
+    import csv
+    import logging
+
+    from monai_fbta.handlers import EpochMetricsCSV, LogFile, OptionalTensorBoard, TrainingCurves, tensorboard_available
+
+    engine = stepping_engine(nn.Linear(2, 2))
+    evaluator = Engine(lambda e, b: None)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def validate(trainer):  # stands in for ValidationHandler (attached before the CSV writer)
+        evaluator.state.epoch = trainer.state.epoch
+        evaluator.state.metrics = {"val_auc": 0.5 + 0.1 * trainer.state.epoch, "val_auc_vanilla": 0.5}
+
+    (tmp_path / "train.log").write_text("an earlier run\n")
+    log = LogFile(tmp_path / "train.log")
+    for handler in (log, EpochMetricsCSV(tmp_path / "m.csv", evaluator), TrainingCurves(tmp_path / "m.csv", tmp_path / "c.png")):
+        handler.attach(engine)
+    with caplog.at_level(logging.WARNING, logger="fbta.tensorboard"):
+        OptionalTensorBoard(tmp_path / "tb").attach(engine)
+    logging.getLogger("fbta.record_test").warning("hello from the run")
+    engine.run(range(3), max_epochs=2)
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {k: float(rows[1][k]) for k in ("loss", "cls", "cons", "dist", "val_auc", "val_auc_vanilla")} == pytest.approx(
+        {"loss": 1.0, "cls": 0.5, "cons": 0.25, "dist": 0.125, "val_auc": 0.7, "val_auc_vanilla": 0.5})
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    text = (tmp_path / "train.log").read_text()
+    assert text.startswith("an earlier run\n") and "hello from the run" in text  # appended, never overwritten
+    assert log.handler is None  # closed at the end of the run
+    notes = [r.getMessage() for r in caplog.records if r.name == "fbta.tensorboard"]
+    assert notes == ([] if tensorboard_available() else [notes[0]]) and all("pip install" in n for n in notes)
+
+    engine.state.epoch = 1  # a run resumed after epoch 1 keeps row 1 and rewrites the rest
+    resumed = EpochMetricsCSV(tmp_path / "m.csv")
+    resumed.started(engine)
+    assert [r["epoch"] for r in resumed.rows] == ["1"]
+    (tmp_path / "other.csv").write_text("name,value\n")
+    with pytest.raises(ValueError, match="other.csv exists and is not a metrics file"):
+        EpochMetricsCSV(tmp_path / "other.csv").started(engine)
