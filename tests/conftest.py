@@ -127,7 +127,7 @@ def stepping_engine(model: nn.Module, steps_per_event: int = 1) -> Engine:
 
 
 def check_attention_outputs(csv_path: str, geojson_path: str, coords: np.ndarray, attention: np.ndarray, size: int,
-                   slide_wh: tuple[int, int]) -> None:
+                            slide_wh: tuple[int, int]) -> None:
     rows = list(csv.DictReader(open(csv_path)))
     assert list(rows[0]) == ["x", "y", "patch_size_level0", "attention", "attention_rank"]
     assert [(int(r["x"]), int(r["y"])) for r in rows] == [tuple(c) for c in coords.tolist()]

@@ -44,7 +44,7 @@ def test_outputs_are_the_network_on_the_cached_features(tmp_path):
         assert (int(row["pred"]), row["pred_name"]) == (pred, "ab"[pred]) == (record["pred"], record["pred_name"])
         assert record["probs"] == pytest.approx(probs.tolist(), abs=1e-6) and record["num_patches"] == len(coords)
         check_attention_outputs(out / "attention" / f"{sid}_attention.csv", out / "attention" / f"{sid}_attention.geojson",
-                       coords, attention, attrs["patch_size_level0"], (size, size))
+                                coords, attention, attrs["patch_size_level0"], (size, size))
         with open_slide(record["image"]) as slide:
             thumb = slide.thumbnail(1024)
         expected = write_heatmap(str(tmp_path / f"{sid}_expected.png"), thumb, coords, attention,
@@ -83,3 +83,21 @@ def test_a_slide_failing_extraction_is_skipped_and_named_and_strict_raises(tmp_p
         InferencePreprocessor(slides / "nompp.tif", cache, encoder, meta["tiling"], batch_size=8).run()
     with pytest.raises(Exception, match="nompp.tif: no pixel size"):  # fail_fast: the slide's own error, at once
         InferencePreprocessor(slides, tmp_path / "c2", encoder, meta["tiling"], batch_size=8, fail_fast=True).run()
+
+
+def test_inference_writes_attention_csv_and_geojson(tmp_path):
+    """A tiny in-process inference: attention files match the network's attention on the cached features."""
+    from monai_fbta.data.store import read_array, read_coords
+    from monai_fbta.handlers.checkpoint import build_inference_network
+
+    model = tiny_model(tmp_path, TILING)
+    slide = tissue_slide(tmp_path / "s.tif")
+    (record,) = run_inference(model, [slide], tmp_path / "out", heatmaps=False, batch_size=8)
+    attention_csv, attention_geojson = (tmp_path / "out" / "attention" / f"s_attention.{ext}" for ext in ("csv", "geojson"))
+    coords, attrs = read_coords(tmp_path / "out" / "cache" / "s.h5")
+    feats = torch.as_tensor(read_array(tmp_path / "out" / "cache" / "s.h5", "features"))
+    with torch.no_grad():
+        probs, attention = build_inference_network(model)(feats[None], return_attention=True)
+    assert record["probs"] == pytest.approx(probs[0].tolist(), abs=1e-6)
+    check_attention_outputs(attention_csv, attention_geojson, coords, attention[0].numpy(),
+                            attrs["patch_size_level0"], (512, 512))
