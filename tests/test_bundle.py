@@ -366,3 +366,20 @@ def test_inference_skips_a_failing_slide_naming_it_and_strict_fails(tmp_path):
     assert last[-1].startswith("error: InferenceError: strict mode: a slide failed: 1 slide(s) predicted; 1 failed")
     assert "first failure: nompp: " in last[-1]
     assert [r["slide_id"] for r in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))] == ["good"]
+
+
+def test_bundle_exposes_fail_fast_resume_assume_mpp_and_slide_check():
+    train = json.loads((REPO / "bundles/fbta_stad/configs/train.json").read_text())
+    infer = json.loads((REPO / "bundles/fbta_stad/configs/inference.json").read_text())
+    assert train["fail_fast"] is False and infer["fail_fast"] is False and train["resume"] is True
+    assert train["tiling"]["assume_mpp"] == "@assume_mpp" and train["assume_mpp"] is None
+    prepare = train["prepare"]
+    assert prepare["_target_"].endswith("Preprocessor") and prepare["fail_fast"] == "@fail_fast"
+    assert prepare["check_slides"] == "@check_slides" and prepare["strict"] == "@strict"
+    preprocess = infer["preprocess"]
+    assert preprocess["fail_fast"] == "@fail_fast" and preprocess["assume_mpp"] == "@assume_mpp"
+    assert preprocess["strict"] == "@strict"
+    assert train["strict"] is False and infer["strict"] is False and infer["assume_mpp"] is None
+    resume = [h for h in train["train"]["handlers"] if h["_target_"].endswith("ResumeTraining")]
+    assert len(resume) == 1 and resume[0]["enabled"] == "@resume" and resume[0]["path"] == "@last_ckpt"
+    assert train["last_ckpt"] == "$@ckpt_dir + '/last.pt'"

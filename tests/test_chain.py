@@ -3,12 +3,14 @@ one store open per row, refused stores."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from monai_fbta.data.store import StoreError, read_array
+from monai_fbta.data.store import StoreError, add_arrays, read_array, write_coords
 from monai_fbta.transforms.chain import FBTADataset
 from monai_fbta.transforms.patches import ReadPatches
 
@@ -126,3 +128,31 @@ def test_construction_opens_each_store_once(stores, monkeypatch):
         opened.clear()
         FBTADataset(rows, out, num_clusters=5, cluster_on_init=cluster_on_init)
         assert opened == [os.fspath(out / f"s{i}.h5") for i in range(len(rows))]
+
+
+def _store(path: Path, n: int, d: int = 8, nan: bool = False, identical: bool = False) -> None:
+    """A feature store of ``n`` patches (``identical``: every row the same, so KMeans has empty clusters)."""
+    coords = np.stack([np.arange(n) * 64, np.zeros(n)], 1).astype(np.int64)
+    write_coords(path, coords, {"patch_size": 64, "patch_level": 0, "patch_size_level": 64})
+    feats = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+    if nan:
+        feats[1, 3] = np.inf
+    if identical:
+        feats[:] = 1.0
+    add_arrays(path, {"features": feats})
+
+
+def test_nan_in_a_stored_bag_is_refused_naming_the_slide(tmp_path):
+    _store(tmp_path / "bad.h5", 6, nan=True)
+    with pytest.raises(StoreError, match=r"bad\.h5: features of slide 'bad' contain NaN/inf"):
+        FBTADataset([{"slide_id": "bad", "image": "x", "label": 0}], tmp_path, num_clusters=2, load_patches=False)
+
+
+def test_small_bags_and_empty_clusters_sample_every_patch(tmp_path):
+    _store(tmp_path / "small.h5", 3)  # N=3 < C=16
+    _store(tmp_path / "dup.h5", 10, identical=True)  # 10 identical patches: KMeans has empty clusters
+    rows = [{"slide_id": "small", "image": "x", "label": 0}, {"slide_id": "dup", "image": "x", "label": 1}]
+    ds = FBTADataset(rows, tmp_path, num_clusters=16, num_per_cluster=2, load_patches=False)
+    small, dup = ds[0], ds[1]
+    assert small["pb_index"].tolist() == [0, 1, 2] and small["pb_features"].shape == (3, 8)
+    assert 1 <= len(dup["pb_index"]) <= 10 and torch.isfinite(dup["pb_features"]).all()

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model
 from ignite.engine import Events
 from test_trainer import C, D, _sample, _trainer
 from torch.utils.data import DataLoader
@@ -70,3 +71,23 @@ def test_validation_best_model_and_inference_checkpoint(tmp_path):
             torch.testing.assert_close(a, b)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_inference_model(tmp_path / "nope.pt")
+
+
+def test_model_pt_names_its_frozen_encoder_relative_to_itself_and_travels(tmp_path):
+    """model.pt used to store the encoder file's absolute path: a moved bundle lost its encoder."""
+    from monai_fbta.handlers.checkpoint import load_inference_model
+
+    model_pt = tiny_model(tmp_path / "a", {"patch_size": 64})
+    assert torch.load(model_pt, weights_only=True)["metadata"]["encoder_weights"] == "frozen_encoder_tiny_cnn.pt"
+    moved = tmp_path / "b"
+    (tmp_path / "a").rename(moved)
+    assert load_inference_model(moved / "models" / "model.pt")["metadata"]["encoder_weights"] == str(
+        moved / "models" / "frozen_encoder_tiny_cnn.pt")
+
+    blob = torch.load(moved / "models" / "model.pt", weights_only=True)  # monai-fbta 0.1: nested, absolute path
+    old = {"network": {k: v for k, v in blob.items() if k.startswith(("mil_head.", "translator."))}, "has_translator": True,
+           "metadata": dict(blob["metadata"], encoder_weights=str(tmp_path / "a" / "models" / "frozen_encoder_tiny_cnn.pt"))}
+    torch.save(old, moved / "models" / "old.pt")
+    loaded = load_inference_model(moved / "models" / "old.pt")
+    assert loaded["metadata"]["encoder_weights"] == str(moved / "models" / "frozen_encoder_tiny_cnn.pt")
+    assert loaded["translator"] is not None and loaded["mil_head"].keys() == {k[9:] for k in old["network"] if k.startswith("mil_head.")}

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
+from conftest import write_csv
+from slide_factory import tissue_slide
 
 from monai_fbta.data.datalist import (
     DatalistError,
+    check_splits,
     load_datalist,
     load_splits,
     make_splits,
@@ -131,3 +135,52 @@ def test_fixed_test_set_mode():
 def test_splits_refuse_too_few_cases():
     with pytest.raises(ValueError, match="cases"):
         make_splits(_cohort(num_cases=3), num_folds=5)
+
+
+def test_datalist_reports_every_problem_at_once(tmp_path):
+    good = tissue_slide(tmp_path / "good.tif")
+    (tmp_path / "notes.svs").write_text("not a slide\n")
+    csv_path = write_csv(tmp_path / "labels.csv", [
+        {"slide_id": "good", "path": "good.tif", "label": "a", "case_id": "p1", "mpp": ""},
+        {"slide_id": "gone", "path": "missing.svs", "label": "a", "case_id": "p2", "mpp": ""},
+        {"slide_id": "notes", "path": "notes.svs", "label": "b", "case_id": "p3", "mpp": ""},
+        {"slide_id": "odd", "path": "good.tif", "label": "zebra", "case_id": "p4", "mpp": ""},
+        {"slide_id": "good", "path": "good.tif", "label": "a", "case_id": "p1", "mpp": ""},
+        {"slide_id": "same_patient", "path": "good.tif", "label": "b", "case_id": "p1", "mpp": ""},
+        {"slide_id": "badmpp", "path": "good.tif", "label": "a", "case_id": "p5", "mpp": "-1"},
+    ])
+    with pytest.raises(DatalistError) as info:
+        load_datalist(csv_path, classes=["a", "b"], check_slides=True)
+    text = str(info.value)
+    expected = [
+        r"line 3 \(slide gone\): file not found: .*missing\.svs",
+        r"line 4 \(slide notes\): unreadable slide: .*notes\.svs",
+        r"line 5 \(slide odd\): unknown label 'zebra'",
+        r"line 6: duplicate slide_id 'good' \(first at line 2\)",
+        r"case 'p1': slides with inconsistent labels \['a', 'b'\]",
+        r"line 8 \(slide badmpp\): mpp '-1' is not a positive number",
+    ]
+    for pattern in expected:
+        assert re.search(pattern, text), f"{pattern!r} not in\n{text}"
+    assert len(info.value.problems) == len(expected), text
+    # without the header check the unreadable slide is not opened (only existence is checked)
+    with pytest.raises(DatalistError) as quick:
+        load_datalist(csv_path, classes=["a", "b"])
+    assert "unreadable" not in str(quick.value)
+    # a valid table keeps its mpp column (the override reaches open_slide in extraction)
+    ok = write_csv(tmp_path / "ok.csv", [{"slide_id": "good", "path": good, "label": "a", "mpp": "0.25"}])
+    assert load_datalist(ok, classes=["a", "b"], check_slides=True)[0]["mpp"] == 0.25
+
+
+def test_splits_file_with_a_patient_in_train_and_test_is_refused():
+    rows = [{"slide_id": s, "label": 0, "case_id": c} for s, c in (("s1", "p1"), ("s2", "p1"), ("s3", "p2"), ("s4", "p3"))]
+    leaky = {"folds": [{"train": ["s1", "s3"], "val": [], "test": ["s2", "s4"]}]}
+    assert check_splits(leaky, rows, raise_error=False) == [
+        "fold 0: patient 'p1' is split across ['test', 'train'] (train: ['s1']; test: ['s2'])"
+    ]
+    with pytest.raises(DatalistError, match="patient 'p1' is split across"):
+        select_fold(leaky, 0, rows)
+    twice = {"folds": [{"train": ["s3"], "val": ["s3"], "test": ["s4"]}]}
+    assert "slide 's3' is in both train and val" in check_splits(twice, rows, raise_error=False)[0]
+    clean = {"folds": [{"train": ["s1", "s2"], "val": ["s3"], "test": ["s4"]}]}
+    assert check_splits(clean, rows) == [] and len(select_fold(clean, 0, rows)["train"]) == 2

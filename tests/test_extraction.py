@@ -15,9 +15,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import tifffile
 import torch
 from conftest import tiny_encoder
-from slide_factory import TILING, corrupt_tile, tissue_rect_image, write_slide
+from slide_factory import TILING, corrupt_tile, tissue_rect_image, tissue_slide, write_slide
 
 from monai_fbta.data.errors import SlideError
 from monai_fbta.data.extraction import encoder_fingerprint, extract_features
@@ -278,3 +279,78 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     with open(two / "extraction_report.csv") as f:
         assert [r["slide_id"] for r in csv.DictReader(f)] == ids  # rank 0 gathered every rank's rows
     assert run.stdout.count("slide1") == 1, "only rank 0 prints the summary"
+
+
+def _bad_slide_rows(folder: Path) -> tuple[list[dict], dict[str, str]]:
+    """One good slide and one of each fault; returns rows and the expected message pattern per slide id."""
+    folder.mkdir()
+    good = tissue_slide(folder / "good.tif")
+    data = Path(good).read_bytes()
+    (folder / "truncated.tif").write_bytes(data[: len(data) // 3])
+    (folder / "notaslide.svs").write_bytes(b"%PDF-1.4 definitely not a slide" * 10)
+    weird = tissue_slide(folder / "weird.tif")
+    with tifffile.TiffFile(weird, mode="r+b") as tif:
+        for page in tif.pages:
+            page.tags["Compression"].overwrite(60123)
+    nompp = tissue_slide(folder / "nompp.tif", mpp=None)
+    write_slide(folder / "blank.tif", np.full((512, 512, 3), 255, np.uint8), levels=2, tile=64)
+    write_slide(folder / "tiny.tif", tissue_rect_image(40, 40, (0, 0, 40, 40)), tile=None)
+    write_slide(folder / "flat.tif", tissue_rect_image(384, 384, (32, 32, 352, 352)), tile=None)
+    rows = [{"image": str(folder / f"{n}")} for n in ("good.tif", "truncated.tif", "notaslide.svs", "weird.tif",
+                                                       "nompp.tif", "blank.tif", "tiny.tif", "flat.tif")]
+    rows.append({"image": nompp, "slide_id": "nompp_with_mpp_column", "mpp": 0.5})
+    expected = {
+        "truncated": r"truncated\.tif: truncated or corrupt TIFF",
+        "notaslide": r"notaslide\.svs: no backend could open it",
+        "weird": r"weird\.tif: unsupported TIFF compression 60123",
+        "nompp": r"nompp\.tif: no pixel size in the metadata .*an mpp column in the datalist, the bundle's --assume_mpp",
+        "blank": r"blank\.tif: .*tissue",
+        "tiny": r"tiny\.tif: slide \(40x40 px\) is smaller than one patch",
+    }
+    return rows, expected
+
+
+def test_each_bad_slide_is_skipped_with_a_specific_message(tmp_path):
+    rows, expected = _bad_slide_rows(tmp_path / "slides")
+    report = extract_features(rows, tmp_path / "out", tiny_encoder(), TILING, progress=False)
+    with open(tmp_path / "out" / "extraction_report.csv") as f:
+        table = {r["slide_id"]: r for r in csv.DictReader(f)}
+    for sid, pattern in expected.items():
+        assert table[sid]["status"] == "error" and re.search(pattern, table[sid]["error"]), table[sid]
+        assert not store_is_complete(tmp_path / "out" / f"{sid}.h5")
+    for sid in ("good", "flat", "nompp_with_mpp_column"):  # single-level flat TIFF and mpp override work
+        assert table[sid]["status"] == "done" and int(table[sid]["n_patches"]) > 0, table[sid]
+    assert len(report.failed) == len(expected)
+    # fail fast: the first bad slide stops the run with its message
+    with pytest.raises(SlideError, match=expected["truncated"]):
+        extract_features(rows, tmp_path / "out2", tiny_encoder(), TILING, skip_errors=False, progress=False)
+
+
+class _NaNEncoder(torch.nn.Module):
+    """tiny_cnn whose output is NaN for every patch (a broken extractor or fp16 overflow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_encoder()
+        self.name = "nan_cnn"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * float("nan")
+
+
+def test_nan_features_at_extraction_are_not_stored(tmp_path):
+    row = {"image": tissue_slide(tmp_path / "s.tif"), "slide_id": "s"}
+    report = extract_features([row], tmp_path / "out", _NaNEncoder(), TILING, amp=False, progress=False)
+    assert report.results[0].status == "error"
+    assert re.search(r"s\.tif: the encoder produced NaN/inf features for \d+ of \d+ patches", report.results[0].error)
+    assert not store_is_complete(tmp_path / "out" / "s.h5")
+
+
+def test_hostile_slide_id_is_written_inside_the_cache(tmp_path):
+    row = {"image": tissue_slide(tmp_path / "s.tif"), "slide_id": "../../../escaped"}
+    report = extract_features([row], tmp_path / "a" / "cache", tiny_encoder(), TILING, progress=False)
+    assert report.results[0].status == "done"
+    assert sorted(p.name for p in (tmp_path / "a" / "cache").iterdir()) == ["_.._.._escaped.h5", "extraction_report.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "s.tif"]
+    with pytest.raises(ValueError, match=r"stores would collide\): \['a b', 'a/b'\]"):
+        extract_features([dict(row, slide_id="a/b"), dict(row, slide_id="a b")], tmp_path / "b", tiny_encoder(), TILING)

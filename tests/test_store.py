@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -17,6 +18,7 @@ from monai_fbta.data.store import (
     read_coords,
     read_trident_coords,
     store_is_complete,
+    store_path,
     write_coords,
 )
 
@@ -228,3 +230,10 @@ def test_one_open_per_item(h5, monkeypatch):
         np.testing.assert_array_equal(s.rows("coords", [-1, 0]), coords[[N - 1, 0]])
     with pytest.raises(StoreError, match="no dataset 'missing'"), SlideStore(path) as s:
         s.array("missing")
+
+
+@pytest.mark.parametrize("slide_id", ["../../escape", "a/b", "/abs/x", ".."])
+def test_store_path_never_leaves_the_cache_folder(tmp_path, slide_id):
+    out = tmp_path / "cache"
+    path = Path(store_path(out, slide_id))
+    assert path.parent == out.resolve() and path.suffix == ".h5"

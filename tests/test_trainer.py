@@ -256,3 +256,18 @@ def test_translated_bag_option_feeds_the_whole_translated_bag():
         assert heads.shape[2] == S, "L_dist stays on the pseudo-bag"
     with pytest.raises(ValueError, match="translated_bag"):
         _trainer([sample], translated_bag="all")
+
+
+def test_trainer_stops_on_a_non_finite_loss_naming_the_slide(tmp_path):
+    from monai_fbta.engines import FBTALoss, FBTATrainer
+    from monai_fbta.networks import build_mil_head
+
+    head = build_mil_head("abmil", in_features=8, num_classes=2, hidden=16)
+    before = [p.detach().clone() for p in head.parameters()]
+    bag = torch.randn(1, 5, 8)
+    bag[0, 2, 0] = float("nan")
+    data = [{"slide_id": "slide_nan", "label": torch.tensor([1]), "pb_features": bag, "features": bag}]
+    trainer = FBTATrainer("cpu", 1, data, head, torch.optim.SGD(head.parameters(), lr=0.1), FBTALoss(views=["frozen"]))
+    with pytest.raises(FloatingPointError, match=r"slide slide_nan: non-finite loss .* no step was taken"):
+        trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, head.parameters()))
