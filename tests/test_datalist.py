@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 
@@ -13,6 +14,7 @@ from slide_factory import tissue_slide
 from monai_fbta.data.datalist import (
     DatalistError,
     check_splits,
+    datalist_digest,
     load_datalist,
     load_splits,
     make_splits,
@@ -184,3 +186,13 @@ def test_splits_file_with_a_patient_in_train_and_test_is_refused():
     assert "slide 's3' is in both train and val" in check_splits(twice, rows, raise_error=False)[0]
     clean = {"folds": [{"train": ["s1", "s2"], "val": ["s3"], "test": ["s4"]}]}
     assert check_splits(clean, rows) == [] and len(select_fold(clean, 0, rows)["train"]) == 2
+
+
+def test_datalist_digest_follows_content_not_file_times(tmp_path):
+    slide = tissue_slide(tmp_path / "a.tif")
+    path = write_csv(tmp_path / "labels.csv", [{"slide_id": "a", "path": slide, "label": 1}])
+    first = datalist_digest(load_datalist(path))
+    os.utime(path, (1, 1))
+    assert datalist_digest(load_datalist(path)) == first
+    write_csv(path, [{"slide_id": "a", "path": slide, "label": 0}])
+    assert datalist_digest(load_datalist(path)) != first

@@ -7,9 +7,10 @@ import logging
 
 import pytest
 import torch
-from conftest import check_attention_outputs, tiny_model
+from conftest import check_attention_outputs, tiny_model, write_csv
 from slide_factory import TILING, tissue_slide
 
+from monai_fbta.data.datalist import DatalistError
 from monai_fbta.data.slide import open_slide
 from monai_fbta.data.store import read_array, read_coords
 from monai_fbta.handlers import PredictionsCSV
@@ -101,3 +102,33 @@ def test_inference_writes_attention_csv_and_geojson(tmp_path):
     assert record["probs"] == pytest.approx(probs[0].tolist(), abs=1e-6)
     check_attention_outputs(attention_csv, attention_geojson, coords, attention[0].numpy(),
                             attrs["patch_size_level0"], (512, 512))
+
+
+def test_inference_reads_datalist_labels_with_the_model_class_names(tmp_path):
+    model = tiny_model(tmp_path, TILING)  # classes ["a", "b"]
+    slide = tissue_slide(tmp_path / "s.tif")
+    good = write_csv(tmp_path / "good.csv", [{"slide_id": "s", "path": slide, "label": "b"}])
+    records = run_inference(model, good, tmp_path / "out", heatmaps=False, batch_size=8)
+    assert [r["label"] for r in records] == [1]
+    bad = write_csv(tmp_path / "bad.csv", [{"slide_id": "s", "path": slide, "label": "tumour"}])
+    with pytest.raises(DatalistError, match=r"unknown label 'tumour' \(known classes \['a', 'b'\]\)"):
+        run_inference(model, bad, tmp_path / "out2", heatmaps=False)
+
+
+def test_inference_raises_when_nothing_or_in_strict_mode_something_failed(tmp_path):
+    model = tiny_model(tmp_path, TILING)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    tissue_slide(slides / "nompp.tif", mpp=None)
+    with pytest.raises(InferenceError, match=r"no slide could be predicted: 0 slide\(s\) predicted .* 1 failed .*--assume_mpp"):
+        run_inference(model, slides, tmp_path / "out", heatmaps=False, batch_size=8)
+    assert len(run_inference(model, slides, tmp_path / "out", heatmaps=False, batch_size=8, assume_mpp=0.5)) == 1
+
+    tissue_slide(slides / "good.tif")
+    out = tmp_path / "out_strict"
+    assert [r["slide_id"] for r in run_inference(model, [str(slides / "good.tif"), str(slides / "nompp.tif")], out,
+                                                 heatmaps=False, batch_size=8)] == ["good"]
+    with pytest.raises(InferenceError, match="strict mode: a slide failed"):
+        run_inference(model, slides, out, heatmaps=False, batch_size=8, strict=True)
+    with open(out / "predictions.csv") as f:
+        assert [r["slide_id"] for r in csv.DictReader(f)] == ["good"]  # what worked is still written

@@ -12,7 +12,9 @@ Left here, and why:
 The bundle training killed and resumed is in test_reliability_training.py. The module-level reliability tests
 (datalist problems, bad slides, NaN features and bags, non-finite loss, store paths, model.pt portability, resume)
 are in the module's own test file: test_datalist, test_extraction, test_chain, test_trainer, test_store,
-test_checkpoint, test_prepare, test_resume, test_bundle.
+test_checkpoint, test_prepare, test_resume, test_bundle; those of the former test_reliability_pipeline.py (run
+identity, class names, splits, settings checks, exit status) in test_resume, test_report, test_prepare,
+test_validate, test_datalist and test_infer.
 """
 
 from __future__ import annotations

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import RUN_SETTINGS, datalist_rows
+from ignite.engine import Engine
+
+from monai_fbta.handlers import ResumeTraining, TrainingCheckpoint, check_resume, run_identity
+from monai_fbta.handlers.checkpoint import RunMismatchError, save_checkpoint
+from monai_fbta.networks import ABMIL
 
 torch.set_num_threads(1)
 
@@ -22,3 +29,33 @@ def test_resume_restores_the_best_validation_metric(tmp_path):
     trainer.state.max_epochs, evaluator.state.best_metric = 5, -1
     ResumeTraining(tmp_path / "last.pt", objects={"head": head}, evaluator=evaluator, best_model=tmp_path / "model.pt")(trainer)
     assert evaluator.state.best_metric == 0.8 and evaluator.state.best_metric_epoch == 3
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    """A folder where the demo trained, reused for other data: its last.pt is refused, saying what differs."""
+    demo = run_identity(datalist_rows(), ["tumour", "normal"], 2, RUN_SETTINGS)
+    assert run_identity(list(reversed(datalist_rows())), ("tumour", "normal"), 2, dict(RUN_SETTINGS)) == demo  # order, tuples
+    head = ABMIL(8, 2, hidden=8)
+    trainer = Engine(lambda e, b: None)
+    trainer.state.max_epochs = 3
+    TrainingCheckpoint(tmp_path / "last.pt", objects={"head": head}, identity=demo)(trainer)
+    assert check_resume(tmp_path / "last.pt", demo) is True
+
+    relabelled = [dict(r, label=1 - r["label"]) for r in datalist_rows()]
+    new = run_identity(relabelled, ["a", "b"], 2, dict(RUN_SETTINGS, mil_name="transmil"))
+    with pytest.raises(RunMismatchError) as err:
+        check_resume(tmp_path / "last.pt", new)
+    msg = str(err.value)
+    for part in ("last.pt is the checkpoint of another run", "class_names differs (saved: ['tumour', 'normal']; now: ['a', 'b'])",
+                 "the datalist differs (saved: 12 slides", "mil_name differs", "--ckpt_dir", "--resume False"):
+        assert part in msg, msg
+    assert check_resume(tmp_path / "last.pt", new, enabled=False) is False  # --resume False starts over
+
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(RunMismatchError, match="another run"):
+        ResumeTraining(tmp_path / "last.pt", objects={"head": head}, identity=new)(trainer)
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())  # nothing was loaded
+
+    save_checkpoint(tmp_path / "old.pt", {"head": head})  # written before run identities existed
+    with pytest.raises(RunMismatchError, match="holds no run identity"):
+        check_resume(tmp_path / "old.pt", demo)
