@@ -171,6 +171,23 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
             "seconds": float(seconds.read_text()) if seconds.is_file() else None}
 
 
+def share_encoder(weights: str | None, shared: Path) -> dict[str, Any]:
+    """Put ``weights`` in ``shared`` as every run's frozen extractor (refused when the study already has another one);
+    returns its description: ``{"weights": source or "random init", "sha256": ...}``."""
+    import hashlib
+
+    target = shared / "frozen_encoder_tiny_cnn.pt"
+    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]  # noqa: E731
+    if weights is not None:
+        if target.is_file() and digest(target) != digest(weights):
+            raise SystemExit(f"{shared.parent} already holds runs with another frozen extractor ({target}); use a new "
+                             "--workdir for --encoder-weights " + weights)
+        if not target.is_file():
+            shutil.copy2(weights, target)
+    source = weights or "random init (saved by the first run)"
+    return {"weights": source, "sha256": digest(target) if target.is_file() else None}
+
+
 def make_data(args) -> dict[str, Any]:
     """The synthetic dataset's settings; the slides are generated into ``--dataset-dir`` unless it has a datalist
     (the generator is deterministic, and it keeps intact slides written with the same settings)."""
@@ -263,6 +280,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", nargs="*", metavar="KEY=VALUE", default=[], help=f"synthetic data settings, default {DATA}")
     p.add_argument("--config", default=str(BUNDLE_CONFIG), help="bundle training config")
     p.add_argument("--override", nargs="*", metavar="KEY=VALUE", help="extra bundle overrides for every run")
+    p.add_argument("--encoder-weights", default=None, help="the frozen extractor of every run (a tiny_cnn state_dict, "
+                   "e.g. from benchmarks/pretrain_ssl.py); default: the first run's random init")
     p.add_argument("--estimate-only", action="store_true", help="print the plan and the time estimate, run nothing")
     p.add_argument("--finished-only", action="store_true", help="summarise the runs that finished in --workdir, run "
                    "nothing else (a partial study: the tables' 'folds x seeds' column says what each row holds)")
@@ -283,6 +302,7 @@ def main(argv=None) -> dict[str, Any]:
     shared.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(args.heads, args.seeds, args.folds, tuple(args.tables))
     data = make_data(args)
+    share_encoder(args.encoder_weights, shared)
     est = estimate_s(runs, prepared=(shared / "splits.json").is_file())
     print(f"accuracy study: {len(runs)} bundle runs, folds {args.folds}, seeds {args.seeds}, {args.epochs} epochs "
           f"each, workdir {args.workdir}\nestimated time: {est / 60:.1f} min (2-core CPU guess; finished runs are "
@@ -314,7 +334,8 @@ def main(argv=None) -> dict[str, Any]:
         print(f"{name}: {r['value']:.3f} (target {r['target']}: {verdict})")
     payload = {"data": data, "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs, "heads": args.heads, "split": head,
                "study_overrides": {**STUDY_OVERRIDES, **dict(o.partition("=")[::2] for o in args.override or ())},
-               "tables": tables, "ratios": targets, "runs": results, "machine": machine_info(),
+               "frozen_encoder": share_encoder(args.encoder_weights, shared), "tables": tables, "ratios": targets,
+               "runs": results, "machine": machine_info(),
                "minutes": (time.perf_counter() - start) / 60}
     finish(args, "accuracy", payload, draw_bars(tables))
     return payload

@@ -65,3 +65,20 @@ def test_summary_tables_and_targets(bench):
     assert targets["ABMIL + FBTA test bacc"]["met"] is True
     assert targets["ABMIL + FBTA - ABMIL (test bacc)"]["value"] == pytest.approx(0.25)
     assert targets["ablation: e2e+frozen - frozen"]["met"] is None, "a missing row is not a pass"
+
+
+def test_given_frozen_extractor_is_shared_and_a_different_one_refused(bench, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    first, other = tmp_path / "a.pt", tmp_path / "b.pt"
+    first.write_bytes(b"weights a")
+    other.write_bytes(b"weights b")
+    assert bench.share_encoder(None, shared) == {"weights": "random init (saved by the first run)", "sha256": None}
+    record = bench.share_encoder(str(first), shared)
+    assert (shared / "frozen_encoder_tiny_cnn.pt").read_bytes() == b"weights a" and record["sha256"]
+    assert bench.share_encoder(str(first), shared) == record  # the same file again: fine (a resumed study)
+    with pytest.raises(SystemExit, match="another frozen extractor"):
+        bench.share_encoder(str(other), shared)
+    args = bench.parse_args(["--quick", "--workdir", str(tmp_path)])
+    cmd = bench.bundle_command(bench.plan_runs(args.heads, args.seeds, args.folds)[0], args, tmp_path / "r", shared)
+    assert cmd[cmd.index("--encoder_weights") + 1] == str(shared / "frozen_encoder_tiny_cnn.pt")
