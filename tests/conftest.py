@@ -149,3 +149,14 @@ def check_attention_outputs(csv_path: str, geojson_path: str, coords: np.ndarray
         props = feature["properties"]
         assert props["objectType"] == "tile" and props["classification"]["name"] == "attention"
         assert props["measurements"]["attention"] == pytest.approx(a, rel=1e-6)
+
+
+def load_benchmark(name: str):
+    """The module of the script ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain_ssl.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ssl():
-    spec = importlib.util.spec_from_file_location("pretrain_ssl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pretrain_ssl")
 
 
 def test_nt_xent_is_low_for_matching_pairs_and_chance_for_equal_projections(ssl):
