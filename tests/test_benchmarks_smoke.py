@@ -129,3 +129,20 @@ def test_frozen_pipeline_and_scaling_tiny(tmp_path):
     out = scaling.main(["--slides", "2", "--tiles", "2", "2", "--encoder", "tiny_cnn", "--repeats", "1",
                         "--skip", "training", "--device", "cpu", "--data-dir", str(tmp_path)])
     assert [(r["what"], r["processes"], r["patches_or_slides"]) for r in out["rows"]] == [("extraction", 1, 8), ("extraction", 2, 8)]
+
+
+def test_report_shows_the_accuracy_plot_and_the_study_on_other_data_after_it(tmp_path):
+    report = importlib.import_module("report")
+    results, images = tmp_path / "results", tmp_path / "images"
+    results.mkdir()
+    images.mkdir()
+    (images / "bench_accuracy.png").write_bytes(b"png")
+    table = {"main": [{"method": "ABMIL", "test balanced acc": "0.5 ± 0.1"}], "ablation": [{"views": "frozen"}]}
+    for name in ("accuracy", "accuracy_medium", "memory"):
+        payload = {"tables": table, "data": {"seed": name}, "frozen_encoder": {"weights": "w.pt", "sha256": "ab12"}}
+        (results / f"{name}.json").write_text(json.dumps(payload if name != "memory" else {"rows": [{"n": 1}]}))
+    text = report.render(str(results), str(images), str(tmp_path / "benchmarks.md"))
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles[:2] == ["## " + report.TITLES["accuracy"], "## Accuracy on other synthetic data (medium)"]
+    assert "![accuracy](images/bench_accuracy.png)" in text  # the section's own plot, not one named after a table
+    assert "Frozen extractor of every run: w.pt (sha256 ab12)" in text
