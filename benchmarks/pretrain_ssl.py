@@ -33,13 +33,18 @@ from monai_fbta._io import atomic_open
 PRETRAIN_DATA = {"num_slides": 24, "size": 2048, "tumour_fraction": 0.15, "stain_jitter": 2.0, "seed": 1001}
 
 
+def slide_files(slides_dir: Path) -> list[Path]:
+    """The pyramidal TIFF / SVS slides directly in ``slides_dir``, sorted."""
+    return sorted(p for p in slides_dir.glob("*") if p.suffix.lower() in (".tif", ".tiff", ".svs"))
+
+
 def load_tissue_windows(slides_dir: Path, window: int, per_slide: int, rng: np.random.Generator) -> np.ndarray:
     """``[W, window, window, 3]`` uint8 windows drawn at random from the tissue (< 50% bright background)."""
     import tifffile
 
-    paths = sorted(slides_dir.glob("*.tiff"))
+    paths = slide_files(slides_dir)
     if not paths:
-        raise FileNotFoundError(f"no .tiff slide in {slides_dir}")
+        raise FileNotFoundError(f"no .tif/.tiff/.svs slide in {slides_dir}")
     windows = []
     for path in paths:
         image = tifffile.imread(path, key=0)  # level 0, [H, W, 3]
@@ -98,7 +103,7 @@ def pretrain(args) -> dict:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     slides_dir = Path(args.slides_dir)
-    if not (slides_dir / "datalist.json").is_file():
+    if not slides_dir.exists() or not any(slides_dir.iterdir()):  # only a new or empty folder gets generated slides
         from monai_fbta.synthetic import generate_dataset
 
         generate_dataset(slides_dir, num_classes=3, **PRETRAIN_DATA)
@@ -137,8 +142,8 @@ def pretrain(args) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="weights file to write (tiny_cnn backbone state_dict)")
-    p.add_argument("--slides-dir", required=True, help=f"unlabelled slides (generated there with {PRETRAIN_DATA} "
-                                                        "when it holds no datalist.json)")
+    p.add_argument("--slides-dir", required=True, help="unlabelled slides (.tif/.tiff/.svs; labels are never read); "
+                   f"a missing or empty folder gets synthetic slides generated with {PRETRAIN_DATA}")
     p.add_argument("--patch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=256)

@@ -32,3 +32,12 @@ def test_pretraining_writes_weights_the_encoder_loads(ssl, tmp_path):
     assert report["windows"] == 16 and out.is_file()
     encoder = build_encoder("tiny_cnn", weights=str(out))
     assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, 64)
+
+
+def test_a_folder_without_slides_is_refused_and_nothing_is_written_into_it(ssl, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("a user's file")
+    with pytest.raises(FileNotFoundError, match="no .tif/.tiff/.svs slide"):
+        ssl.main(["--out", str(tmp_path / "w.pt"), "--slides-dir", str(folder), "--steps", "1"])
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and not (tmp_path / "w.pt").exists()
