@@ -100,7 +100,7 @@ def _memory_notes(payload: Mapping[str, Any]) -> list[str]:
 
 def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_dir: str) -> str:
     machine = payload.get("machine", {})
-    title = TITLES.get(name) or (f"Accuracy on other synthetic data ({name.partition('_')[2]})"
+    title = TITLES.get(name) or (f"Accuracy study, variant `{name.partition('_')[2]}` (other data or extractor)"
                                  if name.startswith("accuracy_") else name)
     lines = [f"## {title}", "",
              f"- command: `{payload.get('command', '?')}`",
@@ -151,7 +151,7 @@ def render(results_dir: str, images_dir: str, out_path: str) -> str:
     files = {os.path.splitext(os.path.basename(f))[0]: f for f in glob.glob(os.path.join(results_dir, "*.json"))}
     if not files:
         raise SystemExit(f"no benchmark results in {results_dir}: run python benchmarks/run_all.py first")
-    variants = sorted(n for n in files if n.startswith("accuracy_"))  # the study on other data, after the main one
+    variants = sorted(n for n in files if n.startswith("accuracy_"))  # other data / extractor, after the main study
     names = [m for n in ORDER if n in files for m in [n, *(variants if n == "accuracy" else [])]]
     names += sorted(set(files) - set(names))
     out_dir = os.path.dirname(os.path.abspath(out_path))

@@ -143,6 +143,6 @@ def test_report_shows_the_accuracy_plot_and_the_study_on_other_data_after_it(tmp
         (results / f"{name}.json").write_text(json.dumps(payload if name != "memory" else {"rows": [{"n": 1}]}))
     text = report.render(str(results), str(images), str(tmp_path / "benchmarks.md"))
     titles = [line for line in text.splitlines() if line.startswith("## ")]
-    assert titles[:2] == ["## " + report.TITLES["accuracy"], "## Accuracy on other synthetic data (medium)"]
+    assert titles[:2] == ["## " + report.TITLES["accuracy"], "## Accuracy study, variant `medium` (other data or extractor)"]
     assert "![accuracy](images/bench_accuracy.png)" in text  # the section's own plot, not one named after a table
     assert "Frozen extractor of every run: w.pt (sha256 ab12)" in text
