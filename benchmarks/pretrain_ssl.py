@@ -39,24 +39,27 @@ def slide_files(slides_dir: Path) -> list[Path]:
 
 
 def load_tissue_windows(slides_dir: Path, window: int, per_slide: int, rng: np.random.Generator) -> np.ndarray:
-    """``[W, window, window, 3]`` uint8 windows drawn at random from the tissue (< 50% bright background)."""
-    import tifffile
+    """``[W, window, window, 3]`` uint8 level-0 windows drawn at random from the tissue (< 50% bright background),
+    read region by region (a whole gigapixel level 0 is never loaded)."""
+    from monai_fbta.data.slide import open_slide
 
     paths = slide_files(slides_dir)
     if not paths:
         raise FileNotFoundError(f"no .tif/.tiff/.svs slide in {slides_dir}")
     windows = []
     for path in paths:
-        image = tifffile.imread(path, key=0)  # level 0, [H, W, 3]
-        height, width = image.shape[:2]
-        kept = tries = 0
-        while kept < per_slide and tries < per_slide * 50:
-            tries += 1
-            y, x = rng.integers(0, height - window), rng.integers(0, width - window)
-            crop = image[y:y + window, x:x + window]
-            if (crop.mean(-1) > 220).mean() < 0.5:
-                windows.append(crop)
-                kept += 1
+        with open_slide(path) as slide:
+            width, height = slide.level_dimensions[0]
+            kept = tries = 0
+            while kept < per_slide and tries < per_slide * 50:
+                tries += 1
+                y, x = int(rng.integers(0, height - window)), int(rng.integers(0, width - window))
+                crop = slide.read_region((x, y), 0, (window, window))
+                if (crop.mean(-1) > 220).mean() < 0.5:
+                    windows.append(crop)
+                    kept += 1
+    if not windows:
+        raise ValueError(f"no tissue window of {window} px found in the slides of {slides_dir}")
     return np.stack(windows)
 
 
