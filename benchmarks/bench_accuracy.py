@@ -257,7 +257,7 @@ def draw_bars(tables: dict[str, list[dict[str, Any]]]):
         means = [_mean(r["test balanced acc"]) for r in rows]
         stds = [float(r["test balanced acc"].split(" ± ")[1]) for r in rows]
         ax.barh(range(len(rows)), means, xerr=stds, color=["#3a7" if "FBTA" in r["method"] else "#999" for r in rows])
-        ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=7)
+        ax.set_yticks(range(len(rows)), [f"{r['method']} ({r['folds x seeds']})" for r in rows], fontsize=7)
         ax.axvline(1 / 3, color="k", ls=":", lw=1)
         ax.set_xlim(0, 1)
         ax.set_xlabel("held-out test balanced accuracy, mean ± std (dotted: chance)")

@@ -58,6 +58,14 @@ def test_summary_tables_and_targets(bench):
     assert targets["ABMIL + FBTA test bacc"]["met"] is True
     assert targets["ABMIL + FBTA - ABMIL (test bacc)"]["value"] == pytest.approx(0.25)
     assert targets["ablation: e2e+frozen - frozen"]["met"] is None, "a missing row is not a pass"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    bench.draw_bars(tables)(ax)  # each bar says how many folds x seeds it averages
+    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["ABMIL (2 x 1)", "ABMIL + FBTA (2 x 2)"]
 
 
 def test_given_frozen_extractor_is_shared_and_a_different_one_refused(bench, tmp_path):
