@@ -63,11 +63,10 @@ def load_tissue_windows(slides_dir: Path, window: int, per_slide: int, rng: np.r
     return np.stack(windows)
 
 
-class Views(nn.Module):
+class Views:
     """Two augmented views ``[B, 3, P, P]`` of a batch of windows ``[B, 3, W, W]`` in ``[0, 1]``."""
 
     def __init__(self, patch_size: int, seed: int) -> None:
-        super().__init__()
         from monai_fbta.transforms.augment import RandContrastNoise, RandFlipRotate90, RandHEDJitter
 
         self.patch_size = patch_size
@@ -85,7 +84,7 @@ class Views(nn.Module):
             out = step(out)
         return out
 
-    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.one(windows), self.one(windows)
 
 
