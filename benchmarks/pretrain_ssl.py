@@ -102,6 +102,9 @@ def pretrain(args) -> dict:
     from monai_fbta.networks.encoder import encoder_features
     from monai_fbta.networks.registry import build_encoder
 
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # never replace a file this run did not write
+        raise SystemExit(f"--out {out} exists: choose another path or pass --overwrite")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     slides_dir = Path(args.slides_dir)
@@ -132,7 +135,6 @@ def pretrain(args) -> dict:
         if step % 50 == 0 or step == args.steps:
             print(f"step {step}/{args.steps}: NT-Xent {np.mean(losses[-50:]):.3f} ({time.perf_counter() - start:.0f} s)",
                   flush=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out, "wb") as f:
         torch.save(encoder.backbone.state_dict(), f)
@@ -146,6 +148,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="weights file to write (tiny_cnn backbone state_dict)")
     p.add_argument("--slides-dir", required=True, help="unlabelled slides (.tif/.tiff/.svs; labels are never read); "
                    f"a missing or empty folder gets synthetic slides generated with {PRETRAIN_DATA}")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--patch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=256)

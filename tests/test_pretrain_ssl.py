@@ -32,6 +32,10 @@ def test_pretraining_writes_weights_the_encoder_loads(ssl, tmp_path):
     assert report["windows"] == 16 and out.is_file()
     encoder = build_encoder("tiny_cnn", weights=str(out))
     assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, 64)
+    written = out.read_bytes()
+    with pytest.raises(SystemExit, match="exists"):  # an existing weights file is not replaced without --overwrite
+        ssl.main(["--out", str(out), "--slides-dir", str(slides), "--steps", "1"])
+    assert out.read_bytes() == written
 
 
 def test_a_folder_without_slides_is_refused_and_nothing_is_written_into_it(ssl, tmp_path):
