@@ -271,3 +271,22 @@ def test_trainer_stops_on_a_non_finite_loss_naming_the_slide(tmp_path):
     with pytest.raises(FloatingPointError, match=r"slide slide_nan: non-finite loss .* no step was taken"):
         trainer.run()
     assert all(torch.equal(a, b) for a, b in zip(before, head.parameters()))
+
+
+def test_encoder_warmup_epochs_keep_f_tfe_fixed_then_fine_tune_it():
+    data = [_sample(i) for i in range(3)]
+    trainer = _trainer(data, max_epochs=3, encoder_warmup_epochs=2)
+    start_enc, start_head = _params(trainer.trainable_encoder), _params(trainer.mil_head)
+    snaps: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], float]] = {}
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: snaps.setdefault(
+        e.state.epoch, (_params(e.trainable_encoder), _params(e.mil_head), e.state.output["cls_e2e"])))
+    trainer.run()
+    for epoch in (1, 2):  # warm-up: f_TFE (and its EMA target) unchanged, the head trains, the e2e view is in the loss
+        assert all(torch.equal(a, b) for a, b in zip(start_enc, snaps[epoch][0])), f"f_TFE moved in epoch {epoch}"
+        assert any(not torch.equal(a, b) for a, b in zip(start_head, snaps[epoch][1]))
+        assert snaps[epoch][2] > 0
+    assert all(not torch.equal(a, b) for a, b in zip(start_enc, snaps[3][0])), "f_TFE did not train after warm-up"
+    for a, b in zip(start_enc, trainer.teacher_encoder.ema_model.parameters()):
+        assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="encoder_warmup_epochs"):
+        _trainer(data, encoder_warmup_epochs=-1)

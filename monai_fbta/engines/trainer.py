@@ -82,6 +82,9 @@ class FBTATrainer(Trainer):
         freeze_encoder_bn: keep f_TFE's BatchNorm layers in eval mode (running statistics of f_FFE) while
             training (default True): batch statistics of one slide's ``S`` patches would put the ``e2e`` view
             in another feature space than ``F^FB`` from the first step (f_TFE(x) != f_FFE(x) at initialisation).
+        encoder_warmup_epochs: the first epochs in which f_TFE is not trained (default 0; a deviation, see
+            docs/method.md): the e2e view is encoded without gradient while the MIL head and f_T learn from the
+            pretrained features, then f_TFE is fine-tuned (linear probing before fine-tuning).
         accumulation_steps: slides per optimiser step (loss divided by it; flushed at epoch end).
         amp, amp_dtype: autocast with :func:`~monai_fbta.networks.encode.resolve_amp_dtype`'s dtype (a GradScaler with fp16).
         grad_checkpointing / encoder_chunk_size: memory controls of the e2e extractor forward.
@@ -109,6 +112,7 @@ class FBTATrainer(Trainer):
         frozen_bag: str = "full",
         translated_bag: str = "pseudo",
         freeze_encoder_bn: bool = True,
+        encoder_warmup_epochs: int = 0,
         accumulation_steps: int = 1,
         amp: bool = False,
         amp_dtype: torch.dtype | None = None,
@@ -132,6 +136,8 @@ class FBTATrainer(Trainer):
             raise ValueError(f"FBTATrainer: views {list(views)} differ from the loss's views {self.views}")
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
+        if encoder_warmup_epochs < 0:
+            raise ValueError(f"encoder_warmup_epochs must be >= 0, got {encoder_warmup_epochs!r}")
         for name, value in (("frozen_bag", frozen_bag), ("translated_bag", translated_bag)):
             if value not in ("pseudo", "full"):
                 raise ValueError(f"{name} must be 'pseudo' or 'full', got {value!r}")
@@ -168,6 +174,7 @@ class FBTATrainer(Trainer):
         self.loss_function = loss_function
         self.frozen_bag, self.translated_bag = frozen_bag, translated_bag
         self.freeze_encoder_bn = freeze_encoder_bn
+        self.encoder_warmup_epochs = encoder_warmup_epochs
         self.accumulation_steps = accumulation_steps
         self.amp_dtype = amp_dtype
         self.grad_checkpointing = grad_checkpointing
@@ -229,6 +236,11 @@ class FBTATrainer(Trainer):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
+    @property
+    def encoder_warming_up(self) -> bool:
+        """True in the first ``encoder_warmup_epochs`` epochs, when f_TFE gets no gradient."""
+        return (self.state.epoch or 1) <= self.encoder_warmup_epochs
+
     def compute_views(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Features of each view ``{view: [1, S, D]}`` and the translator heads ``[K, 1, S, D]`` (or None)."""
         feats: dict[str, torch.Tensor] = {}
@@ -246,9 +258,10 @@ class FBTATrainer(Trainer):
             if self.translator is not None and "translated" in self.views and full:
                 feats["translated"] = translate_bag(self.translator, batch["features"], DEFAULT_BAG_CHUNK_SIZE)
             if "e2e" in self.views:
-                e2e = encode_patches(
-                    self.trainable_encoder, batch["pb_image"], self.encoder_chunk_size, self.grad_checkpointing
-                )
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_warming_up):
+                    e2e = encode_patches(
+                        self.trainable_encoder, batch["pb_image"], self.encoder_chunk_size, self.grad_checkpointing
+                    )
                 feats["e2e"] = e2e.unsqueeze(0)
         except KeyError as err:
             raise KeyError(f"slide {slide}: the sample has no {err} needed by views {self.views}") from None
