@@ -3,19 +3,27 @@
 
 :func:`atomic_path` is the one implementation (temp name, fsync, umask-derived permissions,
 rename, clean-up); :func:`atomic_open` wraps it for plain file objects and the HDF5 store uses it
-for ``h5py.File``.
+for ``h5py.File``. Temp names carry the writer's host and pid (``.NAME.HOST-PID.XXXXXXXX.tmp``), so
+:func:`remove_stale_temps` removes only what a dead writer left, never another live process's write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_open", "atomic_path", "inside", "safe_name"]
+__all__ = ["atomic_open", "atomic_path", "inside", "remove_stale_temps", "safe_name"]
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+_TEMP_OWNER = re.compile(r"^(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
 def _umask() -> int:
@@ -34,7 +42,7 @@ def atomic_path(path: str | os.PathLike, copy_existing: bool = False) -> Iterato
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         if copy_existing:
@@ -47,6 +55,39 @@ def atomic_path(path: str | os.PathLike, copy_existing: bool = False) -> Iterato
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike, max_age_s: float = 24 * 3600) -> list[str]:
+    """Remove the temp files :func:`atomic_path` left next to ``path`` when its writer died; the removed paths.
+
+    A temp is stale when its writer's pid (in its name) no longer runs on this host, or when it was not
+    modified for ``max_age_s`` (a writer on another host, or a name without owner). A live writer's temp,
+    e.g. another process rewriting the same store, is kept.
+    """
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(str(path.parent)), glob.escape(prefix) + "*.tmp")):
+        owner = _TEMP_OWNER.match(os.path.basename(tmp)[len(prefix):])
+        try:
+            age = time.time() - os.path.getmtime(tmp)
+            dead = owner is not None and owner["host"] == _HOST and not _pid_alive(int(owner["pid"]))
+            if dead or age > max_age_s:
+                os.remove(tmp)
+                removed.append(tmp)
+        except OSError:  # gone meanwhile (its writer renamed it)
+            continue
+    return removed
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import h5py
@@ -237,3 +238,41 @@ def test_store_path_never_leaves_the_cache_folder(tmp_path, slide_id):
     out = tmp_path / "cache"
     path = Path(store_path(out, slide_id))
     assert path.parent == out.resolve() and path.suffix == ".h5"
+
+
+def test_only_temps_of_dead_writers_are_removed(tmp_path):
+    """A temp of a live writer (another process rewriting the same store) is kept; a dead writer's is removed."""
+    import subprocess
+    import sys
+
+    from monai_fbta._io import _HOST, atomic_path, remove_stale_temps
+
+    target = tmp_path / "slide.h5"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "live": f".slide.h5.{_HOST}-{live.pid}.abc123_x.tmp",
+            "dead": f".slide.h5.{_HOST}-{dead_pid}.abc123_y.tmp",
+            "other_host_fresh": f".slide.h5.elsewhere-{dead_pid}.abc123_z.tmp",
+            "other_host_old": f".slide.h5.elsewhere-{dead_pid}.abc123_w.tmp",
+            "no_owner_old": ".slide.h5.abc123_v.tmp",
+            "other_store": f".slide2.h5.{_HOST}-{dead_pid}.abc123_u.tmp",
+        }
+        for name in names.values():
+            (tmp_path / name).write_bytes(b"x")
+        old = time.time() - 2 * 24 * 3600
+        for key in ("other_host_old", "no_owner_old"):
+            os.utime(tmp_path / names[key], (old, old))
+        removed = {os.path.basename(p) for p in remove_stale_temps(target)}
+        assert removed == {names["dead"], names["other_host_old"], names["no_owner_old"]}
+        assert {p.name for p in tmp_path.iterdir()} == {names["live"], names["other_host_fresh"], names["other_store"]}
+        with atomic_path(target) as tmp:  # our own temp names carry this host and pid, and survive a clean-up
+            assert os.path.basename(tmp).startswith(f".slide.h5.{_HOST}-{os.getpid()}.")
+            Path(tmp).write_bytes(b"y")
+            assert tmp not in remove_stale_temps(target)
+        assert target.read_bytes() == b"y"
+    finally:
+        live.kill()
+        live.wait()

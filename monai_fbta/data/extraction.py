@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import hashlib
 import json
 import math
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from monai_fbta._io import atomic_open, safe_name
+from monai_fbta._io import atomic_open, remove_stale_temps, safe_name
 from monai_fbta.data.errors import SlideError, SlideNotFoundError, SlideReadError
 from monai_fbta.data.slide import SlideCache, open_slide, patches_to_tensor
 from monai_fbta.data.store import (
@@ -232,14 +231,6 @@ def patch_loader(batches: PatchBatches, num_workers: int, device: torch.device) 
 
 
 # ----------------------------------------------------------------------------- one slide
-
-
-def _remove_stale_temps(path: str) -> None:
-    for tmp in glob.glob(os.path.join(os.path.dirname(path), f".{glob.escape(os.path.basename(path))}.*.tmp")):
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
 
 
 def _coords_for(row: Mapping[str, Any], path: str, tiling_kwargs: Mapping[str, Any], coords_fp: Mapping[str, Any], backend: str):
@@ -436,7 +427,7 @@ def extract_features(
     results: list[SlideResult] = []
     for row in tqdm(mine, desc="slides", unit="slide", disable=not show):
         path = store_path(out_dir, row["slide_id"])
-        _remove_stale_temps(path)
+        remove_stale_temps(path)
         start = time.perf_counter()
         try:
             coords_fp = {**tiling_fp, "slide": slide_fingerprint(row["image"], row.get("mpp"))}
