@@ -43,6 +43,10 @@ HEAD_NAMES = {"abmil": "ABMIL", "transmil": "TransMIL (hidden 128)", "mambamil":
 HEAD_OVERRIDES: dict[str, dict[str, Any]] = {"transmil": {"mil_hidden": 128}, "mambamil": {"mil_hidden": 64}}
 NO_EMA = {"ema_momentum": 1.0}
 TABLES = ("main", "ema", "ablation")
+# the bundle's training settings recorded with the study (their values in --config, before the study's overrides):
+# a later change of a bundle default must not pass for the setting these runs had
+RECORDED_SETTINGS = ("num_epochs", "lr_mil", "lr_translator", "lr_encoder", "weight_decay", "mil_hidden", "num_clusters",
+                     "num_per_cluster", "cluster_seed", "ema_momentum", "lambda_dist", "cons_weight", "encoder_warmup_epochs")
 # the study's settings (chosen on fold 0's validation part, docs/method.md "Experiments"); --override adds to it
 STUDY_OVERRIDES: dict[str, Any] = {"patch_size": 64, "num_clusters": 16, "translated_bag": "full"}
 # the study's synthetic data (docs/synthetic_data.md): lesions on 8% of the tissue, doubled stain variation
@@ -109,6 +113,12 @@ def _phase(setting: dict[str, Any], seed_index: int) -> int:
     if setting["head"] != "abmil":
         return 1 if setting["head"] == "transmil" else 4
     return 3 if setting["tables"] == {"ema"} else 0
+
+
+def recorded_settings(config: str | os.PathLike) -> dict[str, Any]:
+    """The :data:`RECORDED_SETTINGS` of the bundle config ``config`` as written there (expressions as strings)."""
+    values = json.loads(Path(config).read_text())
+    return {k: values[k] for k in RECORDED_SETTINGS if k in values}
 
 
 def run_name(run: dict[str, Any]) -> str:
@@ -333,6 +343,7 @@ def main(argv=None) -> dict[str, Any]:
         verdict = "not measured" if r["met"] is None else "met" if r["met"] else "NOT met"
         print(f"{name}: {r['value']:.3f} (target {r['target']}: {verdict})")
     payload = {"data": data, "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs, "heads": args.heads, "split": head,
+               "bundle_settings": recorded_settings(args.config),
                "study_overrides": {**STUDY_OVERRIDES, **dict(o.partition("=")[::2] for o in args.override or ())},
                "frozen_encoder": share_encoder(args.encoder_weights, shared), "tables": tables, "ratios": targets,
                "runs": results, "machine": machine_info(),

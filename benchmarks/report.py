@@ -100,7 +100,7 @@ def _memory_notes(payload: Mapping[str, Any]) -> list[str]:
 
 def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_dir: str) -> str:
     machine = payload.get("machine", {})
-    title = TITLES.get(name) or (f"Accuracy study, variant `{name.partition('_')[2]}` (other data or extractor)"
+    title = TITLES.get(name) or (f"Accuracy study, variant `{name.partition('_')[2]}` (other data, extractor or settings)"
                                  if name.startswith("accuracy_") else name)
     lines = [f"## {title}", "",
              f"- command: `{payload.get('command', '?')}`",
@@ -118,6 +118,8 @@ def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_d
     elif "tables" in payload:  # accuracy study
         lines.append(f"{payload.get('split')}; synthetic data {payload.get('data')}; bundle overrides "
                      f"{payload.get('study_overrides')}.\n")
+        if payload.get("bundle_settings"):
+            lines.append(f"Bundle training settings (`--config`, before the overrides): {payload['bundle_settings']}.\n")
         titles = {"main": "Vanilla MIL vs + FBTA (the same EMA teacher, head, optimiser, epochs, model selection)",
                   "ema": "What EMA buys (ABMIL; `ema_momentum 1` = no EMA teacher)",
                   "ablation": "View ablation (ABMIL)"}

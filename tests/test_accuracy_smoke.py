@@ -83,3 +83,15 @@ def test_given_frozen_extractor_is_shared_and_a_different_one_refused(bench, tmp
     args = bench.parse_args(["--quick", "--workdir", str(tmp_path)])
     cmd = bench.bundle_command(bench.plan_runs(args.heads, args.seeds, args.folds)[0], args, tmp_path / "r", shared)
     assert cmd[cmd.index("--encoder_weights") + 1] == str(shared / "frozen_encoder_tiny_cnn.pt")
+
+
+def test_study_records_the_training_settings_of_the_config_it_ran(bench, tmp_path):
+    import json
+
+    settings = bench.recorded_settings(bench.BUNDLE_CONFIG)
+    config = json.loads(bench.BUNDLE_CONFIG.read_text())
+    assert settings["lr_mil"] == config["lr_mil"] and settings["num_epochs"] == config["num_epochs"]
+    assert set(settings) == set(bench.RECORDED_SETTINGS)
+    older = tmp_path / "train.json"  # a study summarised with the config its runs had, not today's defaults
+    older.write_text(json.dumps({**config, "lr_mil": 0.001}))
+    assert bench.recorded_settings(older)["lr_mil"] == 0.001

@@ -139,10 +139,12 @@ def test_report_shows_the_accuracy_plot_and_the_study_on_other_data_after_it(tmp
     (images / "bench_accuracy.png").write_bytes(b"png")
     table = {"main": [{"method": "ABMIL", "test balanced acc": "0.5 ± 0.1"}], "ablation": [{"views": "frozen"}]}
     for name in ("accuracy", "accuracy_medium", "memory"):
-        payload = {"tables": table, "data": {"seed": name}, "frozen_encoder": {"weights": "w.pt", "sha256": "ab12"}}
+        payload = {"tables": table, "data": {"seed": name}, "frozen_encoder": {"weights": "w.pt", "sha256": "ab12"},
+                   "bundle_settings": {"lr_mil": 0.0001}}
         (results / f"{name}.json").write_text(json.dumps(payload if name != "memory" else {"rows": [{"n": 1}]}))
     text = report.render(str(results), str(images), str(tmp_path / "benchmarks.md"))
     titles = [line for line in text.splitlines() if line.startswith("## ")]
-    assert titles[:2] == ["## " + report.TITLES["accuracy"], "## Accuracy study, variant `medium` (other data or extractor)"]
+    assert titles[:2] == ["## " + report.TITLES["accuracy"], "## Accuracy study, variant `medium` (other data, extractor or settings)"]
     assert "![accuracy](images/bench_accuracy.png)" in text  # the section's own plot, not one named after a table
     assert "Frozen extractor of every run: w.pt (sha256 ab12)" in text
+    assert "Bundle training settings (`--config`, before the overrides): {'lr_mil': 0.0001}" in text
