@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
+from conftest import load_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -148,3 +150,30 @@ def test_report_shows_the_accuracy_plot_and_the_study_on_other_data_after_it(tmp
     assert "![accuracy](images/bench_accuracy.png)" in text  # the section's own plot, not one named after a table
     assert "Frozen extractor of every run: w.pt (sha256 ab12)" in text
     assert "Bundle training settings (`--config`, before the overrides): {'lr_mil': 0.0001}" in text
+
+
+def test_sweep_mil_head_reports_when_the_head_leaves_chance_on_validation_only(tmp_path):
+    """Bags whose label is carried by 3 of 40 instances: the head leaves chance; test slides are never read."""
+    from monai_fbta.data.store import add_arrays, store_path, write_coords
+
+    sweep = load_benchmark("sweep_mil_head")
+    rng = np.random.default_rng(0)
+    (tmp_path / "shared").mkdir()
+    ids = [f"s{i}" for i in range(32)]
+    labels = {s: i % 2 for i, s in enumerate(ids)}
+    for s in ids:
+        feats = rng.normal(size=(40, 8)).astype(np.float32)
+        feats[:3, 0] += 4.0 if labels[s] else -4.0
+        path = store_path(tmp_path / "cache", s)
+        write_coords(path, np.zeros((40, 2), dtype=np.int64))
+        add_arrays(path, {"features": feats})
+    folds = [{"train": ids[:16], "val": ids[16:24], "test": ids[24:]}]
+    (tmp_path / "shared" / "splits.json").write_text(json.dumps({"folds": folds}))
+    (tmp_path / "datalist.json").write_text(json.dumps(
+        {"training": [{"slide_id": s, "label": labels[s]} for s in ids], "num_classes": 2}))
+    for s in ids[24:]:  # a test store that is read would fail the run
+        Path(store_path(tmp_path / "cache", s)).write_bytes(b"not an HDF5 file")
+    rows = sweep.main(["--workdir", str(tmp_path), "--dataset-dir", str(tmp_path), "--pairs", "[[0, 0]]",
+                       "--epochs", "8", "--grid", "lr=[0.003]", "hidden=[16]"])
+    assert [r["setting"] for r in rows] == [{"lr": 0.003, "hidden": 16}]
+    assert rows[0]["start_epoch"][0] is not None and rows[0]["best_val_auc"] > 0.9
