@@ -53,7 +53,7 @@ STUDY_OVERRIDES: dict[str, Any] = {"patch_size": 64, "num_clusters": 16, "transl
 DATA = {"num_slides": 120, "size": 2048, "tumour_fraction": 0.08, "stain_jitter": 2.0, "seed": 1}
 # rough seconds per run on a 2-core CPU for the up-front estimate; refined from the runs that finished
 RUN_S = {"vanilla": 60.0, "fbta": 150.0}
-HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.3, "mambamil": 2.0}
+HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.3, "mambamil": 6.0}  # MambaMIL: its pure-PyTorch scan, 9.6 min per vanilla run measured
 PREPARE_S = 300.0
 # one compute thread per run: on 2 cores, 2 OpenMP threads next to the 2 patch-reading workers (or any other
 # process) stall at every parallel region (TransMIL fwd+bwd: 0.5 s alone, 7 s with one busy core beside it)
