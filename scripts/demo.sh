@@ -14,10 +14,14 @@ py=.venv/bin/python
 root=bundles/fbta_stad
 cfg=$root/configs/train.json
 echo "== 1/3 FBTA + ABMIL (views frozen, e2e, translated) =="
-"$py" -m monai.bundle run training --config_file "$cfg"
+# the frozen extractor: the bundle's self-supervised tiny CNN (SimCLR on other, unlabelled synthetic slides; see
+# bundles/fbta_stad/docs/README.md): FBTA fine-tunes a pretrained extractor, and a random one does not learn end to end
+extractor=(--encoder_name tiny_cnn --patch_size 64)
+"$py" -m monai.bundle run training --config_file "$cfg" "${extractor[@]}" \
+    --encoder_weights "$root/weights/tiny_cnn_simclr_synthetic.pt"
 encoder=$(ls "$root"/models/frozen_encoder_*.pt | head -n 1)  # the same frozen extractor, so the same cached features
 echo "== 2/3 vanilla ABMIL (views frozen only, same EMA teacher and model selection) =="
-"$py" -m monai.bundle run training --config_file "$cfg" --views "['frozen']" --encoder_weights "$encoder" \
+"$py" -m monai.bundle run training --config_file "$cfg" "${extractor[@]}" --views "['frozen']" --encoder_weights "$encoder" \
     --ckpt_dir "$root/models/vanilla" --output_dir "$root/eval/vanilla"
 echo "== 3/3 side by side =="
 "$py" -m monai_fbta.pipeline.compare "ABMIL + FBTA=$root/eval/test_metrics.json" \

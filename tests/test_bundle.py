@@ -383,3 +383,19 @@ def test_bundle_exposes_fail_fast_resume_assume_mpp_and_slide_check():
     resume = [h for h in train["train"]["handlers"] if h["_target_"].endswith("ResumeTraining")]
     assert len(resume) == 1 and resume[0]["enabled"] == "@resume" and resume[0]["path"] == "@last_ckpt"
     assert train["last_ckpt"] == "$@ckpt_dir + '/last.pt'"
+
+
+def test_shipped_demo_extractor_is_the_documented_file_and_loads_strictly():
+    """The demo's frozen extractor: the file the bundle README names (sha256), a tiny_cnn state_dict that loads."""
+    import hashlib
+
+    from monai_fbta.networks.encoder import PatchEncoder
+
+    path = BUNDLE / "weights" / "tiny_cnn_simclr_synthetic.pt"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest in (BUNDLE / "docs" / "README.md").read_text(), "bundle README names another file"
+    assert f'"$root/weights/{path.name}"' in (REPO / "scripts" / "demo.sh").read_text()
+    encoder = PatchEncoder("tiny_cnn", weights=str(path)).eval()
+    with torch.no_grad():
+        feats = encoder(torch.rand(4, 3, 64, 64))
+    assert feats.shape == (4, 64) and torch.isfinite(feats).all()
