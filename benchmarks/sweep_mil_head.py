@@ -35,19 +35,19 @@ def load_bags(cache_dir: Path, slide_ids: list[str]) -> dict[str, torch.Tensor]:
     return {s: torch.as_tensor(read_array(store_path(cache_dir, s), "features")).float() for s in slide_ids}
 
 
-def train_head(bags, labels, split, seed: int, epochs: int, num_classes: int, name: str = "abmil", lr: float = 1e-3,
-               hidden: int = 512, dropout: float = 0.25, wd: float = 1e-4) -> list[tuple[float, float]]:
+def train_head(bags, labels, split, seed: int, epochs: int, num_classes: int, cache_dir: Path, name: str = "abmil",
+               lr: float = 1e-3, hidden: int = 512, dropout: float = 0.25, wd: float = 1e-4) -> list[tuple[float, float]]:
     """Train one head on ``split["train"]``; per epoch ``(mean training CE, validation macro AUC)``."""
-    from sklearn.metrics import roc_auc_score
-
+    from monai_fbta.engines.evaluator import macro_auc
     from monai_fbta.networks.registry import build_mil_head
+    from monai_fbta.pipeline.prepare import feature_stats
 
     train, val = split["train"], split["val"]
-    pooled = torch.cat([bags[s] for s in train])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    head = build_mil_head(name, in_features=pooled.shape[1], num_classes=num_classes, hidden=hidden, dropout=dropout)
-    head.set_feature_stats(pooled.mean(0), pooled.std(0))
+    head = build_mil_head(name, in_features=bags[train[0]].shape[1], num_classes=num_classes, hidden=hidden,
+                          dropout=dropout)
+    head.set_feature_stats(*feature_stats([{"slide_id": s} for s in train], cache_dir))  # the bundle's standardisation
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
     history = []
     for _ in range(epochs):
@@ -63,9 +63,7 @@ def train_head(bags, labels, split, seed: int, epochs: int, num_classes: int, na
         with torch.no_grad():
             probs = torch.cat([head(bags[s][None]).softmax(-1) for s in val]).numpy()
         y = np.array([labels[s] for s in val])
-        auc = (roc_auc_score(y, probs[:, 1]) if num_classes == 2
-               else roc_auc_score(y, probs, multi_class="ovr", labels=list(range(num_classes))))
-        history.append((float(np.mean(losses)), float(auc)))
+        history.append((float(np.mean(losses)), macro_auc(probs, y)))
     return history
 
 
@@ -95,7 +93,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     for combo in itertools.product(*values):
         setting = dict(zip(keys, combo))
         start = time.perf_counter()
-        runs = [train_head(bags, labels, folds[fold], seed, args.epochs, num_classes, args.head, **setting)
+        runs = [train_head(bags, labels, folds[fold], seed, args.epochs, num_classes, workdir / "cache", args.head, **setting)
                 for fold, seed in pairs]
         starts = [next((i + 1 for i, (ce, _) in enumerate(h) if ce < args.start_ce), None) for h in runs]
         row = {"setting": setting, "start_epoch": starts, "best_val_auc": float(np.mean([max(a for _, a in h) for h in runs])),
