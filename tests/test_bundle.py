@@ -399,3 +399,24 @@ def test_shipped_demo_extractor_is_the_documented_file_and_loads_strictly():
     with torch.no_grad():
         feats = encoder(torch.rand(4, 3, 64, 64))
     assert feats.shape == (4, 64) and torch.isfinite(feats).all()
+
+
+def test_diagnose_views_scores_each_bag_of_a_trained_run_and_refuses_other_settings(trained, capsys):
+    """benchmarks/diagnose_views.py on the tiny run: the student and EMA heads' cross-entropy on every bag the run
+    has (frozen, pseudo-bag, f_FFE / f_TFE / f*_TFE of its patches, translated); other settings are refused."""
+    from conftest import load_benchmark
+
+    from monai_fbta.handlers.checkpoint import RunMismatchError
+
+    diagnose = load_benchmark("diagnose_views")
+    run = ["--config_file", TRAIN, *run_dirs(trained), *TINY]
+    out = diagnose.main(["--part", "val", "--", *run])
+    table = out["cross_entropy"]
+    assert set(table) == set(diagnose.BAGS), "an FBTA run has every bag"
+    assert all(set(v) == {"f_MIL", "f*_MIL"} and 0 < v["f_MIL"] < 20 for v in table.values()), table
+    assert out["num_slides"] == len(json.loads((trained / "models" / "splits.json").read_text())["folds"][0]["val"])
+    assert "| f_TFE(patches) |" in capsys.readouterr().out
+    with pytest.raises(RunMismatchError, match="num_per_cluster"):
+        diagnose.main(["--", *run, "--num_per_cluster", "2"])
+    with pytest.raises(SystemExit):
+        diagnose.main(["--part", "test", "--", *run])  # test slides are not for diagnosing
