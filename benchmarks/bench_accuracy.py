@@ -51,8 +51,10 @@ RECORDED_SETTINGS = ("num_epochs", "lr_mil", "lr_translator", "lr_encoder", "wei
 STUDY_OVERRIDES: dict[str, Any] = {"patch_size": 64, "num_clusters": 16, "translated_bag": "full"}
 # the study's synthetic data (docs/synthetic_data.md): lesions on 8% of the tissue, doubled stain variation
 DATA = {"num_slides": 120, "size": 2048, "tumour_fraction": 0.08, "stain_jitter": 2.0, "seed": 1}
-# rough seconds per run on a 2-core CPU for the up-front estimate; refined from the runs that finished
+# rough seconds per run of RUN_S_EPOCHS epochs on a 2-core CPU for the up-front estimate; refined from the runs
+# that finished
 RUN_S = {"vanilla": 60.0, "fbta": 150.0}
+RUN_S_EPOCHS = 20
 HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.3, "mambamil": 6.0}  # MambaMIL: its pure-PyTorch scan, 9.6 min per vanilla run measured
 PREPARE_S = 300.0
 # one compute thread per run: on 2 cores, 2 OpenMP threads next to the 2 patch-reading workers (or any other
@@ -125,11 +127,12 @@ def run_name(run: dict[str, Any]) -> str:
     return f"{run['key']}_fold{run['fold']}_seed{run['seed']}"
 
 
-def estimate_s(runs: list[dict[str, Any]], prepared: bool, scale: float = 1.0) -> float:
+def estimate_s(runs: list[dict[str, Any]], prepared: bool, scale: float = 1.0, epochs: int = RUN_S_EPOCHS) -> float:
+    """Seconds ``runs`` of ``epochs`` epochs should take (``scale``: measured / estimated so far)."""
     total = 0.0 if prepared else PREPARE_S
     for r in runs:
         kind = "vanilla" if r["views"] == ("frozen",) else "fbta"
-        total += RUN_S[kind] * HEAD_FACTOR.get(r["head"], 1.5) * scale
+        total += RUN_S[kind] * HEAD_FACTOR.get(r["head"], 1.5) * scale * epochs / RUN_S_EPOCHS
     return total
 
 
@@ -313,7 +316,7 @@ def main(argv=None) -> dict[str, Any]:
     runs = plan_runs(args.heads, args.seeds, args.folds, tuple(args.tables))
     data = make_data(args)
     share_encoder(args.encoder_weights, shared)
-    est = estimate_s(runs, prepared=(shared / "splits.json").is_file())
+    est = estimate_s(runs, prepared=(shared / "splits.json").is_file(), epochs=args.epochs)
     print(f"accuracy study: {len(runs)} bundle runs, folds {args.folds}, seeds {args.seeds}, {args.epochs} epochs "
           f"each, workdir {args.workdir}\nestimated time: {est / 60:.1f} min (2-core CPU guess; finished runs are "
           "skipped; refined after each run)", flush=True)
@@ -328,8 +331,8 @@ def main(argv=None) -> dict[str, Any]:
         results.setdefault(run["key"], []).append(res)
         run["seconds"] = res["seconds"]
         timed = [r for r in runs[:i] if r["seconds"] is not None]
-        scale = sum(r["seconds"] for r in timed) / estimate_s(timed, True) if timed else 1.0
-        left, elapsed = estimate_s(runs[i:], True, scale), time.perf_counter() - start
+        scale = sum(r["seconds"] for r in timed) / estimate_s(timed, True, epochs=args.epochs) if timed else 1.0
+        left, elapsed = estimate_s(runs[i:], True, scale, args.epochs), time.perf_counter() - start
         print(f"[{i}/{len(runs)}] {run_name(run)}: test bacc {res['bacc']:.3f} auc {res['auc']:.3f} "
               f"({elapsed / 60:.1f} min so far, ~{left / 60:.1f} min left)", flush=True)
     tables = summarise(results, args.heads, tuple(args.tables))

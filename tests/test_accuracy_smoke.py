@@ -95,3 +95,10 @@ def test_study_records_the_training_settings_of_the_config_it_ran(bench, tmp_pat
     older = tmp_path / "train.json"  # a study summarised with the config its runs had, not today's defaults
     older.write_text(json.dumps({**config, "lr_mil": 0.001}))
     assert bench.recorded_settings(older)["lr_mil"] == 0.001
+
+
+def test_time_estimate_scales_with_the_epochs(bench):
+    runs = bench.plan_runs(["abmil"], seeds=[0], folds=[0, 1], tables=("main",))
+    twenty = bench.estimate_s(runs, prepared=True)
+    assert twenty == pytest.approx(2 * (bench.RUN_S["vanilla"] + bench.RUN_S["fbta"]))
+    assert bench.estimate_s(runs, prepared=True, epochs=40) == pytest.approx(2 * twenty)
