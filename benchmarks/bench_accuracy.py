@@ -43,7 +43,7 @@ HEAD_NAMES = {"abmil": "ABMIL", "transmil": "TransMIL (hidden 128)", "mambamil":
 HEAD_OVERRIDES: dict[str, dict[str, Any]] = {"transmil": {"mil_hidden": 128}, "mambamil": {"mil_hidden": 64}}
 NO_EMA = {"ema_momentum": 1.0}
 TABLES = ("main", "ema", "ablation")
-# the bundle's training settings recorded with the study (their values in --config, before the study's overrides):
+# the bundle's training settings recorded with the study (their values in --config, then --epochs and --override):
 # a later change of a bundle default must not pass for the setting these runs had
 RECORDED_SETTINGS = ("num_epochs", "lr_mil", "lr_translator", "lr_encoder", "weight_decay", "mil_hidden", "num_clusters",
                      "num_per_cluster", "cluster_seed", "ema_momentum", "lambda_dist", "cons_weight", "encoder_warmup_epochs")
@@ -117,9 +117,10 @@ def _phase(setting: dict[str, Any], seed_index: int) -> int:
     return 3 if setting["tables"] == {"ema"} else 0
 
 
-def recorded_settings(config: str | os.PathLike) -> dict[str, Any]:
-    """The :data:`RECORDED_SETTINGS` of the bundle config ``config`` as written there (expressions as strings)."""
-    values = json.loads(Path(config).read_text())
+def recorded_settings(config: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The :data:`RECORDED_SETTINGS` the runs had: the bundle config ``config`` as written there (expressions as
+    strings), then ``overrides`` (the study's ``--epochs`` and ``--override`` values) on top."""
+    values = {**json.loads(Path(config).read_text()), **(overrides or {})}
     return {k: values[k] for k in RECORDED_SETTINGS if k in values}
 
 
@@ -345,9 +346,10 @@ def main(argv=None) -> dict[str, Any]:
     for name, r in targets.items():
         verdict = "not measured" if r["met"] is None else "met" if r["met"] else "NOT met"
         print(f"{name}: {r['value']:.3f} (target {r['target']}: {verdict})")
+    overrides = dict(o.partition("=")[::2] for o in args.override or ())
     payload = {"data": data, "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs, "heads": args.heads, "split": head,
-               "bundle_settings": recorded_settings(args.config),
-               "study_overrides": {**STUDY_OVERRIDES, **dict(o.partition("=")[::2] for o in args.override or ())},
+               "bundle_settings": recorded_settings(args.config, {"num_epochs": args.epochs, **overrides}),
+               "study_overrides": {**STUDY_OVERRIDES, **overrides},
                "frozen_encoder": share_encoder(args.encoder_weights, shared), "tables": tables, "ratios": targets,
                "runs": results, "machine": machine_info(),
                "minutes": (time.perf_counter() - start) / 60}

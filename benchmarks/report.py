@@ -119,7 +119,8 @@ def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_d
         lines.append(f"{payload.get('split')}; synthetic data {payload.get('data')}; bundle overrides "
                      f"{payload.get('study_overrides')}.\n")
         if payload.get("bundle_settings"):
-            lines.append(f"Bundle training settings (`--config`, before the overrides): {payload['bundle_settings']}.\n")
+            lines.append("Bundle training settings (`--config` with the study's `--epochs`; the bundle overrides above "
+                         f"come on top): {payload['bundle_settings']}.\n")
         titles = {"main": "Vanilla MIL vs + FBTA (the same EMA teacher, head, optimiser, epochs, model selection)",
                   "ema": "What EMA buys (ABMIL; `ema_momentum 1` = no EMA teacher)",
                   "ablation": "View ablation (ABMIL)"}

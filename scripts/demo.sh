@@ -16,7 +16,9 @@ cfg=$root/configs/train.json
 echo "== 1/3 FBTA + ABMIL (views frozen, e2e, translated) =="
 # the frozen extractor: the bundle's self-supervised tiny CNN (SimCLR on other, unlabelled synthetic slides; see
 # bundles/fbta_stad/docs/README.md): FBTA fine-tunes a pretrained extractor, and a random one does not learn end to end
-extractor=(--encoder_name tiny_cnn --patch_size 64)
+# 20 epochs, half the bundle's 40, so both runs fit the README's ~6-minute budget on a 2-core CPU (the 5-fold study
+# in docs/benchmarks.md trains the bundle's 40)
+extractor=(--encoder_name tiny_cnn --patch_size 64 --num_epochs 20)
 "$py" -m monai.bundle run training --config_file "$cfg" "${extractor[@]}" \
     --encoder_weights "$root/weights/tiny_cnn_simclr_synthetic.pt"
 encoder=$(ls "$root"/models/frozen_encoder_*.pt | head -n 1)  # the same frozen extractor, so the same cached features

@@ -95,6 +95,8 @@ def test_study_records_the_training_settings_of_the_config_it_ran(bench, tmp_pat
     older = tmp_path / "train.json"  # a study summarised with the config its runs had, not today's defaults
     older.write_text(json.dumps({**config, "lr_mil": 0.001}))
     assert bench.recorded_settings(older)["lr_mil"] == 0.001
+    ran = bench.recorded_settings(older, {"num_epochs": 40, "lr_mil": "0.0003"})  # the study's --epochs / --override
+    assert ran["num_epochs"] == 40 and ran["lr_mil"] == "0.0003"
 
 
 def test_time_estimate_scales_with_the_epochs(bench):

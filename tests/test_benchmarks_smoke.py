@@ -149,7 +149,7 @@ def test_report_shows_the_accuracy_plot_and_the_study_on_other_data_after_it(tmp
     assert titles[:2] == ["## " + report.TITLES["accuracy"], "## Accuracy study, variant `medium` (other data, extractor or settings)"]
     assert "![accuracy](images/bench_accuracy.png)" in text  # the section's own plot, not one named after a table
     assert "Frozen extractor of every run: w.pt (sha256 ab12)" in text
-    assert "Bundle training settings (`--config`, before the overrides): {'lr_mil': 0.0001}" in text
+    assert "Bundle training settings (`--config` with the study's `--epochs`; the bundle overrides above come on top): {'lr_mil': 0.0001}" in text
 
 
 def test_sweep_mil_head_reports_when_the_head_leaves_chance_on_validation_only(tmp_path):
