@@ -76,7 +76,6 @@ def load_run(overrides: Mapping[str, Any], checkpoint: str | None = None) -> tup
     parser.update(overrides)
     parser.parse()
     ckpt = checkpoint or parser.get_parsed_content("last_ckpt")
-    parser.get_parsed_content("prepare").run()  # cached: checks the stores, extracts nothing that is there
     check_identity(checkpoint_identity(ckpt), parser.get_parsed_content("run_identity"), f"checkpoint {ckpt}",
                    "give the overrides the run was trained with")
     blob = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -131,12 +130,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser, ckpt, parts = load_run(overrides, args.checkpoint)
     from monai_fbta.data.dataset import SlideDataset
 
-    rows = parser.get_parsed_content("prepare").part(args.part)
+    from monai_fbta.data.datalist import load_splits, select_fold
+
+    prepare = parser.get_parsed_content("prepare")  # read only: the run's datalist and splits, nothing extracted
+    rows = select_fold(load_splits(prepare.splits_file), parser.get_parsed_content("fold"), prepare.rows)[args.part]
     dataset = SlideDataset(rows, parser.get_parsed_content("train#preprocessing"), seed=parser.get_parsed_content("seed"))
     dataset.set_epoch(args.epoch)
-    prepare = parser.get_parsed_content("prepare_batch")
+    prepare_batch = parser.get_parsed_content("prepare_batch")
     num_classes = int(parser.get_parsed_content("num_classes"))
-    table = view_losses(parts, (prepare(dataset[i], "cpu") for i in range(len(dataset))))
+    table = view_losses(parts, (prepare_batch(dataset[i], "cpu") for i in range(len(dataset))))
     print(f"mean cross-entropy on the {len(rows)} {args.part} slides (chance: ln {num_classes} = {math.log(num_classes):.3f})")
     rows_out = [{"bag": b, **{h: f"{v:.3f}" for h, v in per_head.items()}} for b, per_head in table.items()]
     print(format_table(rows_out, markdown=True))
