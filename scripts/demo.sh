@@ -18,12 +18,12 @@ echo "== 1/3 FBTA + ABMIL (views frozen, e2e, translated) =="
 # bundles/fbta_stad/docs/README.md): FBTA fine-tunes a pretrained extractor, and a random one does not learn end to end
 # 20 epochs, half the bundle's 40, so both runs fit the README's ~6-minute budget on a 2-core CPU (the 5-fold study
 # in docs/benchmarks.md trains the bundle's 40)
-extractor=(--encoder_name tiny_cnn --patch_size 64 --num_epochs 20)
-"$py" -m monai.bundle run training --config_file "$cfg" "${extractor[@]}" \
+settings=(--encoder_name tiny_cnn --patch_size 64 --num_epochs 20)
+"$py" -m monai.bundle run training --config_file "$cfg" "${settings[@]}" \
     --encoder_weights "$root/weights/tiny_cnn_simclr_synthetic.pt"
 encoder=$(ls "$root"/models/frozen_encoder_*.pt | head -n 1)  # the same frozen extractor, so the same cached features
 echo "== 2/3 vanilla ABMIL (views frozen only, same EMA teacher and model selection) =="
-"$py" -m monai.bundle run training --config_file "$cfg" "${extractor[@]}" --views "['frozen']" --encoder_weights "$encoder" \
+"$py" -m monai.bundle run training --config_file "$cfg" "${settings[@]}" --views "['frozen']" --encoder_weights "$encoder" \
     --ckpt_dir "$root/models/vanilla" --output_dir "$root/eval/vanilla"
 echo "== 3/3 side by side =="
 "$py" -m monai_fbta.pipeline.compare "ABMIL + FBTA=$root/eval/test_metrics.json" \
