@@ -128,9 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "config_file" not in overrides:
         p.error("give the run's bundle settings after '--', starting with --config_file")
     parser, ckpt, parts = load_run(overrides, args.checkpoint)
-    from monai_fbta.data.dataset import SlideDataset
-
     from monai_fbta.data.datalist import load_splits, select_fold
+    from monai_fbta.data.dataset import SlideDataset
 
     prepare = parser.get_parsed_content("prepare")  # read only: the run's datalist and splits, nothing extracted
     rows = select_fold(load_splits(prepare.splits_file), parser.get_parsed_content("fold"), prepare.rows)[args.part]
