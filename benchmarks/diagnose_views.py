@@ -24,7 +24,7 @@ import ast
 import copy
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +35,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, write_json  # noqa: E402
 
-# bag name -> what it needs from the run's parts (``parts``) and the prepared sample (``s``)
-BAGS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], torch.Tensor | None]] = {
-    "frozen bag F^FB": lambda parts, s: s["features"],
-    "frozen pseudo-bag F^FB[S]": lambda parts, s: s["pb_features"],
-    "f_FFE(patches)": lambda parts, s: parts["encode"](parts["frozen_encoder"], s, "pb_image_clean"),
-    "f_TFE(patches)": lambda parts, s: parts["encode"](parts["trainable_encoder"], s, "pb_image_clean"),
-    "f_TFE(augmented patches)": lambda parts, s: parts["encode"](parts["trainable_encoder"], s, "pb_image"),
-    "f*_TFE(patches)": lambda parts, s: parts["encode"](parts["ema_encoder"], s, "pb_image_clean"),
-    "translated bag f_T(F^FB)": lambda parts, s: None if parts["translator"] is None
-    else parts["translate"](parts["translator"], s["features"]),
-}
+# the bags scored, in the order printed (a run has those its views and losses made: see slide_bags)
+BAGS = ("frozen bag F^FB", "frozen pseudo-bag F^FB[S]", "f_FFE(patches)", "f_TFE(patches)", "f_TFE(augmented patches)",
+        "f*_TFE(patches)", "translated bag f_T(F^FB)")
 
 
 def bundle_overrides(argv: list[str]) -> dict[str, Any]:
@@ -61,13 +53,16 @@ def bundle_overrides(argv: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_run(overrides: Mapping[str, Any], checkpoint: str | None = None) -> tuple[Any, str, dict[str, Any]]:
-    """``(bundle parser, checkpoint path, networks with its weights)``; refuses a checkpoint of another run."""
+def load_run(bundle_args: list[str], checkpoint: str | None = None) -> tuple[Any, str, dict[str, Any]]:
+    """``(bundle parser, checkpoint path, networks with its weights)`` for the run that ``bundle_args`` (``--config_file
+    ... --key value ...``) trained; its options and settings pass the bundle's own check (an unknown option or a bad
+    value exits naming it), and a checkpoint of another run is refused."""
     from monai.bundle import ConfigParser
 
     from monai_fbta.handlers.checkpoint import check_identity, checkpoint_identity
+    from monai_fbta.pipeline.validate import validate_settings
 
-    overrides = dict(overrides)
+    overrides = bundle_overrides(bundle_args)
     config_file = Path(overrides.pop("config_file"))
     overrides.setdefault("bundle_root", str(config_file.resolve().parent.parent))
     overrides.setdefault("show_progress", False)
@@ -75,13 +70,19 @@ def load_run(overrides: Mapping[str, Any], checkpoint: str | None = None) -> tup
     parser.read_config(str(config_file))
     parser.update(overrides)
     parser.parse()
+    # the bundle's own check of these options (not this script's) and of its validate_settings arguments
+    checked = {k: parser.get_parsed_content(f"validate_settings#{k}")
+               for k in parser["validate_settings"] if k != "_target_"}
+    validate_settings(argv=list(bundle_args), **checked)
     ckpt = checkpoint or parser.get_parsed_content("last_ckpt")
     check_identity(checkpoint_identity(ckpt), parser.get_parsed_content("run_identity"), f"checkpoint {ckpt}",
                    "give the overrides the run was trained with")
     blob = torch.load(ckpt, map_location="cpu", weights_only=True)
-    parts: dict[str, Any] = {"frozen_encoder": parser.get_parsed_content("frozen_encoder").eval(), "translator": None}
+    parts: dict[str, Any] = {"frozen_encoder": parser.get_parsed_content("frozen_encoder").eval()}
     builders = {"mil_head": "mil_head_def", "ema_mil_head": "mil_head_def", "translator": "translator_def",
                 "trainable_encoder": "trainable_encoder_def", "ema_encoder": "trainable_encoder_def"}
+    if not parser.get_parsed_content("uses_translator"):  # e.g. vanilla MIL: its checkpoint's f_T never trained
+        del builders["translator"]
     for name, key in builders.items():
         if name in blob:  # each module a copy of the config's (untrained) one, then the checkpoint's weights
             module = copy.deepcopy(parser.get_parsed_content(key))
@@ -90,29 +91,41 @@ def load_run(overrides: Mapping[str, Any], checkpoint: str | None = None) -> tup
     return parser, ckpt, parts
 
 
-def view_losses(parts: dict[str, Any], samples) -> dict[str, dict[str, float]]:
-    """``{bag: {head: mean cross-entropy}}`` over ``samples`` (prepared slide batches) for the heads in ``parts``."""
+def slide_bags(parts: Mapping[str, Any], sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The bags ``[1, n, D]`` of one prepared sample that the run has (:data:`BAGS`): a vanilla run reads no
+    patches, f*_TFE exists only with L_dist, f_T only with the translated view or L_dist."""
     from monai_fbta.networks.encode import encode_patches
-    from monai_fbta.networks.mil_base import mil_logits
     from monai_fbta.networks.translator import translate_bag
 
-    parts = {**parts, "encode": lambda enc, s, key: None if enc is None or key not in s
-             else encode_patches(enc, s[key]).unsqueeze(0), "translate": translate_bag}
+    def encode(encoder: str, images: str) -> torch.Tensor:
+        return encode_patches(parts[encoder], sample[images]).unsqueeze(0)
+
+    bags = {"frozen bag F^FB": sample["features"], "frozen pseudo-bag F^FB[S]": sample["pb_features"]}
+    if "pb_image_clean" in sample:
+        bags["f_FFE(patches)"] = encode("frozen_encoder", "pb_image_clean")
+        if "trainable_encoder" in parts:
+            bags["f_TFE(patches)"] = encode("trainable_encoder", "pb_image_clean")
+            bags["f_TFE(augmented patches)"] = encode("trainable_encoder", "pb_image")
+        if "ema_encoder" in parts:
+            bags["f*_TFE(patches)"] = encode("ema_encoder", "pb_image_clean")
+    if "translator" in parts:
+        bags["translated bag f_T(F^FB)"] = translate_bag(parts["translator"], sample["features"])
+    return bags
+
+
+def view_losses(parts: Mapping[str, Any], samples) -> dict[str, dict[str, float]]:
+    """``{bag: {head: mean cross-entropy}}`` over ``samples`` (prepared slide batches) for the heads in ``parts``."""
+    from monai_fbta.networks.mil_base import mil_logits
+
     heads = {h: parts[k] for h, k in (("f_MIL", "mil_head"), ("f*_MIL", "ema_mil_head")) if k in parts}
     losses: dict[str, dict[str, list[float]]] = {}
     with torch.no_grad():
-        for s in samples:
-            for bag_name, make in BAGS.items():
-                try:
-                    bag = make(parts, s)
-                except KeyError:  # e.g. no patches in a vanilla run, no EMA encoder without L_dist
-                    bag = None
-                if bag is None:
-                    continue
+        for sample in samples:
+            for bag_name, bag in slide_bags(parts, sample).items():
                 for head_name, head in heads.items():
-                    ce = F.cross_entropy(mil_logits(head, bag.float()), s["label"])
+                    ce = F.cross_entropy(mil_logits(head, bag.float()), sample["label"])
                     losses.setdefault(bag_name, {}).setdefault(head_name, []).append(float(ce))
-    return {b: {h: float(np.mean(v)) for h, v in per_head.items()} for b, per_head in losses.items()}
+    return {b: {h: float(np.mean(v)) for h, v in losses[b].items()} for b in BAGS if b in losses}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -124,21 +137,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--epoch", type=int, default=0, help="which epoch's pseudo-bags and augmentations to draw")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     args = p.parse_args(own)
-    overrides = bundle_overrides(bundle_args)
-    if "config_file" not in overrides:
+    if "--config_file" not in bundle_args:
         p.error("give the run's bundle settings after '--', starting with --config_file")
-    parser, ckpt, parts = load_run(overrides, args.checkpoint)
+    parser, ckpt, parts = load_run(bundle_args, args.checkpoint)
     from monai_fbta.data.datalist import load_splits, select_fold
     from monai_fbta.data.dataset import SlideDataset
 
     prepare = parser.get_parsed_content("prepare")  # read only: the run's datalist and splits, nothing extracted
     rows = select_fold(load_splits(prepare.splits_file), parser.get_parsed_content("fold"), prepare.rows)[args.part]
-    dataset = SlideDataset(rows, parser.get_parsed_content("train#preprocessing"), seed=parser.get_parsed_content("seed"))
+    dataset = SlideDataset(rows, parser.get_parsed_content("train#preprocessing"),
+                           seed=parser.get_parsed_content("seed"))
     dataset.set_epoch(args.epoch)
     prepare_batch = parser.get_parsed_content("prepare_batch")
     num_classes = int(parser.get_parsed_content("num_classes"))
     table = view_losses(parts, (prepare_batch(dataset[i], "cpu") for i in range(len(dataset))))
-    print(f"mean cross-entropy on the {len(rows)} {args.part} slides (chance: ln {num_classes} = {math.log(num_classes):.3f})")
+    print(f"mean cross-entropy on the {len(rows)} {args.part} slides "
+          f"(chance: ln {num_classes} = {math.log(num_classes):.3f})")
     rows_out = [{"bag": b, **{h: f"{v:.3f}" for h, v in per_head.items()}} for b, per_head in table.items()]
     print(format_table(rows_out, markdown=True))
     payload = {"part": args.part, "num_slides": len(rows), "checkpoint": str(ckpt),

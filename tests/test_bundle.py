@@ -418,5 +418,7 @@ def test_diagnose_views_scores_each_bag_of_a_trained_run_and_refuses_other_setti
     assert "| f_TFE(patches) |" in capsys.readouterr().out
     with pytest.raises(RunMismatchError, match="num_per_cluster"):
         diagnose.main(["--", *run, "--num_per_cluster", "2"])
+    with pytest.raises(SystemExit, match="unknown option --num_cluster for this command; did you mean --num_clusters"):
+        diagnose.main(["--", *run, "--num_cluster", "8"])  # the bundle's own option check, before any work
     with pytest.raises(SystemExit):
         diagnose.main(["--part", "test", "--", *run])  # test slides are not for diagnosing
