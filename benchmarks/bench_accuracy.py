@@ -21,6 +21,7 @@ on that fold's validation part; test folds are never looked at for any choice.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -157,6 +158,33 @@ def bundle_command(run: dict[str, Any], args, run_dir: Path, shared: Path) -> li
     return cmd
 
 
+def validation_record(csv_path: Path, start_ce: float = 0.9) -> dict[str, Any]:
+    """What a run's ``eval/train_metrics.csv`` says on its validation part: the epoch the bundle selected (the first
+    best ``val_auc``), that epoch's ``val_auc`` / ``val_bacc``, the epochs trained, and ``e2e_start_epoch``, the first
+    epoch whose e2e-view training cross-entropy fell below ``start_ce`` (``None`` without that view, or never)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    best = max(range(len(rows)), key=lambda i: float(rows[i]["val_auc"]))  # max() keeps the first of equals
+    e2e = [float(r["cls_e2e"]) for r in rows] if "cls_e2e" in rows[0] else []
+    return {"best_epoch": best + 1, "epochs_trained": len(rows), "val_auc": float(rows[best]["val_auc"]),
+            "val_bacc": float(rows[best]["val_bacc"]),
+            "e2e_start_epoch": next((i + 1 for i, ce in enumerate(e2e) if ce < start_ce), None)}
+
+
+def validation_summary(results: dict[str, list[dict[str, Any]]], last: int = 4) -> dict[str, dict[str, Any]]:
+    """Per run key, over its runs: the mean ``val_auc`` / ``val_bacc`` at the selected epochs, how many runs selected
+    one of their ``last`` epochs (still improving at the end), and the e2e view's start epochs."""
+    out = {}
+    for key, runs in results.items():
+        runs = [r for r in runs if "val_auc" in r]
+        if runs:
+            out[key] = {"runs": len(runs), "val_auc": float(np.mean([r["val_auc"] for r in runs])),
+                        "val_bacc": float(np.mean([r["val_bacc"] for r in runs])),
+                        f"best_in_last_{last}_epochs": sum(r["best_epoch"] > r["epochs_trained"] - last for r in runs),
+                        "e2e_start_epochs": [r["e2e_start_epoch"] for r in runs]}
+    return out
+
+
 def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
     """Train + test one setting on one fold in a subprocess (skipped when finished); its test metrics."""
     run_dir = Path(args.workdir) / "runs" / run_name(run)
@@ -182,7 +210,8 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
     report = json.loads(metrics_file.read_text())["metrics"]
     seconds = run_dir / "seconds.txt"
     return {"bacc": report["test_bacc"], "auc": report["test_auc"], "fold": run["fold"], "seed": run["seed"],
-            "seconds": float(seconds.read_text()) if seconds.is_file() else None}
+            "seconds": float(seconds.read_text()) if seconds.is_file() else None,
+            **validation_record(run_dir / "eval" / "train_metrics.csv")}
 
 
 def share_encoder(weights: str | None, shared: Path) -> dict[str, Any]:
@@ -346,11 +375,16 @@ def main(argv=None) -> dict[str, Any]:
     for name, r in targets.items():
         verdict = "not measured" if r["met"] is None else "met" if r["met"] else "NOT met"
         print(f"{name}: {r['value']:.3f} (target {r['target']}: {verdict})")
+    validation = validation_summary(results)
+    for key, v in validation.items():
+        print(f"validation, {key}: selected-epoch val AUC {v['val_auc']:.3f}, val bacc {v['val_bacc']:.3f} "
+              f"({v['runs']} runs; {v['best_in_last_4_epochs']} selected one of their last 4 epochs)")
     overrides = dict(o.partition("=")[::2] for o in args.override or ())
     payload = {"data": data, "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs, "heads": args.heads, "split": head,
                "bundle_settings": recorded_settings(args.config, {"num_epochs": args.epochs, **overrides}),
                "study_overrides": {**STUDY_OVERRIDES, **overrides},
                "frozen_encoder": share_encoder(args.encoder_weights, shared), "tables": tables, "ratios": targets,
+               "validation": validation,
                "runs": results, "machine": machine_info(),
                "minutes": (time.perf_counter() - start) / 60}
     finish(args, "accuracy", payload, draw_bars(tables))

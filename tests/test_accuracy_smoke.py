@@ -104,3 +104,14 @@ def test_time_estimate_scales_with_the_epochs(bench):
     twenty = bench.estimate_s(runs, prepared=True)
     assert twenty == pytest.approx(2 * (bench.RUN_S["vanilla"] + bench.RUN_S["fbta"]))
     assert bench.estimate_s(runs, prepared=True, epochs=40) == pytest.approx(2 * twenty)
+
+
+def test_validation_record_is_the_bundles_selected_epoch_and_the_e2e_start(bench, tmp_path):
+    csv_path = tmp_path / "train_metrics.csv"
+    csv_path.write_text("epoch,cls_e2e,val_auc,val_bacc\n1,1.10,0.50,0.33\n2,0.95,0.90,0.60\n3,0.80,0.90,0.70\n"
+                        "4,0.70,0.85,0.75\n")
+    record = bench.validation_record(csv_path)
+    assert record == {"best_epoch": 2, "epochs_trained": 4, "val_auc": 0.9, "val_bacc": 0.6, "e2e_start_epoch": 3}
+    summary = bench.validation_summary({"k": [record, {**record, "best_epoch": 4, "val_auc": 0.7}], "old": [{"bacc": 1}]})
+    assert summary == {"k": {"runs": 2, "val_auc": pytest.approx(0.8), "val_bacc": pytest.approx(0.6),
+                             "best_in_last_4_epochs": 2, "e2e_start_epochs": [3, 3]}}
