@@ -12,7 +12,10 @@ on that fold's validation part; test folds are never looked at for any choice.
 * Every run has an EMA teacher of its MIL head, vanilla MIL too, and reports ``f*_MIL`` (on ``f_T(F^FB)`` where a
   translator was trained, on ``F^FB`` otherwise). The "no EMA" rows set ``ema_momentum=1`` (teacher = student):
   vanilla's row is plain two-stage MIL, FBTA's has no consistency target; the pairs show what EMA buys.
-* Resumable: a run whose ``test_metrics.json`` exists is not run again; rerun the same command to continue.
+* Resumable: a run whose ``test_metrics.json`` exists is not run again; rerun the same command to continue. A
+  finished run is reused only with the settings it had (its ``settings.json``: the bundle config's and the frozen
+  extractor's sha256 and its overrides); other ``--epochs``, ``--override``, ``--config`` or extractor stop the study
+  with the run's name and what differs. Existing slides in ``--dataset-dir`` must have the ``--data`` settings.
 
     python benchmarks/bench_accuracy.py --workdir /tmp/acc --dataset-dir DATA --json acc.json --plot acc.png
     python benchmarks/bench_accuracy.py --quick            # 1 fold, 1 seed, 2 epochs, ABMIL only: a smoke run
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_common_args, finish, format_table, machine_info  # noqa: E402
+from _common import add_common_args, finish, format_table, machine_info, write_json  # noqa: E402
 
 BUNDLE_CONFIG = Path(__file__).resolve().parents[1] / "bundles" / "fbta_stad" / "configs" / "train.json"
 ALL_VIEWS = ("frozen", "e2e", "translated")
@@ -56,6 +60,9 @@ DATA = {"num_slides": 120, "size": 2048, "tumour_fraction": 0.08, "stain_jitter"
 # that finished
 RUN_S = {"vanilla": 60.0, "fbta": 150.0}
 RUN_S_EPOCHS = 20
+# bundle overrides naming places inside --workdir, left out of a run's identity; RUN_RECORD holds that identity
+WORKDIR_PATHS = ("cache_dir", "ckpt_dir", "output_dir", "encoder_weights")
+RUN_RECORD = "settings.json"
 HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.3, "mambamil": 6.0}  # MambaMIL: its pure-PyTorch scan, 9.6 min per vanilla run measured
 PREPARE_S = 300.0
 # one compute thread per run: on 2 cores, 2 OpenMP threads next to the 2 patch-reading workers (or any other
@@ -138,8 +145,8 @@ def estimate_s(runs: list[dict[str, Any]], prepared: bool, scale: float = 1.0, e
     return total
 
 
-def bundle_command(run: dict[str, Any], args, run_dir: Path, shared: Path) -> list[str]:
-    """The ``monai.bundle run training`` command line of one run (overrides as ``--key value``)."""
+def bundle_overrides(run: dict[str, Any], args, run_dir: Path, shared: Path) -> dict[str, str]:
+    """One run's ``--key value`` bundle overrides, values as its command line has them (JSON for non-strings)."""
     over: dict[str, Any] = {
         "dataset_dir": args.dataset_dir, "cache_dir": str(Path(args.workdir) / "cache"), "ckpt_dir": str(run_dir),
         "output_dir": str(run_dir / "eval"), "mil_name": run["head"], "views": list(run["views"]),
@@ -152,10 +159,44 @@ def bundle_command(run: dict[str, Any], args, run_dir: Path, shared: Path) -> li
     for item in args.override or ():
         key, _, value = item.partition("=")
         over[key] = value
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in over.items()}
+
+
+def bundle_command(run: dict[str, Any], args, run_dir: Path, shared: Path) -> list[str]:
+    """The ``monai.bundle run training`` command line of one run (overrides as ``--key value``)."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(args.config)]
-    for key, value in over.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    for key, value in bundle_overrides(run, args, run_dir, shared).items():
+        cmd += [f"--{key}", value]
     return cmd
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def run_identity(run: dict[str, Any], args, run_dir: Path, shared: Path) -> dict[str, Any]:
+    """What a finished run must match to be reused: the bundle config's content, the frozen extractor's, and the
+    overrides less the places inside ``--workdir`` (a moved workdir holds the same study)."""
+    over = bundle_overrides(run, args, run_dir, shared)
+    encoder = shared / "frozen_encoder_tiny_cnn.pt"
+    return {"config_sha256": _sha256(args.config), "encoder_sha256": _sha256(encoder) if encoder.is_file() else None,
+            "overrides": {k: v for k, v in over.items() if k not in WORKDIR_PATHS}}
+
+
+def check_finished_run(run_dir: Path, identity: dict[str, Any]) -> None:
+    """Refuse to reuse a finished run whose recorded identity (``RUN_RECORD``) is missing or is not ``identity``."""
+    record = run_dir / RUN_RECORD
+    hint = "delete that run folder to run it again with these settings, or use another --workdir"
+    if not record.is_file():
+        raise SystemExit(f"{run_dir} finished without {RUN_RECORD} (an older bench_accuracy), so its settings cannot "
+                         f"be checked; {hint}")
+    had = json.loads(record.read_text())
+    if had != identity:
+        diff = [f"{k}: {had.get(k)!r} -> {identity[k]!r}" for k in ("config_sha256", "encoder_sha256")
+                if had.get(k) != identity[k]]
+        old, new = had.get("overrides", {}), identity["overrides"]
+        diff += [f"--{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise SystemExit(f"{run_dir} finished with other settings ({'; '.join(diff)}); {hint}")
 
 
 def validation_record(csv_path: Path, start_ce: float = 0.9) -> dict[str, Any]:
@@ -189,12 +230,15 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
     """Train + test one setting on one fold in a subprocess (skipped when finished); its test metrics."""
     run_dir = Path(args.workdir) / "runs" / run_name(run)
     metrics_file = run_dir / "eval" / "test_metrics.json"
-    if not metrics_file.is_file():
+    if metrics_file.is_file():
+        check_finished_run(run_dir, run_identity(run, args, run_dir, shared))
+    else:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an interrupted run: start it again
         run_dir.mkdir(parents=True)
         if (shared / "splits.json").is_file():
             shutil.copy2(shared / "splits.json", run_dir / "splits.json")
+        write_json(run_dir / RUN_RECORD, run_identity(run, args, run_dir, shared))
         start = time.perf_counter()
         log = run_dir / "log.txt"
         with open(log, "w") as f:
@@ -207,6 +251,8 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
         for name in ("splits.json", *(p.name for p in run_dir.glob("frozen_encoder_*.pt"))):
             if not (shared / name).exists():
                 shutil.copy2(run_dir / name, shared / name)
+        # again now that the shared extractor exists (a random-init study's first run saves it)
+        write_json(run_dir / RUN_RECORD, run_identity(run, args, run_dir, shared))
     report = json.loads(metrics_file.read_text())["metrics"]
     seconds = run_dir / "seconds.txt"
     return {"bacc": report["test_bacc"], "auc": report["test_auc"], "fold": run["fold"], "seed": run["seed"],
@@ -217,10 +263,8 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
 def share_encoder(weights: str | None, shared: Path) -> dict[str, Any]:
     """Put ``weights`` in ``shared`` as every run's frozen extractor (refused when the study already has another one);
     returns its description: ``{"weights": source or "random init", "sha256": ...}``."""
-    import hashlib
-
     target = shared / "frozen_encoder_tiny_cnn.pt"
-    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]  # noqa: E731
+    digest = _sha256
     if weights is not None:
         if target.is_file() and digest(target) != digest(weights):
             raise SystemExit(f"{shared.parent} already holds runs with another frozen extractor ({target}); use a new "
@@ -233,13 +277,30 @@ def share_encoder(weights: str | None, shared: Path) -> dict[str, Any]:
 
 def make_data(args) -> dict[str, Any]:
     """The synthetic dataset's settings; the slides are generated into ``--dataset-dir`` unless it has a datalist
-    (the generator is deterministic, and it keeps intact slides written with the same settings)."""
+    (the generator is deterministic, and it keeps intact slides written with the same settings), whose settings must
+    then be the requested ones (:func:`check_dataset`)."""
     data = {**DATA, **{k: float(v) if "." in v else int(v) for k, v in (i.split("=", 1) for i in args.data)}}
-    if not (Path(args.dataset_dir) / "datalist.json").is_file():
+    datalist = Path(args.dataset_dir) / "datalist.json"
+    if not datalist.is_file():
         from monai_fbta.synthetic import generate_dataset
 
         generate_dataset(args.dataset_dir, num_classes=3, **data)
+    check_dataset(datalist, data)
     return data
+
+
+def check_dataset(datalist: Path, data: dict[str, Any]) -> None:
+    """Refuse slides generated with other synthetic settings than ``data`` (the study records ``data``)."""
+    written = json.loads(datalist.read_text())
+    config = written.get("config")
+    if not isinstance(config, dict):
+        raise SystemExit(f"{datalist} has no synthetic generator settings ('config'): the accuracy study runs on "
+                         "slides from monai_fbta.synthetic; give it an empty --dataset-dir to generate them")
+    had = {**config, "num_slides": len(written.get("training", []))}
+    diff = [f"{k}={had.get(k)} (asked {v})" for k, v in data.items() if had.get(k) != v]
+    if diff:
+        raise SystemExit(f"{datalist}: the slides there were generated with {', '.join(diff)}; pass those with "
+                         "--data, or another --dataset-dir to generate the ones asked for")
 
 
 def mean_std(values: list[float]) -> str:

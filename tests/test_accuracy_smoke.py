@@ -115,3 +115,49 @@ def test_validation_record_is_the_bundles_selected_epoch_and_the_e2e_start(bench
     summary = bench.validation_summary({"k": [record, {**record, "best_epoch": 4, "val_auc": 0.7}], "old": [{"bacc": 1}]})
     assert summary == {"k": {"runs": 2, "val_auc": pytest.approx(0.8), "val_bacc": pytest.approx(0.6),
                              "best_in_last_4_epochs": 2, "e2e_start_epochs": [3, 3]}}
+
+
+def test_finished_run_is_reused_only_with_the_settings_it_had(bench, tmp_path):
+    import json
+
+    def study(*extra):
+        args = bench.parse_args(["--quick", "--workdir", str(tmp_path / "w"), "--dataset-dir", str(tmp_path / "d"),
+                                 *extra])
+        run = bench.plan_runs(args.heads, args.seeds, args.folds)[0]
+        shared = tmp_path / "w" / "shared"
+        shared.mkdir(parents=True, exist_ok=True)
+        return run, args, tmp_path / "w" / "runs" / bench.run_name(run), shared
+
+    run, args, run_dir, shared = study()
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "test_metrics.json").write_text(json.dumps({"metrics": {"test_bacc": 1.0, "test_auc": 1.0}}))
+    with pytest.raises(SystemExit, match="without settings.json"):  # a run of unknown settings is not reused
+        bench.run_one(run, args, shared)
+    (run_dir / bench.RUN_RECORD).write_text(json.dumps(bench.run_identity(run, args, run_dir, shared)))
+    bench.check_finished_run(run_dir, bench.run_identity(run, args, run_dir, shared))  # the same study resumed
+    moved = bench.run_identity(run, args, tmp_path / "elsewhere", shared)
+    bench.check_finished_run(run_dir, moved)  # the workdir's own paths are not settings
+    for extra, changed in ((["--epochs", "3"], "--num_epochs: '2' -> '3'"),
+                           (["--override", "lr_mil=0.001"], "--lr_mil: None -> '0.001'")):
+        run2, args2, _, _ = study(*extra)
+        with pytest.raises(SystemExit, match=changed):
+            bench.run_one(run2, args2, shared)
+    (shared / "frozen_encoder_tiny_cnn.pt").write_bytes(b"another extractor")
+    with pytest.raises(SystemExit, match="encoder_sha256"):
+        bench.check_finished_run(run_dir, bench.run_identity(run, args, run_dir, shared))
+
+
+def test_existing_slides_must_have_the_requested_synthetic_settings(bench, tmp_path):
+    import json
+
+    datalist = tmp_path / "datalist.json"
+    config = {"size": 2048, "tumour_fraction": 0.08, "stain_jitter": 2.0, "seed": 1, "num_classes": 3}
+    datalist.write_text(json.dumps({"config": config, "training": [{}] * 120}))
+    bench.check_dataset(datalist, dict(bench.DATA))
+    with pytest.raises(SystemExit, match=r"seed=1 \(asked 3\)"):
+        bench.check_dataset(datalist, {**bench.DATA, "seed": 3})
+    with pytest.raises(SystemExit, match=r"num_slides=120 \(asked 12\)"):
+        bench.check_dataset(datalist, {**bench.DATA, "num_slides": 12})
+    datalist.write_text(json.dumps({"training": []}))  # a user's own datalist: not the synthetic benchmark
+    with pytest.raises(SystemExit, match="no synthetic generator settings"):
+        bench.check_dataset(datalist, dict(bench.DATA))
