@@ -177,3 +177,34 @@ def test_sweep_mil_head_reports_when_the_head_leaves_chance_on_validation_only(t
                        "--epochs", "8", "--grid", "lr=[0.003]", "hidden=[16]"])
     assert [r["setting"] for r in rows] == [{"lr": 0.003, "hidden": 16}]
     assert rows[0]["start_epoch"][0] is not None and rows[0]["best_val_auc"] > 0.9
+
+
+def test_diagnose_pseudo_bags_counts_lesion_patches_of_cached_clusters(tmp_path, capsys):
+    """Two 'clusters' of features, one of them exactly the patches in the lesion mask: a pseudo-bag of M per cluster
+    holds M lesion patches of 2M, against 4 of 16 in the whole bag."""
+    from monai_fbta.data.clustering import cluster_store
+    from monai_fbta.data.store import add_arrays, store_path, write_coords
+
+    bench = load_benchmark("diagnose_pseudo_bags")
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir(), cache.mkdir()
+    coords = np.array([(x, y) for y in range(0, 256, 64) for x in range(0, 256, 64)])  # 16 patches of 64 px
+    mask = np.zeros((16, 16), bool)  # 16 level-0 px per mask px: the top-left 128 x 128 px are lesion
+    mask[:8, :8] = True
+    np.save(data / "s0_tumour_mask.npy", mask)
+    lesion = (coords[:, 0] < 128) & (coords[:, 1] < 128)
+    path = store_path(cache, "s0")
+    write_coords(path, coords, {"patch_size_level0": 64})
+    add_arrays(path, {"features": np.where(lesion[:, None], 5.0, -5.0) + np.random.default_rng(0).normal(0, .1, (16, 4))},
+               fingerprint={"encoder": "test"})
+    assert sorted(np.bincount(cluster_store(path, 2, seed=0))) == [4, 12]
+    (data / "datalist.json").write_text(json.dumps({"class_names": ["a", "b"], "training": [
+        {"slide_id": "s0", "label": 1, "tumour_mask": "s0_tumour_mask.npy", "mask_downsample": 16}]}))
+    out = bench.main(["--dataset-dir", str(data), "--cache-dir", str(cache), "--num-clusters", "2",
+                      "--num-per-cluster", "1", "3", "--draws", "5"])
+    slide = out["slides"][0]
+    assert (slide["N"], slide["lesion"], slide["share"], slide["lesion_clusters"]) == (16, 4, 0.25, 1)
+    assert slide["M1"] == (1.0, 0.5) and slide["M3"] == (3.0, 0.5)
+    assert [r["class"] for r in out["table"]] == ["b", "all"] and "3.00 (0.500)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no clusters of C=3"):  # clusters of other settings are not read as these
+        bench.main(["--dataset-dir", str(data), "--cache-dir", str(cache), "--num-clusters", "3"])

@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Any
 
 import numpy as np
 import torch
 
 from monai_fbta.data.store import SlideStore, add_arrays
 
-__all__ = ["cluster_features", "cluster_store", "kmeans_torch", "resolve_method"]
+__all__ = ["cached_clusters", "cluster_features", "cluster_settings", "cluster_store", "kmeans_torch", "resolve_method"]
 
 _METHODS = ("auto", "kmeans", "minibatch", "torch")
 
@@ -129,6 +130,25 @@ def cluster_features(
     return model.fit_predict(x).astype(np.int64)
 
 
+def cluster_settings(store: SlideStore, num_clusters: int, seed: int = 0, method: str = "auto") -> dict[str, Any]:
+    """The attributes :func:`cluster_store` gives ``clusters`` of these settings and of the store's ``features``."""
+    features_fp = store.attrs("features").get("fingerprint")
+    return {
+        "clusters_num_clusters": int(num_clusters),
+        "clusters_seed": int(seed),
+        "clusters_method": method,
+        "clusters_features_fingerprint": hashlib.sha1(json.dumps(features_fp, sort_keys=True, default=str).encode()).hexdigest(),
+    }
+
+
+def cached_clusters(store: SlideStore, num_clusters: int, seed: int = 0, method: str = "auto") -> np.ndarray | None:
+    """The ``[N]`` labels cached in ``store`` for these settings and its present features, else ``None``."""
+    settings = cluster_settings(store, num_clusters, seed, method)
+    if store.is_complete(("features", "clusters"), expect_dataset_attrs={"clusters": settings}):
+        return store.array("clusters").astype(np.int64)
+    return None
+
+
 def cluster_store(
     store: str | os.PathLike | SlideStore, num_clusters: int = 100, seed: int = 0, method: str = "auto", force: bool = False
 ) -> np.ndarray:
@@ -146,15 +166,10 @@ def cluster_store(
     if not isinstance(store, SlideStore):
         with SlideStore(store) as opened:
             return cluster_store(opened, num_clusters, seed, method, force)
-    features_fp = store.attrs("features").get("fingerprint")
-    settings = {
-        "clusters_num_clusters": int(num_clusters),
-        "clusters_seed": int(seed),
-        "clusters_method": method,
-        "clusters_features_fingerprint": hashlib.sha1(json.dumps(features_fp, sort_keys=True, default=str).encode()).hexdigest(),
-    }
-    if not force and store.is_complete(("features", "clusters"), expect_dataset_attrs={"clusters": settings}):
-        return store.array("clusters").astype(np.int64)
+    cached = None if force else cached_clusters(store, num_clusters, seed, method)
+    if cached is not None:
+        return cached
+    settings = cluster_settings(store, num_clusters, seed, method)
     labels = cluster_features(store.array("features"), num_clusters, seed, method)
     add_arrays(store.path, {"clusters": labels}, settings)  # atomic rewrite: the open handle keeps reading the old file
     return labels
