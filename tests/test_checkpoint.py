@@ -91,3 +91,24 @@ def test_model_pt_names_its_frozen_encoder_relative_to_itself_and_travels(tmp_pa
     loaded = load_inference_model(moved / "models" / "old.pt")
     assert loaded["metadata"]["encoder_weights"] == str(moved / "models" / "frozen_encoder_tiny_cnn.pt")
     assert loaded["translator"] is not None and loaded["mil_head"].keys() == {k[9:] for k in old["network"] if k.startswith("mil_head.")}
+
+
+def test_model_pt_rebuilds_a_head_with_non_default_arguments(tmp_path):
+    """model.pt kept only the head's name and hidden size: a 1-layer MambaMIL came back with 2 layers and failed to
+    load (the bundle's evaluation crashed after training). Its other arguments (``mil_kwargs``) travel with it now."""
+    from monai_fbta.handlers.checkpoint import (
+        RunMismatchError, check_identity, load_inference_networks, model_metadata, save_inference_model,
+    )
+    from monai_fbta.networks import build_mil_head
+
+    head = build_mil_head("mambamil", in_features=D, num_classes=C, hidden=16, num_layers=1)
+    meta = model_metadata("mambamil", D, C, None, ["frozen"], "tiny_cnn", None, {}, 16, 2, mil_kwargs={"num_layers": 1})
+    save_inference_model(tmp_path / "model.pt", head, None, meta)
+    rebuilt, _, loaded = load_inference_networks(tmp_path / "model.pt")
+    assert loaded["mil_kwargs"] == {"num_layers": 1} and len(rebuilt.blocks) == 1
+    x = torch.randn(1, 7, D)
+    torch.testing.assert_close(rebuilt(x), head.eval()(x))
+    # a run saved before mil_kwargs existed had the head's defaults: it still resumes as a default-head run
+    check_identity({"mil_name": "abmil"}, {"mil_name": "abmil", "mil_kwargs": {}}, "last.pt", "rerun")
+    with pytest.raises(RunMismatchError, match="mil_kwargs differs"):
+        check_identity({"mil_name": "mambamil"}, {"mil_name": "mambamil", "mil_kwargs": {"num_layers": 1}}, "last.pt", "x")

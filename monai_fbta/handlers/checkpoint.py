@@ -51,12 +51,16 @@ class RunMismatchError(ValueError):
     """A checkpoint or model belongs to another run (other data, classes or model settings)."""
 
 
+# identity keys added after runs were saved without them, and the value those runs had
+_ADDED_LATER: dict[str, Any] = {"mil_kwargs": {}}
+
+
 def _identity_differences(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
     if saved is None:
         return ["it holds no run identity (saved by an older version of monai-fbta or by another program)"]
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
+        old, new = saved.get(key, _ADDED_LATER.get(key)), current.get(key)
         if old == new or key == "num_slides":
             continue
         if key == "datalist_sha256":
@@ -295,13 +299,16 @@ def model_metadata(
     mil_hidden: int = 512,
     translator_heads: int = 10,
     identity: Mapping[str, Any] | None = None,
+    mil_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Plain-Python description of the inference network (stored in ``model.pt``), with the run's ``identity``."""
+    """Plain-Python description of the inference network (stored in ``model.pt``), with the run's ``identity``;
+    ``mil_kwargs``: the head's other constructor arguments (e.g. MambaMIL's ``num_layers``)."""
     names = resolve_class_names(class_names, num_classes)
     return {
         "run_identity": None if identity is None else dict(identity),
         "mil_name": str(mil_name),
         "mil_hidden": int(mil_hidden),
+        "mil_kwargs": plain_value(dict(mil_kwargs or {})),
         "feature_dim": int(feature_dim),
         "num_classes": int(num_classes),
         "class_names": names,
@@ -320,7 +327,7 @@ def load_inference_networks(path: str | os.PathLike, device: str | torch.device 
     blob = load_inference_model(path)
     meta = blob["metadata"]
     head = build_mil_head(meta["mil_name"], in_features=meta["feature_dim"], num_classes=meta["num_classes"],
-                          hidden=meta["mil_hidden"])
+                          hidden=meta["mil_hidden"], **meta.get("mil_kwargs", {}))
     head.load_state_dict(blob["mil_head"])
     translator = None
     if blob["translator"] is not None:
