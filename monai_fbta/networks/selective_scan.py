@@ -13,8 +13,8 @@ Shapes follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``: ``u,
 The decays ``exp(dt * A)`` (in (0, 1], so nothing can overflow) and inputs ``dt * B * u`` of a
 chunk are computed in one vectorised pass, then the state is stepped through the chunk (one
 fused multiply-add per step, with a hand-written backward; on CPU this beat a log-depth Hillis-Steele
-scan ~3x, a log-space ``logcumsumexp`` scan ~8x and autograd over the steps 1.6-2x) and carried to the
-next chunk. With gradients on, each chunk runs under activation checkpointing, so memory is
+scan ~3x, a log-space ``logcumsumexp`` scan ~8x and autograd over the steps 1.6-2x, in one-off
+timings) and carried to the next chunk. With gradients on, each chunk runs under activation checkpointing, so memory is
 O(L * Dm) for inputs/outputs plus O(chunk * Dm * S) for one chunk, never O(L * Dm * S) or O(L^2).
 :func:`selective_scan_naive` is the step-by-step reference used by the tests.
 """
@@ -87,7 +87,7 @@ class _LinearRecurrence(torch.autograd.Function):
 
     One fused multiply-add per step in both directions, the backward written out (``g_t = dL/dh_t`` runs the same
     recurrence in reverse: ``g_t = gh_t + a_{t+1} * g_{t+1}``) instead of autograd recording T small steps; on CPU
-    this made a scan's forward + backward 1.6-2x faster (L = 100-2000)."""
+    this made a scan's forward + backward 1.6-2x faster (L = 100-2000, a one-off timing)."""
 
     @staticmethod
     def forward(ctx, h0: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
