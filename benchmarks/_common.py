@@ -297,7 +297,7 @@ def save_plot(path: str | os.PathLike, draw: Callable[[Any], None], figsize=(6.4
         draw(ax)
         fig.tight_layout()
         with atomic_open(path, "wb") as f:
-            fig.savefig(f, dpi=120, format="png")
+            fig.savefig(f, dpi=120, format="png", bbox_inches="tight")  # long axis labels stay whole
     finally:
         plt.close(fig)
 

@@ -45,7 +45,7 @@ BUNDLE_CONFIG = Path(__file__).resolve().parents[1] / "bundles" / "fbta_stad" / 
 ALL_VIEWS = ("frozen", "e2e", "translated")
 HEAD_NAMES = {"abmil": "ABMIL", "transmil": "TransMIL (hidden 128)", "mambamil": "MambaMIL (hidden 64, 1 layer)"}
 # CPU-sized TransMIL / MambaMIL: hidden 512 costs ~0.5 s per 500-instance bag on one core (ABMIL: 0.02 s); MambaMIL
-# at hidden 64 still costs 0.16 s with its 2 SR-Mamba layers (pure-PyTorch scan), 0.08 s with one
+# at hidden 64 still costs ~0.28 s with its 2 SR-Mamba layers (pure-PyTorch scan), ~0.15 s with one
 HEAD_OVERRIDES: dict[str, dict[str, Any]] = {"transmil": {"mil_hidden": 128},
                                              "mambamil": {"mil_hidden": 64, "mil_kwargs": {"num_layers": 1}}}
 NO_EMA = {"ema_momentum": 1.0}

@@ -27,6 +27,7 @@ from monai_fbta._io import atomic_open  # noqa: E402
 ORDER = ["accuracy", "memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "scaling", "mil_heads"]
 TITLES = {
     "accuracy": "Accuracy on the synthetic benchmark: vanilla MIL vs +FBTA, and the view ablation",
+    "accuracy_mambamil": "Accuracy study, MambaMIL rows (the same hard set, splits, extractor and epochs; CPU-sized head)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
@@ -154,7 +155,8 @@ def render(results_dir: str, images_dir: str, out_path: str) -> str:
     files = {os.path.splitext(os.path.basename(f))[0]: f for f in glob.glob(os.path.join(results_dir, "*.json"))}
     if not files:
         raise SystemExit(f"no benchmark results in {results_dir}: run python benchmarks/run_all.py first")
-    variants = sorted(n for n in files if n.startswith("accuracy_"))  # other data / extractor, after the main study
+    # after the main study: its other heads (titled), then other data / extractor / settings
+    variants = sorted((n for n in files if n.startswith("accuracy_")), key=lambda n: (n not in TITLES, n))
     names = [m for n in ORDER if n in files for m in [n, *(variants if n == "accuracy" else [])]]
     names += sorted(set(files) - set(names))
     out_dir = os.path.dirname(os.path.abspath(out_path))
