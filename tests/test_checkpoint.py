@@ -101,7 +101,9 @@ def test_model_pt_rebuilds_a_head_with_non_default_arguments(tmp_path):
     )
     from monai_fbta.networks import build_mil_head
 
-    head = build_mil_head("mambamil", in_features=D, num_classes=C, hidden=16, num_layers=1)
+    head = build_mil_head("mambamil", {"num_layers": 1}, in_features=D, num_classes=C, hidden=16)  # the bundle's form
+    with pytest.raises(ValueError, match="given both"):
+        build_mil_head("mambamil", {"hidden": 8}, in_features=D, num_classes=C, hidden=16)
     meta = model_metadata("mambamil", D, C, None, ["frozen"], "tiny_cnn", None, {}, 16, 2, mil_kwargs={"num_layers": 1})
     save_inference_model(tmp_path / "model.pt", head, None, meta)
     rebuilt, _, loaded = load_inference_networks(tmp_path / "model.pt")

@@ -327,7 +327,7 @@ def load_inference_networks(path: str | os.PathLike, device: str | torch.device 
     blob = load_inference_model(path)
     meta = blob["metadata"]
     head = build_mil_head(meta["mil_name"], in_features=meta["feature_dim"], num_classes=meta["num_classes"],
-                          hidden=meta["mil_hidden"], **meta.get("mil_kwargs", {}))
+                          hidden=meta["mil_hidden"], options=meta.get("mil_kwargs"))
     head.load_state_dict(blob["mil_head"])
     translator = None
     if blob["translator"] is not None:

@@ -3,6 +3,7 @@ e.g. ``"_target_": "monai_fbta.networks.ABMIL"``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from monai_fbta.networks.abmil import ABMIL
@@ -27,12 +28,16 @@ def list_encoders() -> list[str]:
     return list(ENCODER_NAMES)
 
 
-def build_mil_head(name: str, **kwargs: Any) -> MILHead:
-    """``build_mil_head("abmil", in_features=1024, num_classes=2)``; names are case-insensitive."""
+def build_mil_head(name: str, options: Mapping[str, Any] | None = None, **kwargs: Any) -> MILHead:
+    """``build_mil_head("abmil", in_features=1024, num_classes=2)``; names are case-insensitive. ``options``: more
+    constructor arguments as one mapping (a bundle's ``mil_kwargs``, e.g. ``{"num_layers": 1}`` for MambaMIL)."""
     key = name.lower()
     if key not in MIL_HEADS:
         raise ValueError(f"unknown MIL head {name!r}; valid: {list_mil_heads()}")
-    return MIL_HEADS[key](**kwargs)
+    clash = set(options or {}) & set(kwargs)
+    if clash:
+        raise ValueError(f"build_mil_head({name!r}): {sorted(clash)} given both in options and as arguments")
+    return MIL_HEADS[key](**kwargs, **(options or {}))
 
 
 def build_encoder(name: str, **kwargs: Any) -> PatchEncoder:
