@@ -244,7 +244,6 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
         run_dir.mkdir(parents=True)
         if (shared / "splits.json").is_file():
             shutil.copy2(shared / "splits.json", run_dir / "splits.json")
-        write_json(run_dir / RUN_RECORD, run_identity(run, args, run_dir, shared))
         start = time.perf_counter()
         log = run_dir / "log.txt"
         with open(log, "w") as f:
@@ -257,7 +256,8 @@ def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
         for name in ("splits.json", *(p.name for p in run_dir.glob("frozen_encoder_*.pt"))):
             if not (shared / name).exists():
                 shutil.copy2(run_dir / name, shared / name)
-        # again now that the shared extractor exists (a random-init study's first run saves it)
+        # once the shared extractor exists (a random-init study's first run saves it); a run stopped before this
+        # line has no record and is refused, not reused
         write_json(run_dir / RUN_RECORD, run_identity(run, args, run_dir, shared))
     report = json.loads(metrics_file.read_text())["metrics"]
     seconds = run_dir / "seconds.txt"
