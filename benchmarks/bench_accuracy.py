@@ -285,14 +285,24 @@ def make_data(args) -> dict[str, Any]:
     """The synthetic dataset's settings; the slides are generated into ``--dataset-dir`` unless it has a datalist
     (the generator is deterministic, and it keeps intact slides written with the same settings), whose settings must
     then be the requested ones (:func:`check_dataset`)."""
-    data = {**DATA, **{k: float(v) if "." in v else int(v) for k, v in (i.split("=", 1) for i in args.data)}}
+    data = {**DATA, **{k: parse_data_value(v) for k, v in (i.split("=", 1) for i in args.data)}}
     datalist = Path(args.dataset_dir) / "datalist.json"
     if not datalist.is_file():
         from monai_fbta.synthetic import generate_dataset
 
-        generate_dataset(args.dataset_dir, num_classes=3, **data)
+        generate_dataset(args.dataset_dir, num_classes=len(data.get("classes", ())) or 3, **data)
     check_dataset(datalist, data)
     return data
+
+
+def parse_data_value(text: str) -> int | float | list[str]:
+    """A ``--data`` value: ``3`` -> int, ``0.05`` -> float, ``pleomorphic,glandular,cords`` -> list of names."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return [t.strip() for t in text.split(",")]
 
 
 def check_dataset(datalist: Path, data: dict[str, Any]) -> None:

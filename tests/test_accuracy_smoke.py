@@ -158,6 +158,13 @@ def test_existing_slides_must_have_the_requested_synthetic_settings(bench, tmp_p
         bench.check_dataset(datalist, {**bench.DATA, "seed": 3})
     with pytest.raises(SystemExit, match=r"num_slides=120 \(asked 12\)"):
         bench.check_dataset(datalist, {**bench.DATA, "num_slides": 12})
+    kinds = bench.parse_data_value("pleomorphic,glandular,cords")  # --data classes=...: another morphology
+    assert kinds == ["pleomorphic", "glandular", "cords"]
+    assert (bench.parse_data_value("3"), bench.parse_data_value("0.05")) == (3, 0.05)
+    with pytest.raises(SystemExit, match=r"classes=None \(asked \['pleomorphic'"):
+        bench.check_dataset(datalist, {**bench.DATA, "classes": kinds})
+    datalist.write_text(json.dumps({"config": {**config, "classes": kinds}, "training": [{}] * 120}))
+    bench.check_dataset(datalist, {**bench.DATA, "classes": kinds})
     datalist.write_text(json.dumps({"training": []}))  # a user's own datalist: not the synthetic benchmark
     with pytest.raises(SystemExit, match="no synthetic generator settings"):
         bench.check_dataset(datalist, dict(bench.DATA))

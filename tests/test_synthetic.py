@@ -209,6 +209,36 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         render_slide(SyntheticSlideConfig(size=256, num_classes=2), 2, np.random.default_rng(0))
 
 
+def test_classes_choose_the_morphology_of_each_label():
+    cfg = SyntheticSlideConfig(size=512, classes=("pleomorphic", "glandular", "cords"))
+    assert cfg.class_names == ("pleomorphic", "glandular", "cords")
+    default = SyntheticSlideConfig(size=512)
+    for label, same_as in ((0, 1), (2, 3)):  # label 0 renders pleomorphic nuclei: the default's label 1
+        a, ma = render_slide(cfg, label, np.random.default_rng(7))
+        b, mb = render_slide(SyntheticSlideConfig(size=512, num_classes=4), same_as, np.random.default_rng(7))
+        assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    # the default classes render and hash as before the option existed (existing slides stay valid)
+    assert SyntheticSlideConfig(size=512, classes=CLASS_NAMES[:3]).class_names == default.class_names
+    assert SyntheticSlideConfig().digest() == "c506fd4e4805"
+    assert cfg.digest() != SyntheticSlideConfig(size=512, classes=("cords", "glandular", "pleomorphic")).digest()
+    with pytest.raises(ValueError, match="classes must be 3 different names"):
+        SyntheticSlideConfig(classes=("pleomorphic", "glandular", "glandular"))
+    with pytest.raises(ValueError, match="classes must be 2 different names"):
+        SyntheticSlideConfig(num_classes=2, classes=("tumour", "cords"))
+
+
+def test_cli_classes_option_names_the_labels(tmp_path, capsys):
+    out = tmp_path / "kinds"
+    assert main(["--out", str(out), "--num-slides", "2", "--classes", "glandular,cords", "--size", "256",
+                 "--no-progress"]) == 0
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert datalist["num_classes"] == 2 and datalist["class_names"] == ["glandular", "cords"]
+    assert datalist["config"]["classes"] == ["glandular", "cords"]
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--classes", "glandular,tumour"])
+    assert "got ['glandular', 'tumour']" in capsys.readouterr().err
+
+
 def test_resume_skips_valid_and_regenerates_damaged(tmp_path):
     kw = dict(num_slides=2, num_classes=2, size=512, seed=1, progress=False)
     rows = generate_dataset(tmp_path, **kw)

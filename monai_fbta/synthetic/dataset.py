@@ -8,13 +8,14 @@ import dataclasses
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import scipy.ndimage as ndi
 
 from monai_fbta._io import atomic_open
-from monai_fbta.synthetic.render import CLASS_NAMES, SyntheticSlideConfig, render_slide
+from monai_fbta.synthetic.render import SyntheticSlideConfig, render_slide
 from monai_fbta.synthetic.tiff import slide_is_valid, tumour_bboxes, write_pyramidal_tiff
 
 __all__ = ["GENERATOR", "generate_dataset", "save_preview"]
@@ -58,6 +59,7 @@ def generate_dataset(
     overwrite: bool = False,
     config: SyntheticSlideConfig | None = None,
     stain_jitter: float | None = None,
+    classes: Sequence[str] | None = None,
 ) -> list[dict]:
     """Write ``num_slides`` balanced synthetic slides, ``labels.csv`` and ``datalist.json`` to ``out_dir``.
 
@@ -66,7 +68,7 @@ def generate_dataset(
     the same config are kept (resumable); ``overwrite=True`` regenerates them. Slide ``i`` draws
     from ``default_rng([seed, i])``, so a slide is identical whether or not others were skipped.
     ``config`` overrides the other rendering fields (its ``num_classes`` / ``size`` /
-    ``tumour_fraction`` / ``seed`` are replaced by the arguments, and ``stain_jitter`` when given).
+    ``tumour_fraction`` / ``seed`` are replaced by the arguments, and ``stain_jitter`` / ``classes`` when given).
 
     Returns the datalist rows with absolute paths; the files store paths relative to ``out_dir``.
     """
@@ -78,6 +80,8 @@ def generate_dataset(
                               tumour_fraction=tumour_fraction, seed=seed)
     if stain_jitter is not None:
         cfg = dataclasses.replace(cfg, stain_jitter=stain_jitter)
+    if classes is not None:
+        cfg = dataclasses.replace(cfg, classes=tuple(classes))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels, cases = _plan(num_slides, num_classes, seed)
@@ -112,7 +116,7 @@ def _write_tables(out: Path, rows: list[dict], cfg: SyntheticSlideConfig) -> Non
     datalist = {
         "description": "monai_fbta synthetic H&E-like slides; paths are relative to this file",
         "num_classes": cfg.num_classes,
-        "class_names": list(CLASS_NAMES[: cfg.num_classes]),
+        "class_names": list(cfg.class_names),
         "mpp": cfg.mpp,
         "config": dataclasses.asdict(cfg),
         "training": rows,
@@ -148,7 +152,7 @@ def save_preview(out_png: str | os.PathLike, size: int = 2048, num_classes: int 
         ax = fig.add_subplot(3, num_classes, label + 1)
         ax.imshow(rgb[::step, ::step])
         ax.contour(np.kron(mask, np.ones((d // step, d // step))) if d >= step else mask, levels=[0.5], colors="k", linewidths=0.6)
-        ax.set_title(f"class {label}: {CLASS_NAMES[label]}", fontsize=9)
+        ax.set_title(f"class {label}: {cfg.class_names[label]}", fontsize=9)
         cx, cy = _largest_region_centre(mask, d)
         # a normal-stroma crop: the tissue point farthest from any region
         tissue_lo = rgb[d // 2 :: d, d // 2 :: d].min(axis=2) < 200

@@ -34,7 +34,9 @@ class SyntheticSlideConfig:
     ``tumour_fraction`` is the share of the *tissue* area covered by abnormal regions;
     ``stain_jitter`` scales the per-slide colour variation (0 switches it off);
     ``mask_downsample`` is the level-0 pixels per pixel of the saved region mask;
-    ``smallest_level``: pyramid levels are added until the longest side is at most this.
+    ``smallest_level``: pyramid levels are added until the longest side is at most this;
+    ``classes``: the morphology of each label, names from :data:`CLASS_NAMES` (default: the first
+    ``num_classes`` of them), e.g. ``("pleomorphic", "glandular", "cords")`` for another kind of difference.
     """
 
     size: int = 4096
@@ -48,10 +50,17 @@ class SyntheticSlideConfig:
     mask_downsample: int = 16
     smallest_level: int = 1024
     seed: int = 0
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= len(CLASS_NAMES):
             raise ValueError(f"num_classes must be 2..{len(CLASS_NAMES)}, got {self.num_classes}")
+        self.classes = tuple(self.classes)
+        if self.classes:
+            unknown = [c for c in self.classes if c not in CLASS_NAMES]
+            if unknown or len(set(self.classes)) != len(self.classes) or len(self.classes) != self.num_classes:
+                raise ValueError(f"classes must be {self.num_classes} different names from {list(CLASS_NAMES)} "
+                                 f"(one per class), got {list(self.classes)}")
         if self.size < 256:
             raise ValueError(f"size must be at least 256 px, got {self.size}")
         if not 0.0 < self.tumour_fraction <= 0.5:
@@ -66,9 +75,18 @@ class SyntheticSlideConfig:
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 1..100, got {self.jpeg_quality}")
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The morphology of each label, in label order."""
+        return self.classes or CLASS_NAMES[: self.num_classes]
+
     def digest(self) -> str:
-        """Short hash of every field: a slide written under another config is not reused."""
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Short hash of every field: a slide written under another config is not reused. ``classes`` at its
+        default is left out, so slides written before it existed keep their hash."""
+        fields = dataclasses.asdict(self)
+        if not self.classes:
+            del fields["classes"]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,8 +218,8 @@ def _stromal_nuclei(rng, x, y, fibre_angle: float, px_per_um: float) -> _Nuclei:
     return _make_nuclei(x, y, a_um, aspect, theta, rng.uniform(0.8, 1.1, n), 0, px_per_um)
 
 
-def _region_nuclei(rng, label: int, area_px: float, in_region, lumens, fibre_angle: float, ppu: float, shape) -> _Nuclei:
-    """Nuclei of the abnormal regions for ``label`` with matched stain mass per area."""
+def _region_nuclei(rng, kind: int, area_px: float, in_region, lumens, fibre_angle: float, ppu: float, shape) -> _Nuclei:
+    """Nuclei of the abnormal regions of morphology ``CLASS_NAMES[kind]`` with matched stain mass per area."""
     mass_target = 0.19 * area_px  # haematoxylin mass per region area, equal for every class
     lx, ly, lr = lumens
 
@@ -213,7 +231,7 @@ def _region_nuclei(rng, label: int, area_px: float, in_region, lumens, fibre_ang
         return ok
 
     parts: list[_Nuclei] = []
-    if label == 2:  # columnar nuclei in a ring around each lumen
+    if kind == 2:  # columnar nuclei in a ring around each lumen
         for cx, cy, r in zip(lx, ly, lr):
             b_um = rng.uniform(1.9, 2.4)
             ring = r + rng.uniform(4.5, 5.5) * ppu
@@ -226,7 +244,7 @@ def _region_nuclei(rng, label: int, area_px: float, in_region, lumens, fibre_ang
         n = int(rest / (_STROMAL_MASS_UM2 * ppu * ppu))
         x, y = _sample_points(rng, n, free, shape)
         parts.append(_stromal_nuclei(rng, x, y, fibre_angle, ppu))
-    elif label == 3:  # single-file chains of medium round nuclei
+    elif kind == 3:  # single-file chains of medium round nuclei
         mass, per = 0.0, np.pi * (3.8 * ppu) ** 2 * 0.9 * 1.2 * 0.85
         while mass < mass_target:
             k = int(rng.integers(5, 13))
@@ -244,7 +262,7 @@ def _region_nuclei(rng, label: int, area_px: float, in_region, lumens, fibre_ang
             parts.append(chain)
             mass += chain.mass() if len(chain.x) else per
     else:
-        if label == 0:  # lymphocytes: small, round, dark, crowded
+        if kind == 0:  # lymphocytes: small, round, dark, crowded
             a_um, aspect, inten, style = (2.7, 3.4), (0.85, 1.0), (1.25, 1.5), 1
         else:  # pleomorphic: large, irregular, vesicular, variable
             a_um, aspect, inten, style = (5.0, 9.0), (0.6, 0.95), (0.95, 1.4), 2
@@ -408,7 +426,7 @@ def _stain(rng: np.random.Generator, jitter: float) -> dict[str, np.ndarray | fl
 
 
 def render_slide(cfg: SyntheticSlideConfig, label: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Render one slide of class ``label``.
+    """Render one slide of class ``label`` (morphology ``cfg.class_names[label]``).
 
     Returns ``rgb`` uint8 ``[H, W, 3]`` (``H = W = cfg.size``) and the abnormal-region mask,
     bool ``[ceil(H / d), ceil(W / d)]`` with ``d = cfg.mask_downsample`` (pixel ``(i, j)`` covers
@@ -451,7 +469,8 @@ def render_slide(cfg: SyntheticSlideConfig, label: int, rng: np.random.Generator
     xs, ys = _sample_points(rng, int(stroma_area / (21 * ppu) ** 2), in_stroma, (h, w))
     nuclei = _Nuclei.concat([
         _stromal_nuclei(rng, xs, ys, fibre_angle, ppu),
-        _region_nuclei(rng, label, region_area, in_region, lumens, fibre_angle, ppu, (h, w)),
+        _region_nuclei(rng, CLASS_NAMES.index(cfg.class_names[label]), region_area, in_region, lumens, fibre_angle,
+                       ppu, (h, w)),
     ])
 
     conc_h = np.zeros((h, w), np.float32)
