@@ -28,6 +28,8 @@ ORDER = ["accuracy", "memory", "epoch_time", "inference", "read_patches", "froze
 TITLES = {
     "accuracy": "Accuracy on the synthetic benchmark: vanilla MIL vs +FBTA, and the view ablation",
     "accuracy_mambamil": "Accuracy study, MambaMIL rows (the same hard set, splits, extractor and epochs; CPU-sized head)",
+    "accuracy_kinds": "Accuracy study, variant `kinds`: another kind of morphological difference (pleomorphic / glandular / "
+                      "cords nuclei, generator seed 4; the same extractor, settings and epochs)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
