@@ -312,8 +312,10 @@ def check_dataset(datalist: Path, data: dict[str, Any]) -> None:
     if not isinstance(config, dict):
         raise SystemExit(f"{datalist} has no synthetic generator settings ('config'): the accuracy study runs on "
                          "slides from monai_fbta.synthetic; give it an empty --dataset-dir to generate them")
-    had = {**config, "num_slides": len(written.get("training", []))}
-    diff = [f"{k}={had.get(k)} (asked {v})" for k, v in data.items() if had.get(k) != v]
+    # classes: not in DATA; slides of other classes must not pass for the default ones (empty or absent = default)
+    had = {**config, "num_slides": len(written.get("training", [])), "classes": config.get("classes") or None}
+    asked = {"classes": None, **data}
+    diff = [f"{k}={had.get(k)} (asked {v})" for k, v in asked.items() if had.get(k) != v]
     if diff:
         raise SystemExit(f"{datalist}: the slides there were generated with {', '.join(diff)}; pass those with "
                          "--data, or another --dataset-dir to generate the ones asked for")

@@ -165,6 +165,10 @@ def test_existing_slides_must_have_the_requested_synthetic_settings(bench, tmp_p
         bench.check_dataset(datalist, {**bench.DATA, "classes": kinds})
     datalist.write_text(json.dumps({"config": {**config, "classes": kinds}, "training": [{}] * 120}))
     bench.check_dataset(datalist, {**bench.DATA, "classes": kinds})
+    with pytest.raises(SystemExit, match=r"classes=\['pleomorphic', 'glandular', 'cords'\] \(asked None\)"):
+        bench.check_dataset(datalist, dict(bench.DATA))  # other classes do not pass for the default ones
+    datalist.write_text(json.dumps({"config": {**config, "classes": []}, "training": [{}] * 120}))
+    bench.check_dataset(datalist, dict(bench.DATA))  # written by the present generator with the default classes
     datalist.write_text(json.dumps({"training": []}))  # a user's own datalist: not the synthetic benchmark
     with pytest.raises(SystemExit, match="no synthetic generator settings"):
         bench.check_dataset(datalist, dict(bench.DATA))

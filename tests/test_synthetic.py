@@ -205,6 +205,9 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--num-classes", "5"])
     assert "num_classes must be 2..4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--num-classes", "0"])
+    assert "num_classes must be 2..4, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="label must be in 0..1"):
         render_slide(SyntheticSlideConfig(size=256, num_classes=2), 2, np.random.default_rng(0))
 
@@ -237,6 +240,10 @@ def test_cli_classes_option_names_the_labels(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "bad"), "--classes", "glandular,tumour"])
     assert "got ['glandular', 'tumour']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--num-classes", "3", "--classes", "glandular,cords"])
+    assert "--num-classes 3 but --classes names 2: glandular,cords" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_resume_skips_valid_and_regenerates_damaged(tmp_path):

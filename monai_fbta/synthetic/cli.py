@@ -19,10 +19,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fbta-synth", description="Write a synthetic dataset of H&E-like pyramidal slides.")
     p.add_argument("--out", required=True, help="output folder (slides, masks, labels.csv, datalist.json)")
     p.add_argument("--num-slides", type=int, default=12)
-    p.add_argument("--num-classes", type=int, default=3, help=f"2..{len(CLASS_NAMES)}")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help=f"2..{len(CLASS_NAMES)} (default 3, or as many as --classes names)")
     p.add_argument("--classes", metavar="NAME,NAME,...", default=None,
                    help=f"the morphology of each label, from {','.join(CLASS_NAMES)} (default: the first "
-                        "--num-classes of them); sets --num-classes")
+                        "--num-classes of them)")
     p.add_argument("--size", type=int, default=4096, help="level-0 side in pixels")
     p.add_argument("--tumour-fraction", type=float, default=0.15, help="share of the tissue in abnormal regions")
     p.add_argument("--seed", type=int, default=0)
@@ -34,8 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preview", metavar="PNG", help="also save a one-slide-per-class preview image")
     a = p.parse_args(argv)
     classes = tuple(c.strip() for c in a.classes.split(",")) if a.classes else ()
-    if classes:
-        a.num_classes = len(classes)
+    if classes and a.num_classes not in (None, len(classes)):
+        p.error(f"--num-classes {a.num_classes} but --classes names {len(classes)}: {','.join(classes)}")
+    a.num_classes = len(classes) or (3 if a.num_classes is None else a.num_classes)
     try:
         cfg = SyntheticSlideConfig(size=a.size, mpp=a.mpp, jpeg_quality=a.jpeg_quality, num_classes=a.num_classes,
                                    tumour_fraction=a.tumour_fraction, stain_jitter=a.stain_jitter, seed=a.seed,
