@@ -1,6 +1,7 @@
 """How fast does a MIL head leave chance on cached frozen features? Plain two-stage MIL, no bundle, validation only.
 
-For each setting of a grid (``lr``, ``hidden``, ``dropout``, ``wd``), trains the head (one slide per AdamW step,
+For each setting of a grid (``lr``, ``hidden``, ``dropout``, ``wd``; other keys are the head's constructor
+arguments, e.g. ``class_token_std``), trains the head (one slide per AdamW step,
 inputs standardised with the training patches' mean/std, as the bundle does) on the training part of several
 (fold, seed) pairs of a study's split and prints, per pair, the first epoch whose mean training cross-entropy is
 below ``--start-ce`` (0.9; chance is ln 3 = 1.10 for 3 classes), and the mean over pairs of the best and the last
@@ -36,8 +37,10 @@ def load_bags(cache_dir: Path, slide_ids: list[str]) -> dict[str, torch.Tensor]:
 
 
 def train_head(bags, labels, split, seed: int, epochs: int, num_classes: int, cache_dir: Path, name: str = "abmil",
-               lr: float = 1e-3, hidden: int = 512, dropout: float = 0.25, wd: float = 1e-4) -> list[tuple[float, float]]:
-    """Train one head on ``split["train"]``; per epoch ``(mean training CE, validation macro AUC)``."""
+               lr: float = 1e-3, hidden: int = 512, dropout: float = 0.25, wd: float = 1e-4,
+               **options: Any) -> list[tuple[float, float]]:
+    """Train one head on ``split["train"]``; per epoch ``(mean training CE, validation macro AUC)``. ``options``: more
+    constructor arguments of the head (e.g. TransMIL's ``class_token_std``)."""
     from monai_fbta.engines.evaluator import macro_auc
     from monai_fbta.networks.registry import build_mil_head
     from monai_fbta.pipeline.prepare import feature_stats
@@ -46,7 +49,7 @@ def train_head(bags, labels, split, seed: int, epochs: int, num_classes: int, ca
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     head = build_mil_head(name, in_features=bags[train[0]].shape[1], num_classes=num_classes, hidden=hidden,
-                          dropout=dropout)
+                          dropout=dropout, options=options)
     head.set_feature_stats(*feature_stats([{"slide_id": s} for s in train], cache_dir))  # the bundle's standardisation
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
     history = []

@@ -174,9 +174,12 @@ def test_sweep_mil_head_reports_when_the_head_leaves_chance_on_validation_only(t
     for s in ids[24:]:  # a test store that is read would fail the run
         Path(store_path(tmp_path / "cache", s)).write_bytes(b"not an HDF5 file")
     rows = sweep.main(["--workdir", str(tmp_path), "--dataset-dir", str(tmp_path), "--pairs", "[[0, 0]]",
-                       "--epochs", "8", "--grid", "lr=[0.003]", "hidden=[16]"])
-    assert [r["setting"] for r in rows] == [{"lr": 0.003, "hidden": 16}]
+                       "--epochs", "8", "--grid", "lr=[0.003]", "hidden=[16]", "attention_dim=[8]"])
+    assert [r["setting"] for r in rows] == [{"lr": 0.003, "hidden": 16, "attention_dim": 8}]  # a head argument too
     assert rows[0]["start_epoch"][0] is not None and rows[0]["best_val_auc"] > 0.9
+    with pytest.raises(TypeError, match="no_such_argument"):  # a misspelt key is not silently ignored
+        sweep.main(["--workdir", str(tmp_path), "--dataset-dir", str(tmp_path), "--pairs", "[[0, 0]]",
+                    "--epochs", "1", "--grid", "no_such_argument=[1]"])
 
 
 def test_diagnose_pseudo_bags_counts_lesion_patches_of_cached_clusters(tmp_path, capsys):

@@ -102,6 +102,15 @@ def test_nystrom_pieces():
     assert torch.allclose(iterative_pinv(a, 20), torch.linalg.pinv(a), atol=1e-3)
 
 
+def test_transmil_class_token_starts_at_unit_scale_as_in_the_reference():
+    """TransMIL's reference code draws the class token from N(0, 1); the ViT scale 0.02 was a deviation (heads.md)."""
+    torch.manual_seed(0)
+    std = TransMIL(8, 3, hidden=512).cls_token.std().item()
+    assert 0.9 < std < 1.1, std
+    vit_scale = build_mil_head("transmil", in_features=8, num_classes=3, options={"class_token_std": 0.02})
+    assert 0.01 < vit_scale.cls_token.std().item() < 0.03  # the earlier init, reachable from a bundle's mil_kwargs
+
+
 def _saved_bytes(head: torch.nn.Module, n: int) -> int:
     """Bytes autograd keeps for backward (distinct storages) for one bag of n instances."""
     storages: dict[int, int] = {}

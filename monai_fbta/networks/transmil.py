@@ -241,6 +241,8 @@ class TransMIL(MILHead):
         dropout: dropout after the projection and on the attention outputs.
         heads: attention heads (default 8).
         num_landmarks: Nystrom landmarks (default ``hidden // 2``, as in TransMIL).
+        class_token_std: the class token starts as ``N(0, class_token_std**2)``; 1, as in TransMIL's reference
+            code (0.02, the ViT convention, let the head memorise its training bags first; docs/heads.md).
         bag_chunk_size: bags longer than this take the chunked forward (module docstring).
 
     Bags in a padded batch are processed one at a time on their real instances (B is usually 1 in
@@ -256,11 +258,12 @@ class TransMIL(MILHead):
         heads: int = 8,
         num_landmarks: int | None = None,
         bag_chunk_size: int | None = DEFAULT_BAG_CHUNK_SIZE,
+        class_token_std: float = 1.0,
     ) -> None:
         super().__init__(in_features, num_classes, hidden, dropout, bag_chunk_size)
         landmarks = num_landmarks or max(1, hidden // 2)
         self.projection = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden) * class_token_std)
         self.layer1 = _TransLayer(hidden, heads, landmarks, dropout)
         self.ppeg = PPEG(hidden)
         self.layer2 = _TransLayer(hidden, heads, landmarks, dropout)
