@@ -30,6 +30,8 @@ TITLES = {
     "accuracy_mambamil": "Accuracy study, MambaMIL rows (the same hard set, splits, extractor and epochs; CPU-sized head)",
     "accuracy_kinds": "Accuracy study, variant `kinds`: another kind of morphological difference (pleomorphic / glandular / "
                       "cords nuclei, generator seed 4; the same extractor, settings and epochs)",
+    "accuracy_transmil_exact_e60": "Accuracy study, TransMIL rows with exact attention in both layers and 60 epochs (the same "
+                                   "hard set, splits, extractor and settings; chosen on validation, docs/method.md)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
