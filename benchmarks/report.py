@@ -32,6 +32,8 @@ TITLES = {
                       "cords nuclei, generator seed 4; the same extractor, settings and epochs)",
     "accuracy_transmil_exact_e60": "Accuracy study, TransMIL rows with exact attention in both layers and 60 epochs (the same "
                                    "hard set, splits, extractor and settings; chosen on validation, docs/method.md)",
+    "accuracy_transmil_bntrain": "Accuracy study, TransMIL rows with f_TFE's BatchNorm in train mode (`freeze_encoder_bn` "
+                                 "False; otherwise the main table's TransMIL setting; chosen on validation, docs/method.md)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
