@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (slides, masks, labels.csv, datalist.json)")
     p.add_argument("--num-slides", type=int, default=12)
     p.add_argument("--num-classes", type=int, default=None,
-                   help=f"2..{len(CLASS_NAMES)} (default 3, or as many as --classes names)")
+                   help=f"2..{len(CLASS_NAMES)} (default {SyntheticSlideConfig.num_classes}, or as many as --classes names)")
     p.add_argument("--classes", metavar="NAME,NAME,...", default=None,
                    help=f"the morphology of each label, from {','.join(CLASS_NAMES)} (default: the first "
                         "--num-classes of them)")
@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     classes = tuple(c.strip() for c in a.classes.split(",")) if a.classes else ()
     if classes and a.num_classes not in (None, len(classes)):
         p.error(f"--num-classes {a.num_classes} but --classes names {len(classes)}: {','.join(classes)}")
-    a.num_classes = len(classes) or (3 if a.num_classes is None else a.num_classes)
+    if a.num_classes is None:  # not `or`: --num-classes 0 must reach the config's check, not become the default
+        a.num_classes = len(classes) or SyntheticSlideConfig.num_classes
     try:
         cfg = SyntheticSlideConfig(size=a.size, mpp=a.mpp, jpeg_quality=a.jpeg_quality, num_classes=a.num_classes,
                                    tumour_fraction=a.tumour_fraction, stain_jitter=a.stain_jitter, seed=a.seed,
