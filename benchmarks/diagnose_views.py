@@ -10,7 +10,9 @@ student head f_MIL and of its EMA teacher f*_MIL on:
 * the translated bag f_T(F^FB), which translation-based inference classifies.
 
 Chance is ln(num_classes). A head that reads F^FB but not f_TFE(patches) has not learnt from the e2e view
-(docs/method.md, "Why the start was left to chance"). Only ``train`` or ``val`` slides are scored, never ``test``.
+(docs/method.md, "Why the start was left to chance"). Each bag's mean square feature is printed beside it: an
+extractor whose features ran away from the frozen one's scale (f_TFE far above f_FFE; docs/method.md, "TransMIL:
+its class token ...") shows there. Only ``train`` or ``val`` slides are scored, never ``test``.
 Give the bundle config and the overrides the run was trained with, after ``--``::
 
     python benchmarks/diagnose_views.py --part train -- --config_file bundles/fbta_stad/configs/train.json \\
@@ -113,19 +115,23 @@ def slide_bags(parts: Mapping[str, Any], sample: Mapping[str, Any]) -> dict[str,
     return bags
 
 
-def view_losses(parts: Mapping[str, Any], samples) -> dict[str, dict[str, float]]:
-    """``{bag: {head: mean cross-entropy}}`` over ``samples`` (prepared slide batches) for the heads in ``parts``."""
+def view_losses(parts: Mapping[str, Any], samples) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """``({bag: {head: mean cross-entropy}}, {bag: mean square feature})`` over ``samples`` (prepared slide
+    batches) for the heads in ``parts``; both are means over slides of each slide's value."""
     from monai_fbta.networks.mil_base import mil_logits
 
     heads = {h: parts[k] for h, k in (("f_MIL", "mil_head"), ("f*_MIL", "ema_mil_head")) if k in parts}
     losses: dict[str, dict[str, list[float]]] = {}
+    scales: dict[str, list[float]] = {}
     with torch.no_grad():
         for sample in samples:
             for bag_name, bag in slide_bags(parts, sample).items():
+                scales.setdefault(bag_name, []).append(float(bag.float().pow(2).mean()))
                 for head_name, head in heads.items():
                     ce = F.cross_entropy(mil_logits(head, bag.float()), sample["label"])
                     losses.setdefault(bag_name, {}).setdefault(head_name, []).append(float(ce))
-    return {b: {h: float(np.mean(v)) for h, v in losses[b].items()} for b in BAGS if b in losses}
+    table = {b: {h: float(np.mean(v)) for h, v in losses[b].items()} for b in BAGS if b in losses}
+    return table, {b: float(np.mean(scales[b])) for b in table}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -150,13 +156,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset.set_epoch(args.epoch)
     prepare_batch = parser.get_parsed_content("prepare_batch")
     num_classes = int(parser.get_parsed_content("num_classes"))
-    table = view_losses(parts, (prepare_batch(dataset[i], "cpu") for i in range(len(dataset))))
+    table, scales = view_losses(parts, (prepare_batch(dataset[i], "cpu") for i in range(len(dataset))))
     print(f"mean cross-entropy on the {len(rows)} {args.part} slides "
-          f"(chance: ln {num_classes} = {math.log(num_classes):.3f})")
-    rows_out = [{"bag": b, **{h: f"{v:.3f}" for h, v in per_head.items()}} for b, per_head in table.items()]
+          f"(chance: ln {num_classes} = {math.log(num_classes):.3f}), and each bag's mean square feature")
+    rows_out = [{"bag": b, **{h: f"{v:.3f}" for h, v in per_head.items()}, "mean square": f"{scales[b]:.4g}"}
+                for b, per_head in table.items()]
     print(format_table(rows_out, markdown=True))
     payload = {"part": args.part, "num_slides": len(rows), "checkpoint": str(ckpt),
-               "cross_entropy": table}
+               "cross_entropy": table, "mean_square": scales}
     if args.json:
         write_json(args.json, payload)
     return payload

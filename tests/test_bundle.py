@@ -414,8 +414,12 @@ def test_diagnose_views_scores_each_bag_of_a_trained_run_and_refuses_other_setti
     table = out["cross_entropy"]
     assert set(table) == set(diagnose.BAGS), "an FBTA run has every bag"
     assert all(set(v) == {"f_MIL", "f*_MIL"} and 0 < v["f_MIL"] < 20 for v in table.values()), table
+    scale = out["mean_square"]
+    assert set(scale) == set(table) and all(v > 0 for v in scale.values()), scale
+    # the cached frozen pseudo-bag is f_FFE of the same clean patches: the same scale, whatever the training did
+    assert scale["f_FFE(patches)"] == pytest.approx(scale["frozen pseudo-bag F^FB[S]"], rel=1e-3), scale
     assert out["num_slides"] == len(json.loads((trained / "models" / "splits.json").read_text())["folds"][0]["val"])
-    assert "| f_TFE(patches) |" in capsys.readouterr().out
+    assert "| f_TFE(patches) |" in (printed := capsys.readouterr().out) and "mean square" in printed
     with pytest.raises(RunMismatchError, match="num_per_cluster"):
         diagnose.main(["--", *run, "--num_per_cluster", "2"])
     with pytest.raises(SystemExit, match="unknown option --num_cluster for this command; did you mean --num_clusters"):
