@@ -182,7 +182,8 @@ def test_copied_bundle_trains_evaluates_infers_exports_from_another_cwd(travelle
     # what happened in training, on disk
     rows = list(csv.DictReader(open(root / "eval" / "train_metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert {"loss", "cls", "cons", "dist", "val_auc", "val_bacc", "val_auc_vanilla"} <= set(rows[0])
+    assert {"loss", "cls", "cons", "dist", "e2e_scale", "val_auc", "val_bacc", "val_auc_vanilla"} <= set(rows[0])
+    assert all(0 < float(r["e2e_scale"]) < float("inf") for r in rows), rows
     assert (root / "eval" / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
     log = (root / "eval" / "train.log").read_text()
     assert "fbta.metrics - INFO - epoch 2/2: loss=" in log and "fbta.val - INFO - Epoch[2] Metrics" in log

@@ -290,3 +290,40 @@ def test_encoder_warmup_epochs_keep_f_tfe_fixed_then_fine_tune_it():
         assert not torch.equal(a, b)
     with pytest.raises(ValueError, match="encoder_warmup_epochs"):
         _trainer(data, encoder_warmup_epochs=-1)
+
+
+def test_e2e_scale_is_one_at_step_zero_and_the_drift_warning_fires_once_when_the_extractor_runs_away(caplog):
+    """output["e2e_scale"] = mean square of f_TFE(patches) / that of F^FB[S]: exactly 1 before the first step with
+    frozen BatchNorm; an extractor whose output is 100x too large gives ~1e4, and ExtractorDriftWarning warns once
+    over two epochs and records each epoch's mean; vanilla MIL (no e2e view) has no e2e_scale and no warning."""
+    from monai_fbta.handlers import ExtractorDriftWarning
+
+    sample = _sample(0)  # unaugmented, with F^FB[S] = f_FFE(patches): the extractor _trainer(seed=0) starts from
+    sample["pb_image"] = sample["pb_image_clean"]
+    with torch.no_grad():
+        sample["pb_features"] = copy_frozen(_models(0)[2])(sample["pb_image_clean"])
+    trainer = _trainer([sample], max_epochs=1)
+    first = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: first.append(e.state.output["e2e_scale"]))
+    trainer.run()
+    assert first[0] == pytest.approx(1.0, abs=1e-5)
+
+    runaway = _trainer([sample, sample], max_epochs=2, freeze_encoder_bn=True)
+    last = [m for m in runaway.trainable_encoder.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(100.0)
+        last.bias.mul_(100.0)
+    ExtractorDriftWarning(max_scale=10).attach(runaway)
+    with caplog.at_level("WARNING", logger="fbta.train"):
+        runaway.run()
+    assert set(runaway.state.e2e_scale) == {1, 2} and min(runaway.state.e2e_scale.values()) > 10
+    warnings = [r for r in caplog.records if "run away" in r.getMessage()]
+    assert len(warnings) == 1 and "epoch 1" in warnings[0].getMessage()
+
+    caplog.clear()
+    vanilla = _trainer([sample], max_epochs=1, views=("frozen",))
+    ExtractorDriftWarning().attach(vanilla)
+    vanilla.run()
+    assert "e2e_scale" not in vanilla.state.output and not hasattr(vanilla.state, "e2e_scale")
+    with pytest.raises(ValueError, match="max_scale"):
+        ExtractorDriftWarning(max_scale=1)

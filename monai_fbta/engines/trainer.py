@@ -37,7 +37,15 @@ from monai.engines import Trainer  # noqa: E402
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn  # noqa: E402
 from monai.engines.workflow import Workflow  # noqa: E402
 
-__all__ = ["FBTATrainer", "fbta_param_groups", "mil_logits"]
+__all__ = ["FBTATrainer", "e2e_scale", "fbta_param_groups", "mil_logits"]
+
+
+def e2e_scale(e2e: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """Mean square of the e2e features f_TFE(patches) ``[1, S, D]`` over that of the frozen pseudo-bag F^FB[S]
+    ``[1, S, D]`` of the same patches (a detached scalar): about 1 while f_TFE stays at f_FFE's scale; a run whose
+    extractor ran away (docs/method.md, TransMIL section) shows hundreds. Watched by ``ExtractorDriftWarning``."""
+    with torch.no_grad():
+        return e2e.float().pow(2).mean() / frozen.float().pow(2).mean().clamp_min(1e-12)
 
 
 def fbta_param_groups(
@@ -291,13 +299,16 @@ class FBTATrainer(Trainer):
                 ).unsqueeze(0)
         curriculum = float(getattr(self.state, self.curriculum.attr, 1.0))
         terms = loss_fn(logits, batch["label"], teacher_logits, heads, target, curriculum)
+        if "e2e" in feats and "pb_features" in batch:
+            terms["e2e_scale"] = e2e_scale(feats["e2e"], batch["pb_features"])
         self.fire_event(IterationEvents.LOSS_COMPLETED)
         return terms, logits
 
     def _iteration(self, engine: FBTATrainer, batchdata: Mapping[str, Any]) -> dict:  # type: ignore[override]
         """One slide: views, loss, backward, (accumulated) optimiser step, EMA event.
 
-        ``engine.state.output``: ``loss``/``cls``/``cons``/``dist`` (floats), ``logits`` ``{view: [1, C]}``,
+        ``engine.state.output``: ``loss``/``cls``/``cons``/``dist`` (floats), ``e2e_scale`` (float, when the e2e
+        view ran: :func:`e2e_scale`), ``logits`` ``{view: [1, C]}``,
         ``pred`` (logits of the first view), ``label`` ``[1]``, ``slide_id``.
         """
         if batchdata is None:

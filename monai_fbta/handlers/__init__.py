@@ -1,5 +1,5 @@
 """monai_fbta.handlers: EMA teachers, curriculum weight, checkpoints and resume, loss logging, training log file,
-metrics CSV, curves; inference writers (predictions CSV, heatmaps, attention CSV + GeoJSON)."""
+metrics CSV, curves, extractor drift warning; inference writers (predictions CSV, heatmaps, attention CSV + GeoJSON)."""
 
 from monai_fbta.handlers.attention import AttentionWriter
 from monai_fbta.handlers.best_model_saver import BestModelSaver
@@ -7,6 +7,7 @@ from monai_fbta.handlers.checkpoint import run_identity
 from monai_fbta.handlers.checkpoint_saver import TrainingCheckpoint
 from monai_fbta.handlers.curriculum import CurriculumWeight
 from monai_fbta.handlers.curves import TrainingCurves, plot_training_curves
+from monai_fbta.handlers.drift import ExtractorDriftWarning
 from monai_fbta.handlers.ema import ModelEMA
 from monai_fbta.handlers.events import OPTIMIZER_STEP_ATTR, FBTAEvents
 from monai_fbta.handlers.heatmap import HeatmapWriter
@@ -26,6 +27,7 @@ __all__ = [
     "run_identity",
     "CurriculumWeight",
     "ModelEMA",
+    "ExtractorDriftWarning",
     "FBTAEvents",
     "OPTIMIZER_STEP_ATTR",
     "LOSS_TERMS",

@@ -14,9 +14,12 @@ LOSS_TERMS = ("loss", "cls", "cons", "dist")
 
 def loss_terms(output: Mapping) -> dict[str, float]:
     """The scalar loss terms of an :class:`FBTATrainer` iteration output (:data:`LOSS_TERMS`, then each view's
-    cross-entropy ``cls_<view>`` when the loss reports it)."""
+    cross-entropy ``cls_<view>`` when the loss reports it), and ``e2e_scale`` (the e2e features' scale relative
+    to the frozen ones: :func:`~monai_fbta.engines.trainer.e2e_scale`) when the e2e view ran."""
     terms = {k: float(output[k]) for k in LOSS_TERMS if k in output}
     terms.update({k: float(v) for k, v in output.items() if isinstance(k, str) and k.startswith("cls_")})
+    if "e2e_scale" in output:
+        terms["e2e_scale"] = float(output["e2e_scale"])
     return terms
 
 
