@@ -26,14 +26,18 @@ from monai_fbta._io import atomic_open  # noqa: E402
 
 ORDER = ["accuracy", "memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "scaling", "mil_heads"]
 TITLES = {
-    "accuracy": "Accuracy on the synthetic benchmark: vanilla MIL vs +FBTA, and the view ablation",
+    "accuracy": "Accuracy on the synthetic benchmark: vanilla ABMIL vs +FBTA, and the view ablation",
+    "accuracy_transmil_lre": "Accuracy study, TransMIL rows at the bundle's CPU setting for TransMIL, `lr_encoder` 1e-4 (the "
+                             "same hard set, splits, extractor and epochs; chosen on validation, docs/method.md)",
     "accuracy_mambamil": "Accuracy study, MambaMIL rows (the same hard set, splits, extractor and epochs; CPU-sized head)",
     "accuracy_kinds": "Accuracy study, variant `kinds`: another kind of morphological difference (pleomorphic / glandular / "
                       "cords nuclei, generator seed 4; the same extractor, settings and epochs)",
-    "accuracy_transmil_exact_e60": "Accuracy study, TransMIL rows with exact attention in both layers and 60 epochs (the same "
-                                   "hard set, splits, extractor and settings; chosen on validation, docs/method.md)",
+    "accuracy_transmil_exact_e60": "Accuracy study, TransMIL rows with exact attention in both layers and 60 epochs (`lr_encoder` "
+                                   "5e-4; the same hard set, splits and extractor; chosen on validation, docs/method.md)",
+    "accuracy_transmil_lr_encoder_5e-4": "Accuracy study, TransMIL rows with `lr_encoder` 5e-4 (the CPU default for every "
+                                         "head before 2026-11-26, session 10; its extractor ran away in 3 of 5 folds)",
     "accuracy_transmil_bntrain": "Accuracy study, TransMIL rows with f_TFE's BatchNorm in train mode (`freeze_encoder_bn` "
-                                 "False; otherwise the main table's TransMIL setting; chosen on validation, docs/method.md)",
+                                 "False, `lr_encoder` 5e-4; otherwise as above; chosen on validation, docs/method.md)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
@@ -161,8 +165,10 @@ def render(results_dir: str, images_dir: str, out_path: str) -> str:
     files = {os.path.splitext(os.path.basename(f))[0]: f for f in glob.glob(os.path.join(results_dir, "*.json"))}
     if not files:
         raise SystemExit(f"no benchmark results in {results_dir}: run python benchmarks/run_all.py first")
-    # after the main study: its other heads (titled), then other data / extractor / settings
-    variants = sorted((n for n in files if n.startswith("accuracy_")), key=lambda n: (n not in TITLES, n))
+    # after the main study: its other heads and settings (titled, in TITLES' order), then other data / extractor
+    titled = list(TITLES)
+    variants = sorted((n for n in files if n.startswith("accuracy_")),
+                      key=lambda n: (n not in TITLES, titled.index(n) if n in TITLES else 0, n))
     names = [m for n in ORDER if n in files for m in [n, *(variants if n == "accuracy" else [])]]
     names += sorted(set(files) - set(names))
     out_dir = os.path.dirname(os.path.abspath(out_path))
