@@ -53,3 +53,21 @@ def test_training_record_on_disk_log_csv_curves(tmp_path, caplog):
     (tmp_path / "other.csv").write_text("name,value\n")
     with pytest.raises(ValueError, match="other.csv exists and is not a metrics file"):
         EpochMetricsCSV(tmp_path / "other.csv").started(engine)
+
+
+def test_training_curves_add_the_extractor_scale_panel_when_the_csv_has_it(tmp_path):
+    """plot_training_curves: a third panel (a wider PNG) for e2e_scale, only when the CSV has the column."""
+    import struct
+
+    from monai_fbta.handlers import plot_training_curves
+
+    def png_width(columns: str, rows: list[str]) -> int:
+        csv_path = tmp_path / f"{len(columns)}.csv"
+        csv_path.write_text("\n".join([columns, *rows]) + "\n")
+        data = plot_training_curves(csv_path, tmp_path / f"{len(columns)}.png").read_bytes()
+        assert data[:4] == b"\x89PNG"
+        return struct.unpack(">I", data[16:20])[0]  # IHDR width
+
+    plain = png_width("epoch,loss,val_auc", ["1,1.0,0.5", "2,0.8,0.6"])
+    with_scale = png_width("epoch,loss,e2e_scale,val_auc", ["1,1.0,1.0,0.5", "2,0.8,250.0,0.6"])
+    assert (plain, with_scale) == (1100, 1500)

@@ -21,8 +21,10 @@ logger = logging.getLogger("fbta.curves")
 def plot_training_curves(csv_path: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Plot the CSV of :class:`~monai_fbta.handlers.EpochMetricsCSV` to ``path`` (PNG, written atomically).
 
-    Left: the loss terms per epoch; right: the validation metrics (``val_*`` columns; vanilla path dashed).
-    Uses matplotlib's Agg canvas directly (no display, no global backend change).
+    Left: the loss terms per epoch; middle: the validation metrics (``val_*`` columns; vanilla path dashed);
+    right, when the CSV has it: the extractor's scale ``e2e_scale`` on a log axis (1 = the frozen features'; see
+    :class:`~monai_fbta.handlers.ExtractorDriftWarning`). Uses matplotlib's Agg canvas directly (no display, no
+    global backend change).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -36,9 +38,10 @@ def plot_training_curves(csv_path: str | os.PathLike, path: str | os.PathLike) -
     def series(key: str) -> list[float]:
         return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
 
-    fig = Figure(figsize=(11, 4), layout="constrained")
+    drift = "e2e_scale" in rows[0]
+    fig = Figure(figsize=(15 if drift else 11, 4), layout="constrained")
     FigureCanvasAgg(fig)
-    losses, metrics = fig.subplots(1, 2)
+    losses, metrics, *scale = fig.subplots(1, 3 if drift else 2, width_ratios=[3, 3, 2] if drift else None)
     for key in [k for k in LOSS_TERMS if k in rows[0]]:
         losses.plot(epochs, series(key), marker=".", label=key)
     for key in [k for k in rows[0] if k.startswith("cls_")]:  # each view's cross-entropy
@@ -48,7 +51,11 @@ def plot_training_curves(csv_path: str | os.PathLike, path: str | os.PathLike) -
     for key in val_keys:
         metrics.plot(epochs, series(key), marker=".", label=key, linestyle="--" if key.endswith("_vanilla") else "-")
     metrics.set(xlabel="epoch", title="validation (translated path; vanilla dashed)")
-    for ax in (losses, metrics):
+    if drift:
+        scale[0].plot(epochs, series("e2e_scale"), marker=".", label="e2e_scale")
+        scale[0].axhline(1.0, color="grey", linewidth=0.8)
+        scale[0].set(xlabel="epoch", yscale="log", title="f_TFE / f_FFE feature scale (1: frozen)")
+    for ax in (losses, metrics, *scale):
         if ax.lines:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
