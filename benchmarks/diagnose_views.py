@@ -7,9 +7,12 @@ student head f_MIL and of its EMA teacher f*_MIL on:
 
 * the frozen bag F^FB (all patches) and the frozen pseudo-bag F^FB[S];
 * the pseudo-bag patches through f_FFE (frozen), f_TFE (trained; clean and augmented) and f*_TFE (EMA);
-* the translated bag f_T(F^FB), which translation-based inference classifies.
+* the translated bag f_T(F^FB), which translation-based inference classifies;
+* with ``--whole-slide``, every patch of the slide re-read from the file and encoded by f_FFE (it must give F^FB
+  back: a check of the read) and by f*_TFE: the bag a re-extraction inference would classify, so the table shows
+  what the trained extractor knows that the translator does not carry.
 
-Chance is ln(num_classes). A head that reads F^FB but not f_TFE(patches) has not learnt from the e2e view
+Each bag also gets both heads' balanced accuracy over the slides. Chance is ln(num_classes). A head that reads F^FB but not f_TFE(patches) has not learnt from the e2e view
 (docs/method.md, "Why the start was left to chance"). Each bag's mean square feature is printed beside it: an
 extractor whose features ran away from the frozen one's scale (f_TFE far above f_FFE; docs/method.md, "TransMIL:
 its class token ...") shows there. Only ``train`` or ``val`` slides are scored, never ``test``.
@@ -26,7 +29,7 @@ import ast
 import copy
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,8 @@ from _common import format_table, write_json  # noqa: E402
 
 # the bags scored, in the order printed (a run has those its views and losses made: see slide_bags)
 BAGS = ("frozen bag F^FB", "frozen pseudo-bag F^FB[S]", "f_FFE(patches)", "f_TFE(patches)", "f_TFE(augmented patches)",
-        "f*_TFE(patches)", "translated bag f_T(F^FB)")
+        "f*_TFE(patches)", "translated bag f_T(F^FB)", "f_FFE(all patches)", "f*_TFE(all patches)")
+WHOLE_SLIDE_BAGS = {"f_FFE(all patches)": "frozen_encoder", "f*_TFE(all patches)": "ema_encoder"}
 
 
 def bundle_overrides(argv: list[str]) -> dict[str, Any]:
@@ -93,9 +97,29 @@ def load_run(bundle_args: list[str], checkpoint: str | None = None) -> tuple[Any
     return parser, ckpt, parts
 
 
-def slide_bags(parts: Mapping[str, Any], sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def encode_whole_slide(encoder: torch.nn.Module, row: Mapping[str, Any], cache_dir: str, batch_size: int = 256) -> torch.Tensor:
+    """Every patch of the slide of ``row`` (its cached coords, read from the slide file as extraction reads
+    them) through ``encoder``: ``[1, N, D]``."""
+    from monai_fbta.data.extraction import PatchBatches, patch_loader
+    from monai_fbta.data.store import read_coords, slide_id_of, store_path
+    from monai_fbta.networks.encode import encode_batch
+
+    coords, attrs = read_coords(store_path(cache_dir, slide_id_of(row)))
+    batches = PatchBatches(str(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
+                           int(attrs["patch_size"]), batch_size, mpp=row.get("mpp"))
+    feats = []
+    for x in patch_loader(batches, 0, torch.device("cpu")):
+        if isinstance(x, dict):
+            raise SystemExit(f"diagnose_views: reading {row['image']} failed: {x.get('error', x)}")
+        feats.append(encode_batch(encoder, x, "cpu", None, False))
+    return torch.cat(feats).unsqueeze(0)
+
+
+def slide_bags(parts: Mapping[str, Any], sample: Mapping[str, Any],
+               whole_slide: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The bags ``[1, n, D]`` of one prepared sample that the run has (:data:`BAGS`): a vanilla run reads no
-    patches, f*_TFE exists only with L_dist, f_T only with the translated view or L_dist."""
+    patches, f*_TFE exists only with L_dist, f_T only with the translated view or L_dist; with ``whole_slide``
+    (encoder -> its features of every patch of the slide), the :data:`WHOLE_SLIDE_BAGS` too."""
     from monai_fbta.networks.encode import encode_patches
     from monai_fbta.networks.translator import translate_bag
 
@@ -112,26 +136,38 @@ def slide_bags(parts: Mapping[str, Any], sample: Mapping[str, Any]) -> dict[str,
             bags["f*_TFE(patches)"] = encode("ema_encoder", "pb_image_clean")
     if "translator" in parts:
         bags["translated bag f_T(F^FB)"] = translate_bag(parts["translator"], sample["features"])
+    if whole_slide is not None:
+        bags.update({b: whole_slide(parts[e]) for b, e in WHOLE_SLIDE_BAGS.items() if e in parts})
     return bags
 
 
-def view_losses(parts: Mapping[str, Any], samples) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """``({bag: {head: mean cross-entropy}}, {bag: mean square feature})`` over ``samples`` (prepared slide
-    batches) for the heads in ``parts``; both are means over slides of each slide's value."""
+def view_losses(parts: Mapping[str, Any], samples) -> dict[str, dict[str, Any]]:
+    """Over ``samples`` (``(prepared slide batch, whole_slide or None)`` pairs), for the heads in ``parts``:
+    ``{"cross_entropy": {bag: {head: mean}}, "balanced_accuracy": {bag: {head: value}}, "mean_square": {bag:
+    mean}}``; cross-entropy and mean square are means over slides of each slide's value."""
+    from sklearn.metrics import balanced_accuracy_score
+
     from monai_fbta.networks.mil_base import mil_logits
 
     heads = {h: parts[k] for h, k in (("f_MIL", "mil_head"), ("f*_MIL", "ema_mil_head")) if k in parts}
     losses: dict[str, dict[str, list[float]]] = {}
+    preds: dict[str, dict[str, list[int]]] = {}
     scales: dict[str, list[float]] = {}
+    labels: list[int] = []
     with torch.no_grad():
-        for sample in samples:
-            for bag_name, bag in slide_bags(parts, sample).items():
+        for sample, whole_slide in samples:
+            labels.append(int(sample["label"].reshape(-1)[0]))
+            for bag_name, bag in slide_bags(parts, sample, whole_slide).items():
                 scales.setdefault(bag_name, []).append(float(bag.float().pow(2).mean()))
                 for head_name, head in heads.items():
-                    ce = F.cross_entropy(mil_logits(head, bag.float()), sample["label"])
-                    losses.setdefault(bag_name, {}).setdefault(head_name, []).append(float(ce))
-    table = {b: {h: float(np.mean(v)) for h, v in losses[b].items()} for b in BAGS if b in losses}
-    return table, {b: float(np.mean(scales[b])) for b in table}
+                    logits = mil_logits(head, bag.float())
+                    losses.setdefault(bag_name, {}).setdefault(head_name, []).append(float(F.cross_entropy(logits, sample["label"])))
+                    preds.setdefault(bag_name, {}).setdefault(head_name, []).append(int(logits.argmax(-1)[0]))
+    bags = [b for b in BAGS if b in losses]
+    return {"cross_entropy": {b: {h: float(np.mean(v)) for h, v in losses[b].items()} for b in bags},
+            "balanced_accuracy": {b: {h: float(balanced_accuracy_score(labels, v)) for h, v in preds[b].items()}
+                                  for b in bags},
+            "mean_square": {b: float(np.mean(scales[b])) for b in bags}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -141,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--part", choices=("train", "val"), default="train", help="which slides (never the test part)")
     p.add_argument("--checkpoint", default=None, help="default: the run's last.pt")
     p.add_argument("--epoch", type=int, default=0, help="which epoch's pseudo-bags and augmentations to draw")
+    p.add_argument("--whole-slide", action="store_true", help="also score every patch of each slide re-read and "
+                   "encoded by f_FFE and by f*_TFE (reads the slide files: slower)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     args = p.parse_args(own)
     if "--config_file" not in bundle_args:
@@ -156,14 +194,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset.set_epoch(args.epoch)
     prepare_batch = parser.get_parsed_content("prepare_batch")
     num_classes = int(parser.get_parsed_content("num_classes"))
-    table, scales = view_losses(parts, (prepare_batch(dataset[i], "cpu") for i in range(len(dataset))))
-    print(f"mean cross-entropy on the {len(rows)} {args.part} slides "
-          f"(chance: ln {num_classes} = {math.log(num_classes):.3f}), and each bag's mean square feature")
-    rows_out = [{"bag": b, **{h: f"{v:.3f}" for h, v in per_head.items()}, "mean square": f"{scales[b]:.4g}"}
+    cache_dir = str(parser.get_parsed_content("cache_dir"))
+
+    def samples():
+        for i in range(len(dataset)):
+            whole = (lambda enc, row=rows[i]: encode_whole_slide(enc, row, cache_dir)) if args.whole_slide else None
+            yield prepare_batch(dataset[i], "cpu"), whole
+
+    scores = view_losses(parts, samples())
+    table, bacc, scales = scores["cross_entropy"], scores["balanced_accuracy"], scores["mean_square"]
+    print(f"mean cross-entropy on the {len(rows)} {args.part} slides (chance: ln {num_classes} = "
+          f"{math.log(num_classes):.3f}), balanced accuracy, and each bag's mean square feature")
+    rows_out = [{"bag": b, **{h: f"{v:.3f}" for h, v in per_head.items()},
+                 **{f"{h} bacc": f"{v:.3f}" for h, v in bacc[b].items()}, "mean square": f"{scales[b]:.4g}"}
                 for b, per_head in table.items()]
     print(format_table(rows_out, markdown=True))
-    payload = {"part": args.part, "num_slides": len(rows), "checkpoint": str(ckpt),
-               "cross_entropy": table, "mean_square": scales}
+    payload = {"part": args.part, "num_slides": len(rows), "checkpoint": str(ckpt), **scores}
     if args.json:
         write_json(args.json, payload)
     return payload

@@ -411,14 +411,19 @@ def test_diagnose_views_scores_each_bag_of_a_trained_run_and_refuses_other_setti
 
     diagnose = load_benchmark("diagnose_views")
     run = ["--config_file", TRAIN, *run_dirs(trained), *TINY]
-    out = diagnose.main(["--part", "val", "--", *run])
+    out = diagnose.main(["--part", "val", "--whole-slide", "--", *run])
     table = out["cross_entropy"]
     assert set(table) == set(diagnose.BAGS), "an FBTA run has every bag"
+    assert set(out["balanced_accuracy"]) == set(table)
+    assert all(0 <= v <= 1 for per_head in out["balanced_accuracy"].values() for v in per_head.values())
+    # every patch re-read from the slide files through f_FFE gives the cached frozen bag back
+    assert table["f_FFE(all patches)"] == pytest.approx(table["frozen bag F^FB"], rel=1e-3)
     assert all(set(v) == {"f_MIL", "f*_MIL"} and 0 < v["f_MIL"] < 20 for v in table.values()), table
     scale = out["mean_square"]
     assert set(scale) == set(table) and all(v > 0 for v in scale.values()), scale
     # the cached frozen pseudo-bag is f_FFE of the same clean patches: the same scale, whatever the training did
     assert scale["f_FFE(patches)"] == pytest.approx(scale["frozen pseudo-bag F^FB[S]"], rel=1e-3), scale
+    assert scale["f_FFE(all patches)"] == pytest.approx(scale["frozen bag F^FB"], rel=1e-3), scale
     assert out["num_slides"] == len(json.loads((trained / "models" / "splits.json").read_text())["folds"][0]["val"])
     assert "| f_TFE(patches) |" in (printed := capsys.readouterr().out) and "mean square" in printed
     with pytest.raises(RunMismatchError, match="num_per_cluster"):
