@@ -10,7 +10,8 @@ student head f_MIL and of its EMA teacher f*_MIL on:
 * the translated bag f_T(F^FB), which translation-based inference classifies;
 * with ``--whole-slide``, every patch of the slide re-read from the file and encoded by f_FFE (it must give F^FB
   back: a check of the read) and by f*_TFE: the bag a re-extraction inference would classify, so the table shows
-  what the trained extractor knows that the translator does not carry.
+  what the trained extractor knows that the translator does not carry; and how much of f*_TFE's features of all
+  patches the translator reproduces (R^2 of f_T(F^FB) against f*_TFE(all patches), per slide, then the mean).
 
 Each bag also gets both heads' balanced accuracy over the slides. Chance is ln(num_classes). A head that reads F^FB but not f_TFE(patches) has not learnt from the e2e view
 (docs/method.md, "Why the start was left to chance"). Each bag's mean square feature is printed beside it: an
@@ -144,7 +145,8 @@ def slide_bags(parts: Mapping[str, Any], sample: Mapping[str, Any],
 def view_losses(parts: Mapping[str, Any], samples) -> dict[str, dict[str, Any]]:
     """Over ``samples`` (``(prepared slide batch, whole_slide or None)`` pairs), for the heads in ``parts``:
     ``{"cross_entropy": {bag: {head: mean}}, "balanced_accuracy": {bag: {head: value}}, "mean_square": {bag:
-    mean}}``; cross-entropy and mean square are means over slides of each slide's value."""
+    mean}}``, with ``"translation_r2"`` (mean over slides of the R^2 of f_T(F^FB) against f*_TFE(all patches))
+    when both bags are there; cross-entropy and mean square are means over slides of each slide's value."""
     from sklearn.metrics import balanced_accuracy_score
 
     from monai_fbta.networks.mil_base import mil_logits
@@ -154,10 +156,14 @@ def view_losses(parts: Mapping[str, Any], samples) -> dict[str, dict[str, Any]]:
     preds: dict[str, dict[str, list[int]]] = {}
     scales: dict[str, list[float]] = {}
     labels: list[int] = []
+    r2: list[float] = []
     with torch.no_grad():
         for sample, whole_slide in samples:
             labels.append(int(sample["label"].reshape(-1)[0]))
-            for bag_name, bag in slide_bags(parts, sample, whole_slide).items():
+            bags = slide_bags(parts, sample, whole_slide)
+            if "translated bag f_T(F^FB)" in bags and "f*_TFE(all patches)" in bags:
+                r2.append(r_squared(bags["translated bag f_T(F^FB)"], bags["f*_TFE(all patches)"]))
+            for bag_name, bag in bags.items():
                 scales.setdefault(bag_name, []).append(float(bag.float().pow(2).mean()))
                 for head_name, head in heads.items():
                     logits = mil_logits(head, bag.float())
@@ -167,7 +173,18 @@ def view_losses(parts: Mapping[str, Any], samples) -> dict[str, dict[str, Any]]:
     return {"cross_entropy": {b: {h: float(np.mean(v)) for h, v in losses[b].items()} for b in bags},
             "balanced_accuracy": {b: {h: float(balanced_accuracy_score(labels, v)) for h, v in preds[b].items()}
                                   for b in bags},
-            "mean_square": {b: float(np.mean(scales[b])) for b in bags}}
+            "mean_square": {b: float(np.mean(scales[b])) for b in bags},
+            **({"translation_r2": float(np.mean(r2))} if r2 else {})}
+
+
+def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """``1 - SSE / SST`` of ``pred`` against ``target`` (both ``[1, N, D]``, SST about target's per-feature mean)."""
+    if pred.shape != target.shape:
+        raise SystemExit(f"diagnose_views: translated bag {tuple(pred.shape)} and re-extracted bag "
+                         f"{tuple(target.shape)} differ in shape (patches dropped since extraction?)")
+    pred, target = pred.double(), target.double()
+    sst = (target - target.mean(dim=1, keepdim=True)).pow(2).sum()
+    return float(1 - (pred - target).pow(2).sum() / sst.clamp_min(1e-12))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -209,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  **{f"{h} bacc": f"{v:.3f}" for h, v in bacc[b].items()}, "mean square": f"{scales[b]:.4g}"}
                 for b, per_head in table.items()]
     print(format_table(rows_out, markdown=True))
+    if "translation_r2" in scores:
+        print(f"R^2 of the translated bag f_T(F^FB) against f*_TFE(all patches): {scores['translation_r2']:.3f}")
     payload = {"part": args.part, "num_slides": len(rows), "checkpoint": str(ckpt), **scores}
     if args.json:
         write_json(args.json, payload)

@@ -211,3 +211,15 @@ def test_diagnose_pseudo_bags_counts_lesion_patches_of_cached_clusters(tmp_path,
     assert [r["class"] for r in out["table"]] == ["b", "all"] and "3.00 (0.500)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no clusters of C=3"):  # clusters of other settings are not read as these
         bench.main(["--dataset-dir", str(data), "--cache-dir", str(cache), "--num-clusters", "3"])
+
+
+def test_diagnose_views_r_squared_of_the_translation():
+    """diagnose_views.r_squared: 1 for a perfect translation, 0 for the target's per-feature mean, and a clear
+    exit when the two bags have different patches."""
+    diagnose = load_benchmark("diagnose_views")
+    target = torch.randn(1, 50, 4, generator=torch.Generator().manual_seed(0))
+    assert diagnose.r_squared(target, target) == pytest.approx(1.0)
+    assert diagnose.r_squared(target.mean(1, keepdim=True).expand_as(target), target) == pytest.approx(0.0, abs=1e-12)
+    assert diagnose.r_squared(target + 0.1 * torch.randn_like(target), target) < 1
+    with pytest.raises(SystemExit, match="differ in shape"):
+        diagnose.r_squared(target[:, :49], target)

@@ -418,6 +418,7 @@ def test_diagnose_views_scores_each_bag_of_a_trained_run_and_refuses_other_setti
     assert all(0 <= v <= 1 for per_head in out["balanced_accuracy"].values() for v in per_head.values())
     # every patch re-read from the slide files through f_FFE gives the cached frozen bag back
     assert table["f_FFE(all patches)"] == pytest.approx(table["frozen bag F^FB"], rel=1e-3)
+    assert out["translation_r2"] <= 1
     assert all(set(v) == {"f_MIL", "f*_MIL"} and 0 < v["f_MIL"] < 20 for v in table.values()), table
     scale = out["mean_square"]
     assert set(scale) == set(table) and all(v > 0 for v in scale.values()), scale
