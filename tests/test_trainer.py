@@ -327,3 +327,22 @@ def test_e2e_scale_is_one_at_step_zero_and_the_drift_warning_fires_once_when_the
     assert "e2e_scale" not in vanilla.state.output and not hasattr(vanilla.state, "e2e_scale")
     with pytest.raises(ValueError, match="max_scale"):
         ExtractorDriftWarning(max_scale=1)
+
+
+@pytest.mark.parametrize("bag", ["pseudo", "full"])
+def test_translator_cls_grad_false_trains_f_t_from_l_dist_only(bag):
+    """translator_cls_grad=False: with L_dist off, the translated view's cross-entropy no longer moves f_T (it does
+    by default) while the head still learns from that view; with L_dist on, f_T still learns."""
+    def translator_moved(cls_grad: bool, lambda_dist: float) -> bool:
+        head, translator, encoder = _models(0)
+        loss = FBTALoss(views=("frozen", "e2e", "translated"), lambda_dist=lambda_dist)
+        opt = torch.optim.SGD(fbta_param_groups(head, translator, encoder, 1e-1, 1e-1, 1e-1))
+        trainer = FBTATrainer("cpu", 1, DataLoader([_sample(0)], batch_size=1), head, opt, loss, translator=translator,
+                              trainable_encoder=encoder, translated_bag=bag, translator_cls_grad=cls_grad)
+        before = _params(translator)
+        trainer.run()
+        assert trainer.state.output["cls_translated"] > 0
+        return any(not torch.equal(a, b) for a, b in zip(before, translator.parameters()))
+
+    assert translator_moved(True, 0.0) and not translator_moved(False, 0.0)
+    assert translator_moved(False, 1.0)

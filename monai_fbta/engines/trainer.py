@@ -90,6 +90,9 @@ class FBTATrainer(Trainer):
         freeze_encoder_bn: keep f_TFE's BatchNorm layers in eval mode (running statistics of f_FFE) while
             training (default True): batch statistics of one slide's ``S`` patches would put the ``e2e`` view
             in another feature space than ``F^FB`` from the first step (f_TFE(x) != f_FFE(x) at initialisation).
+        translator_cls_grad: let the translated view's cross-entropy (and consistency) train f_T (default True:
+            the method, f_T learns from L_cls and L_dist jointly). False: f_T learns from L_dist only, the head
+            still learns from the translated view (a deviation, see docs/method.md, "Where the gain is lost").
         encoder_warmup_epochs: the first epochs in which f_TFE is not trained (default 0; a deviation, see
             docs/method.md): the e2e view is encoded without gradient while the MIL head and f_T learn from the
             pretrained features, then f_TFE is fine-tuned (linear probing before fine-tuning).
@@ -120,6 +123,7 @@ class FBTATrainer(Trainer):
         frozen_bag: str = "full",
         translated_bag: str = "pseudo",
         freeze_encoder_bn: bool = True,
+        translator_cls_grad: bool = True,
         encoder_warmup_epochs: int = 0,
         accumulation_steps: int = 1,
         amp: bool = False,
@@ -182,6 +186,7 @@ class FBTATrainer(Trainer):
         self.loss_function = loss_function
         self.frozen_bag, self.translated_bag = frozen_bag, translated_bag
         self.freeze_encoder_bn = freeze_encoder_bn
+        self.translator_cls_grad = translator_cls_grad
         self.encoder_warmup_epochs = encoder_warmup_epochs
         self.accumulation_steps = accumulation_steps
         self.amp_dtype = amp_dtype
@@ -264,7 +269,10 @@ class FBTATrainer(Trainer):
                 if pseudo_translated:
                     feats["translated"] = mean
             if self.translator is not None and "translated" in self.views and full:
-                feats["translated"] = translate_bag(self.translator, batch["features"], DEFAULT_BAG_CHUNK_SIZE)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self.translator_cls_grad):
+                    feats["translated"] = translate_bag(self.translator, batch["features"], DEFAULT_BAG_CHUNK_SIZE)
+            if "translated" in feats and not self.translator_cls_grad:
+                feats["translated"] = feats["translated"].detach()
             if "e2e" in self.views:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_warming_up):
                     e2e = encode_patches(
