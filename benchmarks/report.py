@@ -32,6 +32,8 @@ TITLES = {
     "accuracy_mambamil": "Accuracy study, MambaMIL rows (the same hard set, splits, extractor and epochs; CPU-sized head)",
     "accuracy_kinds": "Accuracy study, variant `kinds`: another kind of morphological difference (pleomorphic / glandular / "
                       "cords nuclei, generator seed 4; the same extractor, settings and epochs)",
+    "accuracy_kinds_transmil": "Accuracy study, variant `kinds`, TransMIL rows (the bundle's CPU setting for TransMIL, "
+                               "`lr_encoder` 1e-4; 5 folds x seed 0; both near chance, see docs/method.md)",
     "accuracy_transmil_exact_e60": "Accuracy study, TransMIL rows with exact attention in both layers and 60 epochs (`lr_encoder` "
                                    "5e-4; the same hard set, splits and extractor; chosen on validation, docs/method.md)",
     "accuracy_transmil_lr_encoder_5e-4": "Accuracy study, TransMIL rows with `lr_encoder` 5e-4 (the CPU default for every "
