@@ -98,7 +98,9 @@ def load_run(bundle_args: list[str], checkpoint: str | None = None) -> tuple[Any
     return parser, ckpt, parts
 
 
-def encode_whole_slide(encoder: torch.nn.Module, row: Mapping[str, Any], cache_dir: str, batch_size: int = 256) -> torch.Tensor:
+def encode_whole_slide(
+    encoder: torch.nn.Module, row: Mapping[str, Any], cache_dir: str, batch_size: int = 256
+) -> torch.Tensor:
     """Every patch of the slide of ``row`` (its cached coords, read from the slide file as extraction reads
     them) through ``encoder``: ``[1, N, D]``."""
     from monai_fbta.data.extraction import PatchBatches, patch_loader
@@ -167,7 +169,8 @@ def view_losses(parts: Mapping[str, Any], samples) -> dict[str, dict[str, Any]]:
                 scales.setdefault(bag_name, []).append(float(bag.float().pow(2).mean()))
                 for head_name, head in heads.items():
                     logits = mil_logits(head, bag.float())
-                    losses.setdefault(bag_name, {}).setdefault(head_name, []).append(float(F.cross_entropy(logits, sample["label"])))
+                    ce = float(F.cross_entropy(logits, sample["label"]))
+                    losses.setdefault(bag_name, {}).setdefault(head_name, []).append(ce)
                     preds.setdefault(bag_name, {}).setdefault(head_name, []).append(int(logits.argmax(-1)[0]))
     bags = [b for b in BAGS if b in losses]
     return {"cross_entropy": {b: {h: float(np.mean(v)) for h, v in losses[b].items()} for b in bags},

@@ -42,8 +42,9 @@ __all__ = ["FBTATrainer", "e2e_scale", "fbta_param_groups", "mil_logits"]
 
 def e2e_scale(e2e: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
     """Mean square of the e2e features f_TFE(patches) ``[1, S, D]`` over that of the frozen pseudo-bag F^FB[S]
-    ``[1, S, D]`` of the same patches (a detached scalar): 1 at step 0 with frozen BatchNorm, 0.3-1.6 at the end of
-    the runs that learned, hundreds where the extractor ran away (docs/method.md, TransMIL section). Watched by ``ExtractorDriftWarning``."""
+    ``[1, S, D]`` of the same patches (a detached scalar): 1 at step 0 with frozen BatchNorm, 0.1-1.6 in the runs
+    that learned, hundreds where the extractor ran away (docs/method.md, TransMIL section). Watched by
+    ``ExtractorDriftWarning``."""
     with torch.no_grad():
         return e2e.float().pow(2).mean() / frozen.float().pow(2).mean().clamp_min(1e-12)
 

@@ -18,8 +18,8 @@ class ExtractorDriftWarning:
     With f_TFE's BatchNorm frozen, small weight changes can compound into features hundreds of times the frozen
     ones' scale; the MIL head then reads the e2e and translated views at chance while the run goes on without an
     error (docs/method.md, TransMIL section: the runs measured there that ran away ended at 580-950, those that
-    learned at 0.3-1.6). The epoch means are kept in ``engine.state.e2e_scale`` ``{epoch: mean}``. Epochs without the e2e view
-    (vanilla MIL) have no ``e2e_scale`` and are skipped.
+    learned at 0.3-1.6). The epoch means are kept in ``engine.state.e2e_scale`` ``{epoch: mean}``. Epochs
+    without the e2e view (vanilla MIL) have no ``e2e_scale`` and are skipped.
 
     Args:
         max_scale: the ratio above which to warn.
