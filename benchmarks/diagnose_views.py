@@ -13,8 +13,8 @@ student head f_MIL and of its EMA teacher f*_MIL on:
   what the trained extractor knows that the translator does not carry; and how much of f*_TFE's features of all
   patches the translator reproduces (R^2 of f_T(F^FB) against f*_TFE(all patches), per slide, then the mean).
 
-Each bag also gets both heads' balanced accuracy over the slides. Chance is ln(num_classes). A head that reads F^FB but not f_TFE(patches) has not learnt from the e2e view
-(docs/method.md, "Why the start was left to chance"). Each bag's mean square feature is printed beside it: an
+Each bag also gets both heads' balanced accuracy over the slides. Chance is ln(num_classes). A head that reads
+F^FB but not f_TFE(patches) has not learnt from the e2e view (docs/method.md, "Why the start was left to chance"). Each bag's mean square feature is printed beside it: an
 extractor whose features ran away from the frozen one's scale (f_TFE far above f_FFE; docs/method.md, "TransMIL:
 its class token ...") shows there. Only ``train`` or ``val`` slides are scored, never ``test``.
 Give the bundle config and the overrides the run was trained with, after ``--``::
@@ -99,10 +99,10 @@ def load_run(bundle_args: list[str], checkpoint: str | None = None) -> tuple[Any
 
 
 def encode_whole_slide(
-    encoder: torch.nn.Module, row: Mapping[str, Any], cache_dir: str, batch_size: int = 256
-) -> torch.Tensor:
+    encoders: Mapping[str, torch.nn.Module], row: Mapping[str, Any], cache_dir: str, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
     """Every patch of the slide of ``row`` (its cached coords, read from the slide file as extraction reads
-    them) through ``encoder``: ``[1, N, D]``."""
+    them, once) through each of ``encoders``: ``{name: [1, N, D]}``."""
     from monai_fbta.data.extraction import PatchBatches, patch_loader
     from monai_fbta.data.store import read_coords, slide_id_of, store_path
     from monai_fbta.networks.encode import encode_batch
@@ -110,19 +110,23 @@ def encode_whole_slide(
     coords, attrs = read_coords(store_path(cache_dir, slide_id_of(row)))
     batches = PatchBatches(str(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
                            int(attrs["patch_size"]), batch_size, mpp=row.get("mpp"))
-    feats = []
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
     for x in patch_loader(batches, 0, torch.device("cpu")):
         if isinstance(x, dict):
             raise SystemExit(f"diagnose_views: reading {row['image']} failed: {x.get('error', x)}")
-        feats.append(encode_batch(encoder, x, "cpu", None, False))
-    return torch.cat(feats).unsqueeze(0)
+        for name, encoder in encoders.items():
+            feats[name].append(encode_batch(encoder, x, "cpu", None, False))
+    return {name: torch.cat(f).unsqueeze(0) for name, f in feats.items()}
 
 
-def slide_bags(parts: Mapping[str, Any], sample: Mapping[str, Any],
-               whole_slide: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def slide_bags(
+    parts: Mapping[str, Any], sample: Mapping[str, Any],
+    whole_slide: Callable[[Mapping[str, torch.nn.Module]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
     """The bags ``[1, n, D]`` of one prepared sample that the run has (:data:`BAGS`): a vanilla run reads no
     patches, f*_TFE exists only with L_dist, f_T only with the translated view or L_dist; with ``whole_slide``
-    (encoder -> its features of every patch of the slide), the :data:`WHOLE_SLIDE_BAGS` too."""
+    (``{bag: encoder}`` -> ``{bag: its features of every patch of the slide}``, :func:`encode_whole_slide`), the
+    :data:`WHOLE_SLIDE_BAGS` too."""
     from monai_fbta.networks.encode import encode_patches
     from monai_fbta.networks.translator import translate_bag
 
@@ -140,7 +144,7 @@ def slide_bags(parts: Mapping[str, Any], sample: Mapping[str, Any],
     if "translator" in parts:
         bags["translated bag f_T(F^FB)"] = translate_bag(parts["translator"], sample["features"])
     if whole_slide is not None:
-        bags.update({b: whole_slide(parts[e]) for b, e in WHOLE_SLIDE_BAGS.items() if e in parts})
+        bags.update(whole_slide({b: parts[e] for b, e in WHOLE_SLIDE_BAGS.items() if e in parts}))
     return bags
 
 
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def samples():
         for i in range(len(dataset)):
-            whole = (lambda enc, row=rows[i]: encode_whole_slide(enc, row, cache_dir)) if args.whole_slide else None
+            whole = (lambda encs, row=rows[i]: encode_whole_slide(encs, row, cache_dir)) if args.whole_slide else None
             yield prepare_batch(dataset[i], "cpu"), whole
 
     scores = view_losses(parts, samples())

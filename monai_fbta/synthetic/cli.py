@@ -20,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (slides, masks, labels.csv, datalist.json)")
     p.add_argument("--num-slides", type=int, default=12)
     p.add_argument("--num-classes", type=int, default=None,
-                   help=f"2..{len(CLASS_NAMES)} (default {SyntheticSlideConfig.num_classes}, or as many as --classes names)")
+                   help=f"2..{len(CLASS_NAMES)} (default {SyntheticSlideConfig.num_classes}, "
+                        "or as many as --classes names)")
     p.add_argument("--classes", metavar="NAME,NAME,...", default=None,
                    help=f"the morphology of each label, from {','.join(CLASS_NAMES)} (default: the first "
                         "--num-classes of them)")
