@@ -103,20 +103,16 @@ def encode_whole_slide(
 ) -> dict[str, torch.Tensor]:
     """Every patch of the slide of ``row`` (its cached coords, read from the slide file as extraction reads
     them, once) through each of ``encoders``: ``{name: [1, N, D]}``."""
-    from monai_fbta.data.extraction import PatchBatches, patch_loader
+    from monai_fbta.data.errors import SlideError
+    from monai_fbta.data.extraction import encode_slide_patches
     from monai_fbta.data.store import read_coords, slide_id_of, store_path
-    from monai_fbta.networks.encode import encode_batch
 
     coords, attrs = read_coords(store_path(cache_dir, slide_id_of(row)))
-    batches = PatchBatches(str(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
-                           int(attrs["patch_size"]), batch_size, mpp=row.get("mpp"))
-    feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
-    for x in patch_loader(batches, 0, torch.device("cpu")):
-        if isinstance(x, dict):
-            raise SystemExit(f"diagnose_views: reading {row['image']} failed: {x.get('error', x)}")
-        for name, encoder in encoders.items():
-            feats[name].append(encode_batch(encoder, x, "cpu", None, False))
-    return {name: torch.cat(f).unsqueeze(0) for name, f in feats.items()}
+    try:
+        feats = encode_slide_patches(encoders, row, coords, attrs, batch_size)
+    except SlideError as err:
+        raise SystemExit(f"diagnose_views: {err}") from None
+    return {name: f.unsqueeze(0) for name, f in feats.items()}
 
 
 def slide_bags(

@@ -51,6 +51,7 @@ __all__ = [
     "ExtractionReport",
     "PatchBatches",
     "patch_loader",
+    "encode_slide_patches",
     "encode_batch",
     "extract_features",
     "encoder_fingerprint",
@@ -228,6 +229,27 @@ def patch_loader(batches: PatchBatches, num_workers: int, device: torch.device) 
         batches, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False,
     )
+
+
+def encode_slide_patches(
+    encoders: Mapping[str, torch.nn.Module], row: Mapping[str, Any], coords: np.ndarray, attrs: Mapping[str, Any],
+    batch_size: int = 256, device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The patches at ``coords`` of the slide of ``row`` (read at its store's ``attrs``: ``patch_level``,
+    ``patch_size_level``, ``patch_size``, as extraction reads them, once) through each of ``encoders``:
+    ``{name: [len(coords), D] float32 on the CPU}``. A read failure raises :class:`SlideReadError` naming the slide."""
+    if not len(coords):
+        raise SlideError(row["image"], "no patch coordinates to read")
+    device = torch.device(device)
+    batches = PatchBatches(os.fspath(row["image"]), coords, int(attrs["patch_level"]), int(attrs["patch_size_level"]),
+                           int(attrs["patch_size"]), batch_size, mpp=row.get("mpp"))
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+    for x in patch_loader(batches, 0, device):
+        if isinstance(x, dict):
+            raise SlideReadError(row["image"], f"reading patches failed: {x.get('error', x)}")
+        for name, encoder in encoders.items():
+            feats[name].append(encode_batch(encoder, x, device, None, False))
+    return {name: torch.cat(f) for name, f in feats.items()}
 
 
 # ----------------------------------------------------------------------------- one slide
