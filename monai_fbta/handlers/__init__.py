@@ -1,5 +1,5 @@
 """monai_fbta.handlers: EMA teachers, curriculum weight, checkpoints and resume, loss logging, training log file,
-metrics CSV, curves, extractor drift warning; inference writers (predictions CSV, heatmaps, attention CSV + GeoJSON)."""
+metrics CSV, curves, extractor drift warning, translator refit; inference writers (predictions CSV, heatmaps, attention CSV + GeoJSON)."""
 
 from monai_fbta.handlers.attention import AttentionWriter
 from monai_fbta.handlers.best_model_saver import BestModelSaver
@@ -15,6 +15,7 @@ from monai_fbta.handlers.log_file import LogFile
 from monai_fbta.handlers.metrics_csv import EpochMetricsCSV
 from monai_fbta.handlers.predictions import PredictionsCSV, write_predictions_csv
 from monai_fbta.handlers.progress import LossProgressBar
+from monai_fbta.handlers.refit import TranslatorRefit, fit_translator
 from monai_fbta.handlers.resume import ResumeTraining, check_resume
 from monai_fbta.handlers.stats import LOSS_TERMS, loss_terms, training_log_handlers
 from monai_fbta.handlers.tensorboard import OptionalTensorBoard, tensorboard_available
@@ -28,6 +29,8 @@ __all__ = [
     "CurriculumWeight",
     "ModelEMA",
     "ExtractorDriftWarning",
+    "TranslatorRefit",
+    "fit_translator",
     "FBTAEvents",
     "OPTIMIZER_STEP_ATTR",
     "LOSS_TERMS",

@@ -1,0 +1,171 @@
+"""Refit the translator f_T on the training slides' patches encoded by the trained extractor (a deviation).
+
+In the method f_T learns from ``L_dist`` on each step's pseudo-bag (C·M patches of one slide) while f_TFE moves.
+On our benchmark it did not reproduce the trained features (R^2 below 0 on every fold; docs/method.md, "Where the
+gain is lost"), so translation-based inference did not carry what f_TFE learned. :class:`TranslatorRefit` fits f_T
+to f*_TFE on many patches of every training slide at chosen epochs, and from the first refit on the translated
+view no longer trains f_T through the classification loss, so the head learns to read the refitted translation.
+Inference is unchanged: ``f*_MIL(f_T(F^FB))``, no patch is read or encoded again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+
+from monai_fbta.engines.losses import FBTALoss
+
+__all__ = ["TranslatorRefit", "fit_translator"]
+
+logger = logging.getLogger("fbta.train")
+
+
+def fit_translator(
+    translator: nn.Module, frozen: torch.Tensor, target: torch.Tensor, epochs: int = 30, lr: float = 1e-3,
+    batch_size: int = 512, weight_decay: float = 1e-4, seed: int = 0,
+) -> dict[str, float]:
+    """Fit ``translator`` (``forward(x, return_heads=True) -> (mean, heads [K, ...])``) in place so that each head
+    maps ``frozen [M, D]`` to ``target [M, D']``: ``L_dist`` (:meth:`FBTALoss.distillation`) with AdamW over
+    shuffled mini-batches. Returns ``{"dist_before", "dist_after", "r2"}`` (R^2 of the mean head on the fitted
+    patches). The translator's training mode is restored."""
+    if frozen.ndim != 2 or frozen.shape[0] != target.shape[0] or not len(frozen):
+        raise ValueError(f"fit_translator: expected frozen [M, D] and target [M, D'] with M > 0, "
+                         f"got {list(frozen.shape)} and {list(target.shape)}")
+    param = next(translator.parameters())
+    x, y = frozen.to(param.device, torch.float32), target.to(param.device, torch.float32)
+    was_training = translator.training
+
+    def dist() -> tuple[float, float]:
+        translator.eval()
+        with torch.no_grad():
+            pred = torch.cat([translator(part) for part in x.split(8192)])
+        sse, sst = (pred - y).pow(2).sum(), (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return float((pred - y).pow(2).mean()), float(1 - sse / sst)
+
+    before, _ = dist()
+    opt = torch.optim.AdamW(translator.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    translator.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            idx = idx.to(x.device)
+            opt.zero_grad(set_to_none=True)
+            _, heads = translator(x[idx], return_heads=True)
+            FBTALoss.distillation(heads, y[idx]).backward()
+            opt.step()
+    after, r2 = dist()
+    translator.train(was_training)
+    return {"dist_before": before, "dist_after": after, "r2": r2}
+
+
+class TranslatorRefit:
+    """At the end of epochs ``start_epoch``, ``start_epoch + every``, ...: encode up to ``patches_per_slide``
+    patches of each training slide with the EMA extractor f*_TFE, refit f_T to them from the cached frozen
+    features F^FB of the same patches (:func:`fit_translator`), and from then on stop the translated view's
+    classification gradient into f_T (``trainer.translator_cls_grad = False``; ``L_dist`` still trains it).
+    ``attach(trainer)`` to an :class:`~monai_fbta.engines.FBTATrainer` with a translator and an EMA extractor;
+    attach it before the validation and checkpoint handlers so both see the refitted f_T.
+
+    Each refit reads ``len(rows) x patches_per_slide`` patches (an extraction pass over a sample of the training
+    slides) and is logged with its ``L_dist`` before and after and its R^2; ``engine.state.translator_refit``
+    keeps ``{epoch: those figures}``. The patches drawn are fixed by ``seed`` and the slide id. Under
+    torch.distributed every rank fits the same, then rank 0's weights are broadcast.
+
+    Args:
+        rows: the training slides (datalist rows with ``image`` and ``slide_id``).
+        cache_dir: their feature stores (coords and ``features``).
+        start_epoch: the first epoch after which to refit (>= 1).
+        every: refit again every this many epochs (0: only once).
+        patches_per_slide: patches drawn per slide (``None``: all).
+        epochs / lr / batch_size / weight_decay: :func:`fit_translator`'s settings.
+        seed: seeds the patch draw and the fit's shuffling.
+        batch_size_read: patches read and encoded per batch.
+    """
+
+    def __init__(
+        self, rows: Sequence[Mapping[str, Any]], cache_dir: str, start_epoch: int, every: int = 0,
+        patches_per_slide: int | None = 512, epochs: int = 30, lr: float = 1e-3, batch_size: int = 512,
+        weight_decay: float = 1e-4, seed: int = 0, batch_size_read: int = 256,
+    ) -> None:
+        if start_epoch < 1 or every < 0 or (patches_per_slide is not None and patches_per_slide < 1):
+            raise ValueError(f"TranslatorRefit: start_epoch must be >= 1, every >= 0 and patches_per_slide >= 1 or "
+                             f"None; got {start_epoch}, {every}, {patches_per_slide}")
+        if not rows:
+            raise ValueError("TranslatorRefit: no training slides to refit the translator on")
+        self.rows, self.cache_dir = list(rows), str(cache_dir)
+        self.start_epoch, self.every, self.patches_per_slide = int(start_epoch), int(every), patches_per_slide
+        self.fit_kwargs = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay}
+        self.seed, self.batch_size_read = int(seed), int(batch_size_read)
+
+    def due(self, epoch: int) -> bool:
+        """Whether to refit after ``epoch``."""
+        if epoch < self.start_epoch:
+            return False
+        return epoch == self.start_epoch or (self.every > 0 and (epoch - self.start_epoch) % self.every == 0)
+
+    def patch_pairs(self, encoder: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F^FB of the drawn patches [M, D], f*_TFE of the same patches [M, D'])`` over the training slides."""
+        import zlib
+
+        from monai_fbta.data.extraction import encode_slide_patches
+        from monai_fbta.data.store import read_array, read_coords, slide_id_of, store_path
+
+        frozen, trained = [], []
+        for row in self.rows:
+            path = store_path(self.cache_dir, slide_id_of(row))
+            coords, attrs = read_coords(path)
+            feats = read_array(path, "features")
+            idx = np.arange(len(coords))
+            if self.patches_per_slide is not None and len(idx) > self.patches_per_slide:
+                rng = np.random.default_rng([self.seed, zlib.crc32(slide_id_of(row).encode())])
+                idx = np.sort(rng.choice(len(idx), self.patches_per_slide, replace=False))
+            frozen.append(torch.as_tensor(np.asarray(feats[idx]), dtype=torch.float32))
+            trained.append(encode_slide_patches({"t": encoder}, row, coords[idx], attrs, self.batch_size_read,
+                                                device)["t"])
+        return torch.cat(frozen), torch.cat(trained)
+
+    def started(self, engine: Engine) -> None:
+        """On (re)start: a run resumed after its first refit keeps the translated view's gradient off f_T."""
+        if (engine.state.epoch or 0) >= self.start_epoch:
+            engine.translator_cls_grad = False
+
+    def epoch_completed(self, engine: Engine) -> None:
+        epoch = int(engine.state.epoch)
+        if not self.due(epoch):
+            return
+        teacher = getattr(engine, "teacher_encoder", None)
+        translator = getattr(engine, "translator", None)
+        if teacher is None or translator is None:
+            raise RuntimeError("TranslatorRefit: the trainer has no EMA extractor or no translator (a vanilla run?)")
+        translator = getattr(translator, "module", translator)  # DistributedDataParallel: fit the module itself
+        device = torch.device(engine.state.device)
+        frozen, trained = self.patch_pairs(teacher.ema_model, device)
+        figures = fit_translator(translator, frozen, trained, seed=self.seed + epoch, **self.fit_kwargs)
+        _broadcast_from_rank0(translator)
+        engine.translator_cls_grad = False
+        if not hasattr(engine.state, "translator_refit"):
+            engine.state.translator_refit = {}
+        engine.state.translator_refit[epoch] = {**figures, "patches": len(frozen)}
+        logger.info("epoch %d: refitted f_T on %d patches of %d training slides: L_dist %.4f -> %.4f, R^2 %.3f",
+                    epoch, len(frozen), len(self.rows), figures["dist_before"], figures["dist_after"], figures["r2"])
+
+    def attach(self, engine: Engine) -> None:
+        max_epochs = getattr(engine.state, "max_epochs", None)
+        if max_epochs is not None and self.start_epoch > max_epochs:
+            raise ValueError(f"TranslatorRefit: start_epoch {self.start_epoch} is after the last epoch ({max_epochs}): "
+                             "the translator would never be refitted")
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+
+def _broadcast_from_rank0(module: nn.Module) -> None:
+    """Make every rank hold rank 0's parameters (no-op without an initialised process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for p in module.parameters():
+            torch.distributed.broadcast(p.data, src=0)
