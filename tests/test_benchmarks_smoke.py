@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import numpy as np
 import torch
+import torch.nn.functional as F
 from conftest import load_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -223,3 +224,30 @@ def test_diagnose_views_r_squared_of_the_translation():
     assert diagnose.r_squared(target + 0.1 * torch.randn_like(target), target) < 1
     with pytest.raises(SystemExit, match="differ in shape"):
         diagnose.r_squared(target[:, :49], target)
+
+
+def test_translation_ceiling_maps_and_head_training_learn_what_they_are_given():
+    """translation_ceiling: the ridge map recovers a linear map, the MLP fits a non-linear one that ridge cannot, and a fresh ABMIL head learns bags whose label is carried by one instance's feature."""
+    from monai_fbta.networks import build_mil_head
+
+    ceiling = load_benchmark("translation_ceiling")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=gen)
+    a, b = torch.randn(8, 8, generator=gen), torch.randn(8, generator=gen)
+    assert ceiling.fit_ridge(x, x @ a + b, alpha=1e-6)(x) == pytest.approx(x @ a + b, abs=1e-3)
+    y = x + x.abs()  # no linear map fits |x|
+    ridge_error = F.mse_loss(ceiling.fit_ridge(x, y)(x), y)
+    assert F.mse_loss(ceiling.fit_mlp(x, y, hidden=64, epochs=30, batch_size=128)(x), y) < 0.5 * ridge_error
+
+    def bags(n: int) -> tuple[list[torch.Tensor], list[int]]:
+        out, labels = [], []
+        for i in range(n):
+            bag = torch.randn(20, 8, generator=gen)
+            bag[0, 0] += 4.0 * (i % 2)  # class 1: one instance with a large first feature
+            out.append(bag)
+            labels.append(i % 2)
+        return out, labels
+
+    head = build_mil_head("abmil", in_features=8, num_classes=2, hidden=16)
+    got = ceiling.train_head(head, bags(40), bags(20), epochs=15, lr=5e-3, weight_decay=1e-4, seed=0)
+    assert got["val_auc"] > 0.9 and 1 <= got["best_epoch"] <= 15, got

@@ -435,6 +435,57 @@ def test_diagnose_views_scores_each_bag_of_a_trained_run_and_refuses_other_setti
         diagnose.main(["--part", "test", "--", *run])  # test slides are not for diagnosing
 
 
+def test_translation_ceiling_trains_a_fresh_head_on_each_bag_of_a_trained_run(trained, capsys):
+    """benchmarks/translation_ceiling.py on the tiny run: the offline maps' R^2 against f*_TFE on the validation
+    patches and a fresh head's validation figures on each bag; a vanilla checkpoint (no f*_TFE) is refused."""
+    from conftest import load_benchmark
+
+    ceiling = load_benchmark("translation_ceiling")
+    run = ["--config_file", TRAIN, *run_dirs(trained), *TINY]
+    out = ceiling.main(["--epochs", "2", "--", *run])
+    results = out["results"]
+    assert list(results) == ["F^FB", "f_T(F^FB)", "ridge(F^FB)", "MLP(F^FB)", "f_T refit(F^FB)", "f*_TFE(all patches)"]
+    assert all(0 <= r["val_auc"] <= 1 and 0 <= r["val_bacc"] <= 1 and 1 <= r["best_epoch"] <= 2 for r in results.values())
+    assert {k for k, r in results.items() if "r2_val" in r} == {"f_T(F^FB)", "ridge(F^FB)", "MLP(F^FB)", "f_T refit(F^FB)"}
+    assert all(r["r2_val"] <= 1 for r in results.values() if "r2_val" in r)
+    assert out["num_val_slides"] == len(json.loads((trained / "models" / "splits.json").read_text())["folds"][0]["val"])
+    assert "| MLP(F^FB) |" in capsys.readouterr().out
+
+
+def test_translator_refit_in_the_bundle_fits_f_t_to_the_trained_extractor(trained, tmp_path):
+    """``--refit_start_epoch 1 --refit_every 1``: after each epoch f_T is refitted on the training slides' patches
+    encoded by f*_TFE (read from the slide files), logged with its R^2, and the run still trains, validates and
+    tests; the saved f_T reproduces f*_TFE on those patches."""
+    from monai_fbta.data.store import read_array, read_coords, store_path
+    from monai_fbta.data.extraction import encode_slide_patches
+    from monai_fbta.networks import FeatureTranslator, PatchEncoder
+
+    dirs = ["--dataset_dir", str(trained / "data"), "--cache_dir", str(trained / "cache"),
+            "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    bundle(["run", "training", "--config_file", TRAIN, *dirs, *TINY, "--refit_start_epoch", "1", "--refit_every", "1",
+            "--show_progress", "False"], cwd=tmp_path)
+    log = (tmp_path / "eval" / "train.log").read_text()
+    refits = [line for line in log.splitlines() if "refitted f_T on" in line]
+    assert [line.split("epoch ")[1].split(":")[0] for line in refits] == ["1", "2"], log[-2000:]
+    assert all(float(line.rsplit("R^2 ", 1)[1]) > 0.5 for line in refits), refits
+    assert (tmp_path / "eval" / "test_metrics.json").is_file()
+    blob = torch.load(tmp_path / "models" / "last.pt", map_location="cpu", weights_only=True)
+    translator = FeatureTranslator(64, num_heads=10)
+    translator.load_state_dict(blob["translator"])
+    encoder = PatchEncoder("tiny_cnn")
+    encoder.load_state_dict(blob["ema_encoder"])
+    split = json.loads((tmp_path / "models" / "splits.json").read_text())["folds"][0]
+    slide = split["train"][0]
+    path = store_path(trained / "cache", slide)
+    coords, attrs = read_coords(path)
+    row = {"image": str(trained / "data" / f"{slide}.tiff"), "slide_id": slide}
+    target = encode_slide_patches({"t": encoder.eval()}, row, coords, attrs)["t"]
+    with torch.no_grad():
+        pred = translator(torch.as_tensor(read_array(path, "features")).float())
+    r2 = 1 - (pred - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+    assert r2 > 0.5, f"the saved f_T does not reproduce f*_TFE on a training slide (R^2 {float(r2):.3f})"
+
+
 @pytest.mark.parametrize("head,lr", [("abmil", 5e-4), ("transmil", 1e-4), ("mambamil", 5e-4)])
 def test_cpu_extractor_learning_rate_is_smaller_for_transmil(head, lr):
     """On the CPU profile f_TFE's learning rate is 5e-4, but 1e-4 with TransMIL: at 5e-4 its extractor's features
