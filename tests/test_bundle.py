@@ -74,6 +74,19 @@ def test_training_from_empty_dataset_dir(trained):
     assert not list(trained.glob("cufile.log"))
 
 
+def test_a_run_on_a_ready_cache_trains_the_same_as_the_run_that_built_it(trained, tmp_path):
+    """Same settings, same model whether or not this run extracted the features: the networks are seeded after
+    the data preparation (which draws random numbers only when it has work to do)."""
+    dirs = ["--dataset_dir", str(trained / "data"), "--cache_dir", str(trained / "cache"),
+            "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    bundle(["run", "training", "--config_file", TRAIN, *dirs, *TINY], cwd=tmp_path)
+    built, reused = (torch.load(root / "models" / "last.pt", map_location="cpu", weights_only=True)
+                     for root in (trained, tmp_path))
+    assert built["mil_head"].keys() == reused["mil_head"].keys()
+    for key, value in built["mil_head"].items():
+        assert torch.allclose(value.float(), reused["mil_head"][key].float(), atol=1e-6), key
+
+
 def test_inference_writes_predictions_and_heatmaps(trained, tmp_path):
     slides = sorted((trained / "data").glob("*.tiff"))[:2]
     inputs = [str(s) for s in slides]
