@@ -84,6 +84,7 @@ def train_head(head: nn.Module, train: tuple[Bags, Sequence[int]], val: tuple[Ba
     from monai_fbta.engines.evaluator import macro_auc
     from monai_fbta.networks.mil_base import mil_logits
 
+    torch.manual_seed(seed)  # the head's dropout: every bag's head sees the same random stream
     pooled = torch.cat(train[0]).double()
     head.set_feature_stats(pooled.mean(0).float(), pooled.std(0, unbiased=False).float())
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
