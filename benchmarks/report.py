@@ -40,6 +40,10 @@ TITLES = {
                                          "head before 2026-11-26, session 10; its extractor ran away in 3 of 5 folds)",
     "accuracy_transmil_bntrain": "Accuracy study, TransMIL rows with f_TFE's BatchNorm in train mode (`freeze_encoder_bn` "
                                  "False, `lr_encoder` 5e-4; otherwise as above; chosen on validation, docs/method.md)",
+    "accuracy_seed0_rerun": "Accuracy study, ABMIL rows of seed 0 rerun on 2026-11-26, session 11 (the same hard set, splits, "
+                            "extractor, settings and epochs; the spread between runs of the same settings, docs/method.md)",
+    "accuracy_translator_refit": "Accuracy study, ABMIL rows with the translator refit (`refit_start_epoch` 10, "
+                                 "`refit_every` 10; validation level, not adopted; docs/method.md, \"Refitting the translator\")",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
