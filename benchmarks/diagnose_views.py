@@ -181,13 +181,14 @@ def view_losses(parts: Mapping[str, Any], samples) -> dict[str, dict[str, Any]]:
 
 
 def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """``1 - SSE / SST`` of ``pred`` against ``target`` (both ``[1, N, D]``, SST about target's per-feature mean)."""
+    """:func:`monai_fbta.handlers.refit.r_squared` of ``pred`` against ``target`` (both ``[1, N, D]``); a clear
+    exit when the two bags have different patches."""
+    from monai_fbta.handlers.refit import r_squared as r2
+
     if pred.shape != target.shape:
         raise SystemExit(f"diagnose_views: translated bag {tuple(pred.shape)} and re-extracted bag "
                          f"{tuple(target.shape)} differ in shape (patches dropped since extraction?)")
-    pred, target = pred.double(), target.double()
-    sst = (target - target.mean(dim=1, keepdim=True)).pow(2).sum()
-    return float(1 - (pred - target).pow(2).sum() / sst.clamp_min(1e-12))
+    return r2(pred, target)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

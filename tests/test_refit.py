@@ -6,7 +6,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from monai_fbta.handlers import TranslatorRefit, fit_translator
+from monai_fbta.handlers import TranslatorRefit, fit_translator, r_squared
 from monai_fbta.networks import FeatureTranslator
 
 ROWS = [{"image": "a.tiff", "slide_id": "a"}]
@@ -51,3 +51,12 @@ def test_translator_refit_refuses_bad_settings():
     engine.state.max_epochs = 5
     with pytest.raises(ValueError, match="after the last epoch"):
         TranslatorRefit(ROWS, "cache", start_epoch=6).attach(engine)
+
+
+def test_r_squared_is_one_for_the_target_zero_for_its_mean_and_refuses_other_shapes():
+    target = torch.randn(2, 30, 4, generator=torch.Generator().manual_seed(0))
+    assert r_squared(target, target) == pytest.approx(1.0)
+    mean = target.reshape(-1, 4).mean(0).expand_as(target)
+    assert r_squared(mean, target) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="differ in shape"):
+        r_squared(target[:, :29], target)

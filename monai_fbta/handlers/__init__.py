@@ -15,7 +15,7 @@ from monai_fbta.handlers.log_file import LogFile
 from monai_fbta.handlers.metrics_csv import EpochMetricsCSV
 from monai_fbta.handlers.predictions import PredictionsCSV, write_predictions_csv
 from monai_fbta.handlers.progress import LossProgressBar
-from monai_fbta.handlers.refit import TranslatorRefit, fit_translator
+from monai_fbta.handlers.refit import TranslatorRefit, fit_translator, r_squared
 from monai_fbta.handlers.resume import ResumeTraining, check_resume
 from monai_fbta.handlers.stats import LOSS_TERMS, loss_terms, training_log_handlers
 from monai_fbta.handlers.tensorboard import OptionalTensorBoard, tensorboard_available
@@ -31,6 +31,7 @@ __all__ = [
     "ExtractorDriftWarning",
     "TranslatorRefit",
     "fit_translator",
+    "r_squared",
     "FBTAEvents",
     "OPTIMIZER_STEP_ATTR",
     "LOSS_TERMS",

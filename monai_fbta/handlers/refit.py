@@ -21,9 +21,19 @@ from ignite.engine import Engine, Events
 
 from monai_fbta.engines.losses import FBTALoss
 
-__all__ = ["TranslatorRefit", "fit_translator"]
+__all__ = ["TranslatorRefit", "fit_translator", "r_squared"]
 
 logger = logging.getLogger("fbta.train")
+
+
+def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """``1 - SSE / SST`` of ``pred`` against ``target`` (both ``[..., D]``, one row per patch; SST about the target's
+    per-feature mean over all patches), in float64."""
+    if pred.shape != target.shape:
+        raise ValueError(f"r_squared: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    pred, target = pred.double().reshape(-1, pred.shape[-1]), target.double().reshape(-1, target.shape[-1])
+    sst = (target - target.mean(0)).pow(2).sum()
+    return float(1 - (pred - target).pow(2).sum() / sst.clamp_min(1e-12))
 
 
 def fit_translator(
@@ -45,8 +55,7 @@ def fit_translator(
         translator.eval()
         with torch.no_grad():
             pred = torch.cat([translator(part) for part in x.split(8192)])
-        sse, sst = (pred - y).pow(2).sum(), (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return float((pred - y).pow(2).mean()), float(1 - sse / sst)
+        return float((pred - y).pow(2).mean()), r_squared(pred, y)
 
     before, _ = dist()
     opt = torch.optim.AdamW(translator.parameters(), lr=lr, weight_decay=weight_decay)
