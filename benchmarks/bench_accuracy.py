@@ -49,6 +49,10 @@ HEAD_NAMES = {"abmil": "ABMIL", "transmil": "TransMIL (hidden 128)", "mambamil":
 HEAD_OVERRIDES: dict[str, dict[str, Any]] = {"transmil": {"mil_hidden": 128},
                                              "mambamil": {"mil_hidden": 64, "mil_kwargs": {"num_layers": 1}}}
 NO_EMA = {"ema_momentum": 1.0}
+# the second stage over a finished FBTA run (configs/translated_head.json: f_T refitted to its extractor, then a head
+# trained on f_T(F^FB) alone, the vanilla recipe); its run reads that FBTA run's last.pt, so it runs after it
+TRANSLATED_HEAD = "translated_head"
+HEAD_OVERLAY = "translated_head.json"
 TABLES = ("main", "ema", "ablation")
 # the bundle's training settings recorded with the study (their values in --config, then --epochs and --override):
 # a later change of a bundle default must not pass for the setting these runs had
@@ -60,10 +64,10 @@ STUDY_OVERRIDES: dict[str, Any] = {"patch_size": 64, "num_clusters": 16, "transl
 DATA = {"num_slides": 120, "size": 2048, "tumour_fraction": 0.08, "stain_jitter": 2.0, "seed": 1}
 # rough seconds per run of RUN_S_EPOCHS epochs on a 2-core CPU for the up-front estimate; refined from the runs
 # that finished
-RUN_S = {"vanilla": 60.0, "fbta": 150.0}
+RUN_S = {"vanilla": 60.0, "fbta": 150.0, TRANSLATED_HEAD: 70.0}
 RUN_S_EPOCHS = 20
 # bundle overrides naming places inside --workdir, left out of a run's identity; RUN_RECORD holds that identity
-WORKDIR_PATHS = ("cache_dir", "ckpt_dir", "output_dir", "encoder_weights")
+WORKDIR_PATHS = ("cache_dir", "ckpt_dir", "output_dir", "encoder_weights", "fbta_checkpoint")
 RUN_RECORD = "settings.json"
 HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.3, "mambamil": 2.5}  # MambaMIL (1 layer): its pure-PyTorch scan
 PREPARE_S = 300.0
@@ -73,17 +77,20 @@ THREADS = {"OMP_NUM_THREADS": "1"}
 
 
 def settings(heads: list[str], tables: tuple[str, ...] = TABLES) -> list[dict[str, Any]]:
-    """Table rows: ``{"table", "label", "head", "views", "extra", "all_seeds"}`` of ``tables``; ABMIL first."""
+    """Table rows: ``{"table", "label", "head", "views", "extra", "all_seeds", "stage"}`` of ``tables``; ABMIL
+    first. ``stage`` is None, or :data:`TRANSLATED_HEAD` for the second stage over the row's FBTA run."""
     rows: list[dict[str, Any]] = []
 
-    def add(table: str, label: str, head: str, views: tuple[str, ...], extra: dict[str, Any], all_seeds: bool):
+    def add(table: str, label: str, head: str, views: tuple[str, ...], extra: dict[str, Any], all_seeds: bool,
+            stage: str | None = None):
         rows.append({"table": table, "label": label, "head": head, "views": views,
-                     "extra": {**HEAD_OVERRIDES.get(head, {}), **extra}, "all_seeds": all_seeds})
+                     "extra": {**HEAD_OVERRIDES.get(head, {}), **extra}, "all_seeds": all_seeds, "stage": stage})
 
     for head in sorted(heads, key=lambda h: h != "abmil"):
         name, abmil = HEAD_NAMES.get(head, head), head == "abmil"
         add("main", name, head, ("frozen",), {}, abmil)
         add("main", f"{name} + FBTA", head, ALL_VIEWS, {}, abmil)
+        add("main", f"{name} + FBTA + translated-head stage", head, ("translated",), {}, abmil, TRANSLATED_HEAD)
     if "abmil" in heads:
         add("ema", "ABMIL, no EMA teacher (plain two-stage MIL)", "abmil", ("frozen",), NO_EMA, False)
         add("ema", "ABMIL, EMA teacher", "abmil", ("frozen",), {}, False)
@@ -96,30 +103,37 @@ def settings(heads: list[str], tables: tuple[str, ...] = TABLES) -> list[dict[st
     return [r for r in rows if r["table"] in tables]
 
 
-def run_key(head: str, views: tuple[str, ...], extra: dict[str, Any]) -> str:
-    """The run folder's name stem: head, views, then each override as ``key + value`` (a dict's items flattened)."""
+def run_key(head: str, views: tuple[str, ...], extra: dict[str, Any], stage: str | None = None) -> str:
+    """The run folder's name stem: head, views (or the stage), then each override as ``key + value`` (a dict's items
+    flattened)."""
     def part(k: str, v: Any) -> str:
         return k + ("".join(f"{kk}{vv}" for kk, vv in sorted(v.items())) if isinstance(v, dict) else f"{v}")
 
-    return "_".join([head, *views, *(part(k, v) for k, v in sorted(extra.items()))])
+    return "_".join([head, *([stage] if stage else views), *(part(k, v) for k, v in sorted(extra.items()))])
+
+
+def source_key(run: dict[str, Any]) -> str:
+    """The run key of the FBTA run that a second-stage run reads (same head and overrides, all three views)."""
+    return run_key(run["head"], ALL_VIEWS, run["extra"])
 
 
 def plan_runs(heads: list[str], seeds: list[int], folds: list[int], tables: tuple[str, ...] = TABLES) -> list[dict[str, Any]]:
     """Distinct (head, views, overrides) x folds x seeds; tables share runs (ABMIL's vanilla and FBTA rows).
 
     Runs come in phases, each fold by fold, so a study stopped early has whole folds of the most important rows:
-    ABMIL vanilla / FBTA / ablation (first seed), TransMIL, ABMIL's other seeds, the no-EMA rows, MambaMIL."""
+    ABMIL vanilla / FBTA / ablation (first seed), TransMIL, ABMIL's other seeds, the no-EMA rows, MambaMIL. A
+    second-stage run comes right after the FBTA run it reads."""
     unique: dict[str, dict[str, Any]] = {}
     for s in settings(heads, tables):
-        key = run_key(s["head"], s["views"], s["extra"])
+        key = run_key(s["head"], s["views"], s["extra"], s["stage"])
         entry = unique.setdefault(key, {"head": s["head"], "views": s["views"], "extra": s["extra"], "all_seeds": False,
-                                        "tables": set()})
+                                        "tables": set(), "stage": s["stage"]})
         entry["all_seeds"] |= s["all_seeds"]
         entry["tables"].add(s["table"])
     runs = [{"head": s["head"], "views": s["views"], "extra": s["extra"], "key": key, "fold": fold, "seed": seed,
-             "phase": _phase(s, i)}
+             "phase": _phase(s, i), "stage": s["stage"]}
             for i, seed in enumerate(seeds) for fold in folds for key, s in unique.items() if i == 0 or s["all_seeds"]]
-    runs.sort(key=lambda r: (r["phase"], r["seed"], r["fold"]))
+    runs.sort(key=lambda r: (r["phase"], r["seed"], r["fold"], r["stage"] is not None))
     return runs
 
 
@@ -146,7 +160,7 @@ def estimate_s(runs: list[dict[str, Any]], prepared: bool, scale: float = 1.0, e
     """Seconds ``runs`` of ``epochs`` epochs should take (``scale``: measured / estimated so far)."""
     total = 0.0 if prepared else PREPARE_S
     for r in runs:
-        kind = "vanilla" if r["views"] == ("frozen",) else "fbta"
+        kind = r.get("stage") or ("vanilla" if r["views"] == ("frozen",) else "fbta")
         total += RUN_S[kind] * HEAD_FACTOR.get(r["head"], 1.5) * scale * epochs / RUN_S_EPOCHS
     return total
 
@@ -162,15 +176,26 @@ def bundle_overrides(run: dict[str, Any], args, run_dir: Path, shared: Path) -> 
     encoder_file = next(iter(sorted(shared.glob("frozen_encoder_*.pt"))), None)
     if encoder_file is not None:
         over["encoder_weights"] = str(encoder_file)
+    if run.get("stage") == TRANSLATED_HEAD:
+        source = {**run, "key": source_key(run)}
+        over["fbta_checkpoint"] = str(Path(args.workdir) / "runs" / run_name(source) / "last.pt")
     for item in args.override or ():
         key, _, value = item.partition("=")
         over[key] = value
     return {key: value if isinstance(value, str) else json.dumps(value) for key, value in over.items()}
 
 
+def config_files(run: dict[str, Any], args) -> list[Path]:
+    """The bundle config files of one run: ``--config``, then the second stage's overlay beside it."""
+    config = Path(args.config)
+    return [config, config.parent / HEAD_OVERLAY] if run.get("stage") == TRANSLATED_HEAD else [config]
+
+
 def bundle_command(run: dict[str, Any], args, run_dir: Path, shared: Path) -> list[str]:
     """The ``monai.bundle run training`` command line of one run (overrides as ``--key value``)."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(args.config)]
+    files = config_files(run, args)
+    config = str(files[0]) if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config]
     for key, value in bundle_overrides(run, args, run_dir, shared).items():
         cmd += [f"--{key}", value]
     return cmd
@@ -185,7 +210,9 @@ def run_identity(run: dict[str, Any], args, run_dir: Path, shared: Path) -> dict
     overrides less the places inside ``--workdir`` (a moved workdir holds the same study)."""
     over = bundle_overrides(run, args, run_dir, shared)
     encoder = shared / "frozen_encoder_tiny_cnn.pt"
-    return {"config_sha256": _sha256(args.config), "encoder_sha256": _sha256(encoder) if encoder.is_file() else None,
+    overlays = {"overlay_sha256": _sha256(f) for f in config_files(run, args)[1:]}
+    return {"config_sha256": _sha256(args.config), **overlays,
+            "encoder_sha256": _sha256(encoder) if encoder.is_file() else None,
             "overrides": {k: v for k, v in over.items() if k not in WORKDIR_PATHS}}
 
 
@@ -333,7 +360,7 @@ def summarise(results: dict[str, list[dict[str, Any]]], heads: list[str],
     """``{table: rows}``; each row the mean ± std over folds and seeds of its runs."""
     tables: dict[str, list[dict[str, Any]]] = {}
     for s in settings(heads, which):
-        res = results.get(run_key(s["head"], s["views"], s["extra"]), [])
+        res = results.get(run_key(s["head"], s["views"], s["extra"], s["stage"]), [])
         if not s["all_seeds"] and res:
             first_seed = min(r["seed"] for r in res)
             res = [r for r in res if r["seed"] == first_seed]
@@ -361,6 +388,9 @@ def checks(tables: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]
         fbta, van = main["ABMIL + FBTA"], main["ABMIL"]
         put("ABMIL + FBTA test bacc", fbta, ">= 0.80", fbta >= 0.80)
         put("ABMIL + FBTA - ABMIL (test bacc)", fbta - van, ">= 0.15", fbta - van >= 0.15)
+        staged = main.get("ABMIL + FBTA + translated-head stage", float("nan"))
+        put("ABMIL + FBTA + translated-head stage test bacc", staged, ">= 0.80", staged >= 0.80)
+        put("ABMIL + FBTA + translated-head stage - ABMIL (test bacc)", staged - van, ">= 0.15", staged - van >= 0.15)
     for head in (HEAD_NAMES["transmil"], HEAD_NAMES["mambamil"]):
         if head in main:
             gain = main[f"{head} + FBTA"] - main[head]

@@ -15,16 +15,22 @@ def test_plan_shares_runs_between_tables_orders_heads_and_seeds(bench):
     runs = bench.plan_runs(["transmil", "abmil"], seeds=[0, 1], folds=[0, 1, 2])
     names = [bench.run_name(r) for r in runs]
     assert len(names) == len(set(names))
-    # ABMIL: vanilla, FBTA (both seeds), their no-EMA twins and e2e+frozen (first seed); TransMIL: vanilla, FBTA
+    # ABMIL: vanilla, FBTA, its translated-head stage (both seeds), their no-EMA twins and e2e+frozen (first seed);
+    # TransMIL: vanilla, FBTA, translated-head stage
     abmil = [r for r in runs if r["head"] == "abmil"]
-    assert len(abmil) == 3 * (5 + 2)
+    assert len(abmil) == 3 * (6 + 3)
     phases = [r["phase"] for r in runs]
-    assert phases == sorted(phases) and [r["head"] for r in runs[: 3 * 3]] == ["abmil"] * 9, (
-        "ABMIL vanilla / FBTA / ablation come first, then TransMIL, then ABMIL's second seed")
-    assert [r["head"] for r in runs[9:15]] == ["transmil"] * 6 and {r["seed"] for r in runs[15:21]} == {1}
+    assert phases == sorted(phases) and [r["head"] for r in runs[: 4 * 3]] == ["abmil"] * 12, (
+        "ABMIL vanilla / FBTA / its second stage / ablation come first, then TransMIL, then ABMIL's second seed")
+    assert [r["head"] for r in runs[12:21]] == ["transmil"] * 9 and {r["seed"] for r in runs[21:30]} == {1}
     assert runs[-1]["extra"].get("ema_momentum") == 1.0
     assert {r["seed"] for r in runs if r["extra"].get("ema_momentum") == 1.0} == {0}
-    assert sum(r["head"] == "transmil" for r in runs) == 3 * 2
+    assert sum(r["head"] == "transmil" for r in runs) == 3 * 3
+    for i, r in enumerate(runs):  # a second stage runs after the FBTA run whose last.pt it reads
+        if r["stage"]:
+            source = [j for j, q in enumerate(runs) if q["key"] == bench.source_key(r)
+                      and (q["fold"], q["seed"]) == (r["fold"], r["seed"])]
+            assert len(source) == 1 and source[0] < i, bench.run_name(r)
     assert all(r["extra"]["mil_hidden"] == 128 for r in runs if r["head"] == "transmil"), "CPU-sized TransMIL"
     e2e = next(r for r in runs if r["views"] == ("frozen", "e2e"))
     assert e2e["extra"] == {"lambda_dist": 0}
@@ -39,6 +45,12 @@ def test_quick_args_and_bundle_command(bench, tmp_path):
     assert cmd[cmd.index("--fold") + 1] == "0" and cmd[cmd.index("--num_workers") + 1] == "0"
     assert cmd[cmd.index("--translated_bag") + 1] == "full"
     assert "--encoder_weights" not in cmd  # the first run makes the shared extractor
+    staged = next(r for r in bench.plan_runs(args.heads, args.seeds, args.folds) if r["stage"])
+    cmd = bench.bundle_command(staged, args, tmp_path / "r2", tmp_path)
+    assert cmd[cmd.index("--config_file") + 1] == f"['{bench.BUNDLE_CONFIG}','{bench.BUNDLE_CONFIG.parent / bench.HEAD_OVERLAY}']"
+    assert cmd[cmd.index("--fbta_checkpoint") + 1] == str(tmp_path / "runs" / bench.run_name(run) / "last.pt")
+    assert cmd[cmd.index("--views") + 1] == '["translated"]'
+    assert "fbta_checkpoint" not in bench.run_identity(staged, args, tmp_path / "r2", tmp_path)["overrides"]
 
 
 def test_summary_tables_and_targets(bench):
@@ -102,7 +114,7 @@ def test_study_records_the_training_settings_of_the_config_it_ran(bench, tmp_pat
 def test_time_estimate_scales_with_the_epochs(bench):
     runs = bench.plan_runs(["abmil"], seeds=[0], folds=[0, 1], tables=("main",))
     twenty = bench.estimate_s(runs, prepared=True)
-    assert twenty == pytest.approx(2 * (bench.RUN_S["vanilla"] + bench.RUN_S["fbta"]))
+    assert twenty == pytest.approx(2 * (bench.RUN_S["vanilla"] + bench.RUN_S["fbta"] + bench.RUN_S["translated_head"]))
     assert bench.estimate_s(runs, prepared=True, epochs=40) == pytest.approx(2 * twenty)
 
 

@@ -20,7 +20,8 @@ from conftest import REAL_DIR
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "fbta_stad"
 CONFIGS = BUNDLE / "configs"
-TRAIN, INFER, EVALUATE, MULTI = (str(CONFIGS / n) for n in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json"))
+TRAIN, INFER, EVALUATE, MULTI, HEAD = (str(CONFIGS / n) for n in (
+    "train.json", "inference.json", "evaluate.json", "multi_gpu_train.json", "translated_head.json"))
 TINY = [
     "--synthetic#num_slides", "12", "--synthetic#size", "1024", "--num_epochs", "2", "--encoder_name", "tiny_cnn",
     "--num_workers", "0", "--num_folds", "3", "--val_fraction", "0.5", "--patch_size", "64", "--num_clusters", "8",
@@ -498,6 +499,63 @@ def test_translator_refit_in_the_bundle_fits_f_t_to_the_trained_extractor(traine
         pred = translator(torch.as_tensor(read_array(path, "features")).float())
     r2 = r_squared(pred, target)
     assert r2 > 0.5, f"the saved f_T does not reproduce f*_TFE on a training slide (R^2 {r2:.3f})"
+
+
+def test_translated_head_stage_trains_a_head_on_the_refitted_translation_of_an_fbta_run(trained, tmp_path):
+    """``configs/translated_head.json`` over train.json: f_T of the FBTA run refitted to its f*_TFE (logged with R^2),
+    then fixed while a head trains on f_T(F^FB) alone; model.pt holds that f_T, which reproduces f*_TFE on a training
+    slide; a rerun resumes; another fold, other views or a checkpoint without a trained extractor are refused."""
+    from monai_fbta.data.extraction import encode_slide_patches
+    from monai_fbta.data.store import read_array, read_coords, store_path
+    from monai_fbta.handlers import r_squared
+    from monai_fbta.networks import FeatureTranslator, PatchEncoder
+
+    fbta = trained / "models" / "last.pt"
+    common = ["--dataset_dir", str(trained / "data"), "--cache_dir", str(trained / "cache"), *TINY,
+              "--show_progress", "False"]
+    args = ["run", "training", "--config_file", f"['{TRAIN}','{HEAD}']", "--fbta_checkpoint", str(fbta),
+            "--output_dir", str(tmp_path / "eval"), *common]
+    out = bundle(args, cwd=tmp_path)
+    models = trained / "models" / "translated_head"  # default: beside the FBTA checkpoint
+    log = out.stdout + out.stderr  # the refit runs while the config is resolved, before train.log is opened
+    refit = [line for line in log.splitlines() if "refitted f_T on" in line]
+    assert len(refit) == 1 and float(refit[0].split("R^2 ")[1].split(";")[0]) > 0.5, log[-2000:]
+    assert "epoch 2 of 2" in log
+    model = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    assert model["metadata"]["views"] == ["translated"]
+    assert (tmp_path / "eval" / "test_metrics.json").is_file()
+    last = torch.load(models / "last.pt", map_location="cpu", weights_only=True)
+    saved = {k[len("translator."):]: v for k, v in model.items() if k.startswith("translator.")}
+    assert saved and all(torch.equal(v, last["translator"][k]) for k, v in saved.items())  # f_T stayed fixed
+    translator = FeatureTranslator(64, num_heads=10)
+    translator.load_state_dict(saved)
+    encoder = PatchEncoder("tiny_cnn")
+    encoder.load_state_dict(torch.load(fbta, map_location="cpu", weights_only=True)["ema_encoder"])
+    slide = json.loads((models / "splits.json").read_text())["folds"][0]["train"][0]
+    path = store_path(trained / "cache", slide)
+    coords, attrs = read_coords(path)
+    target = encode_slide_patches({"t": encoder.eval()}, {"image": str(trained / "data" / f"{slide}.tiff"),
+                                                          "slide_id": slide}, coords, attrs)["t"]
+    with torch.no_grad():
+        r2 = r_squared(translator(torch.as_tensor(read_array(path, "features")).float()), target)
+    assert r2 > 0.5, f"model.pt's f_T does not reproduce the FBTA run's f*_TFE on a training slide (R^2 {r2:.3f})"
+    rerun = bundle(args, cwd=tmp_path)
+    assert "nothing left to train" in rerun.stdout + rerun.stderr + (tmp_path / "eval" / "train.log").read_text()
+
+    other = ["run", "training", "--config_file", f"['{TRAIN}','{HEAD}']", "--ckpt_dir", str(tmp_path / "m2"),
+             "--output_dir", str(tmp_path / "e2"), *common]
+    assert "fold differs" in bundle_fails([*other, "--fbta_checkpoint", str(fbta), "--fold", "1"], cwd=tmp_path)[-1]
+    last_line = bundle_fails([*other, "--fbta_checkpoint", str(fbta), "--views", "['frozen', 'translated']"],
+                             cwd=tmp_path)[-1]
+    assert "--lambda_dist 0" in last_line
+    stripped = tmp_path / "vanilla_like"
+    stripped.mkdir()
+    shutil.copy2(trained / "models" / "frozen_encoder_tiny_cnn.pt", stripped)
+    blob = torch.load(fbta, map_location="cpu", weights_only=True)
+    del blob["ema_encoder"]
+    torch.save(blob, stripped / "last.pt")
+    last_line = bundle_fails([*other, "--fbta_checkpoint", str(stripped / "last.pt")], cwd=tmp_path)[-1]
+    assert "not an FBTA run" in last_line
 
 
 @pytest.mark.parametrize("head,lr", [("abmil", 5e-4), ("transmil", 1e-4), ("mambamil", 5e-4)])

@@ -21,6 +21,7 @@ def test_fit_translator_fits_a_non_linear_map_in_place_and_restores_the_mode():
     got = fit_translator(translator, x, y, epochs=30, lr=3e-3, batch_size=128, seed=0)
     assert got["dist_after"] < 0.05 * got["dist_before"] and got["r2"] > 0.95, got
     assert translator.training, "the translator's mode is restored"
+    assert all(p.grad is None for p in translator.parameters()), "a stale gradient would be stepped on by AdamW later"
     assert any(not torch.equal(a, b) for a, b in zip(before, translator.parameters())), "fitted in place"
     with torch.no_grad():
         assert torch.nn.functional.mse_loss(translator(x), y) == pytest.approx(got["dist_after"], rel=1e-4)

@@ -5,13 +5,19 @@ On our benchmark it did not reproduce the trained features (R^2 below 0 on every
 gain is lost"), so translation-based inference did not carry what f_TFE learned. :class:`TranslatorRefit` fits f_T
 to f*_TFE on many patches of every training slide at chosen epochs, and from the first refit on the translated
 view no longer trains f_T through the classification loss, so the head learns to read the refitted translation.
-Inference is unchanged: ``f*_MIL(f_T(F^FB))``, no patch is read or encoded again.
+:func:`translator_from_run` does the same once for a finished FBTA run, for a second stage that trains a head on the
+refitted translation alone (``configs/translated_head.json``). Inference is unchanged: ``f*_MIL(f_T(F^FB))``, no
+patch is read or encoded again.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +27,8 @@ from ignite.engine import Engine, Events
 
 from monai_fbta.engines.losses import FBTALoss
 
-__all__ = ["TranslatorRefit", "fit_translator", "r_squared"]
+__all__ = ["TRANSLATED_HEAD_KEYS", "TranslatorRefit", "checkpoint_sha256", "fit_translator", "r_squared",
+           "training_patch_pairs", "translator_from_run"]
 
 logger = logging.getLogger("fbta.train")
 
@@ -43,7 +50,7 @@ def fit_translator(
     """Fit ``translator`` (``forward(x, return_heads=True) -> (mean, heads [K, ...])``) in place so that each head
     maps ``frozen [M, D]`` to ``target [M, D']``: ``L_dist`` (:meth:`FBTALoss.distillation`) with AdamW over
     shuffled mini-batches. Returns ``{"dist_before", "dist_after", "r2"}`` (R^2 of the mean head on the fitted
-    patches). The translator's training mode is restored."""
+    patches). The translator's training mode is restored and its gradients are left ``None``."""
     if frozen.ndim != 2 or frozen.shape[0] != target.shape[0] or not len(frozen):
         raise ValueError(f"fit_translator: expected frozen [M, D] and target [M, D'] with M > 0, "
                          f"got {list(frozen.shape)} and {list(target.shape)}")
@@ -68,9 +75,36 @@ def fit_translator(
             _, heads = translator(x[idx], return_heads=True)
             FBTALoss.distillation(heads, y[idx]).backward()
             opt.step()
+    opt.zero_grad(set_to_none=True)  # no stale gradient for the training run's optimiser to step on
     after, r2 = dist()
     translator.train(was_training)
     return {"dist_before": before, "dist_after": after, "r2": r2}
+
+
+def training_patch_pairs(
+    rows: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLike, encoder: nn.Module, device: torch.device | str,
+    patches_per_slide: int | None = 512, seed: int = 0, batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F^FB of the drawn patches [M, D], encoder(same patches) [M, D'])`` over the slides ``rows``: up to
+    ``patches_per_slide`` patches per slide (``None``: all), drawn by ``seed`` and the slide id, their frozen features
+    from the slide's store in ``cache_dir`` and the patches read from the slide file."""
+    import zlib
+
+    from monai_fbta.data.extraction import encode_slide_patches
+    from monai_fbta.data.store import read_array, read_coords, slide_id_of, store_path
+
+    frozen, trained = [], []
+    for row in rows:
+        path = store_path(cache_dir, slide_id_of(row))
+        coords, attrs = read_coords(path)
+        feats = read_array(path, "features")
+        idx = np.arange(len(coords))
+        if patches_per_slide is not None and len(idx) > patches_per_slide:
+            rng = np.random.default_rng([seed, zlib.crc32(slide_id_of(row).encode())])
+            idx = np.sort(rng.choice(len(idx), patches_per_slide, replace=False))
+        frozen.append(torch.as_tensor(np.asarray(feats[idx]), dtype=torch.float32))
+        trained.append(encode_slide_patches({"t": encoder}, row, coords[idx], attrs, batch_size, torch.device(device))["t"])
+    return torch.cat(frozen), torch.cat(trained)
 
 
 class TranslatorRefit:
@@ -119,25 +153,9 @@ class TranslatorRefit:
         return epoch == self.start_epoch or (self.every > 0 and (epoch - self.start_epoch) % self.every == 0)
 
     def patch_pairs(self, encoder: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(F^FB of the drawn patches [M, D], f*_TFE of the same patches [M, D'])`` over the training slides."""
-        import zlib
-
-        from monai_fbta.data.extraction import encode_slide_patches
-        from monai_fbta.data.store import read_array, read_coords, slide_id_of, store_path
-
-        frozen, trained = [], []
-        for row in self.rows:
-            path = store_path(self.cache_dir, slide_id_of(row))
-            coords, attrs = read_coords(path)
-            feats = read_array(path, "features")
-            idx = np.arange(len(coords))
-            if self.patches_per_slide is not None and len(idx) > self.patches_per_slide:
-                rng = np.random.default_rng([self.seed, zlib.crc32(slide_id_of(row).encode())])
-                idx = np.sort(rng.choice(len(idx), self.patches_per_slide, replace=False))
-            frozen.append(torch.as_tensor(np.asarray(feats[idx]), dtype=torch.float32))
-            trained.append(encode_slide_patches({"t": encoder}, row, coords[idx], attrs, self.batch_size_read,
-                                                device)["t"])
-        return torch.cat(frozen), torch.cat(trained)
+        """``(F^FB [M, D], f*_TFE [M, D'])`` of the drawn patches (:func:`training_patch_pairs`)."""
+        return training_patch_pairs(self.rows, self.cache_dir, encoder, device, self.patches_per_slide, self.seed,
+                                    self.batch_size_read)
 
     def started(self, engine: Engine) -> None:
         """On (re)start: a run resumed after its first refit keeps the translated view's gradient off f_T."""
@@ -178,3 +196,81 @@ def _broadcast_from_rank0(module: nn.Module) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for p in module.parameters():
             torch.distributed.broadcast(p.data, src=0)
+
+
+# run-identity keys in which a translated-head run differs from the FBTA run it reads (the frozen extractor's
+# weights are compared by content: each run keeps its own copy of the file)
+TRANSLATED_HEAD_KEYS = ("views", "frozen_bag", "translated_bag", "encoder_weights", "translator_source")
+
+
+def checkpoint_sha256(path: str | os.PathLike | None) -> str | None:
+    """The first 16 hex digits of the file's sha256 (``None`` for ``None``): which FBTA checkpoint a translated-head
+    run read, kept in its run identity so that it resumes only on the same one."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def translator_from_run(
+    translator: nn.Module, checkpoint: str | os.PathLike, encoder: nn.Module, frozen_encoder: nn.Module,
+    rows: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLike, identity: Mapping[str, Any],
+    patches_per_slide: int | None = 512, seed: int = 0, device: torch.device | str = "cpu", **fit_kwargs: Any,
+) -> nn.Module:
+    """The translated-head stage's f_T (a deviation, docs/method.md): the FBTA run's translator refitted to its
+    trained extractor, then frozen.
+
+    Loads f_T and the EMA extractor f*_TFE from the FBTA run's training ``checkpoint`` (its ``last.pt``) into
+    ``translator`` (in place) and a copy of ``encoder`` (the bundle's trainable-extractor definition), refits f_T to
+    f*_TFE on up to ``patches_per_slide`` patches of each training slide ``rows`` (:func:`training_patch_pairs`,
+    :func:`fit_translator` with ``fit_kwargs``) and turns its gradients off. The head then trains on
+    ``f_T(F^FB)`` alone and inference stays ``f*_MIL(f_T(F^FB))``.
+
+    Refuses (:class:`~monai_fbta.handlers.checkpoint.RunMismatchError`) a checkpoint of another run: its run
+    identity must equal ``identity`` except in :data:`TRANSLATED_HEAD_KEYS`, the frozen extractor beside it must hold
+    the weights of ``frozen_encoder``, and it must hold a trained extractor (not a vanilla run).
+    """
+    from monai_fbta.handlers.checkpoint import RunMismatchError, _identity_differences, _load
+
+    what = f"--fbta_checkpoint {os.fspath(checkpoint)}"
+    blob = _load(checkpoint)
+    saved = blob.get("run_identity")
+    diffs = _identity_differences(
+        None if saved is None else {k: v for k, v in saved.items() if k not in TRANSLATED_HEAD_KEYS},
+        {k: v for k, v in identity.items() if k not in TRANSLATED_HEAD_KEYS})
+    if diffs:
+        raise RunMismatchError(f"{what}: " + "; ".join(diffs) + ". To go on: give the last.pt of the FBTA run trained "
+                               "on these slides, classes, fold and settings")
+    missing = [k for k in ("ema_encoder", "translator") if k not in blob]
+    if missing:
+        raise RunMismatchError(f"{what} has no {' or '.join(missing)}: it is not an FBTA run (vanilla MIL trains no "
+                               "extractor); give the last.pt of a run with the e2e view")
+    kept = Path(checkpoint).parent / f"frozen_encoder_{identity.get('encoder_name')}.pt"
+    if not kept.is_file():
+        raise RunMismatchError(f"{what}: its frozen extractor {kept} is missing, so its features cannot be checked "
+                               "against this run's")
+    ours = getattr(frozen_encoder, "backbone", frozen_encoder).state_dict()
+    theirs = torch.load(kept, map_location="cpu", weights_only=True)
+    if set(ours) != set(theirs) or any(not torch.equal(v.cpu(), theirs[k]) for k, v in ours.items()):
+        raise RunMismatchError(f"{what}: its frozen extractor {kept} differs from this run's --encoder_weights, so "
+                               "the cached features differ; give the FBTA run's frozen extractor as --encoder_weights")
+    device = torch.device(device)
+    translator.load_state_dict(blob["translator"])
+    translator.to(device)
+    trained = copy.deepcopy(encoder)
+    trained.load_state_dict(blob["ema_encoder"])
+    trained.to(device).eval()
+    state = blob.get("trainer", {})  # ignite's state_dict: iteration (or epoch), epoch_length, max_epochs
+    epoch = state.get("epoch") or state.get("iteration", 0) // max(1, state.get("epoch_length") or 1)
+    logger.info("refitting f_T to the trained extractor of %s (epoch %s of %s) on up to %s patches of each of %d "
+                "training slides", checkpoint, epoch, state.get("max_epochs", "?"),
+                patches_per_slide or "all", len(rows))
+    frozen, target = training_patch_pairs(rows, cache_dir, trained, device, patches_per_slide, seed)
+    figures = fit_translator(translator, frozen, target, seed=seed, **fit_kwargs)
+    logger.info("refitted f_T on %d patches: L_dist %.4f -> %.4f, R^2 %.3f; f_T is now fixed",
+                len(frozen), figures["dist_before"], figures["dist_after"], figures["r2"])
+    translator.requires_grad_(False)
+    return translator

@@ -140,6 +140,8 @@ def settings_problems(
     model_path: str | os.PathLike | None = None,
     inputs: Any = None,
     assume_mpp: float | None = None,
+    fbta_checkpoint: str | os.PathLike | None = None,
+    lambda_dist: float | None = None,
 ) -> list[str]:
     """Every problem of the given settings (``None`` = not checked), each naming its bundle option."""
     from monai_fbta.engines.losses import VIEWS
@@ -162,6 +164,24 @@ def settings_problems(
         problems.append(f"--input {inputs}: no such file or folder")
     if assume_mpp is not None and not float(assume_mpp) > 0:
         problems.append(f"--assume_mpp {assume_mpp}: give the pixel size in um/px (> 0), e.g. 0.25 for 40x or 0.5 for 20x")
+    if fbta_checkpoint is not None:
+        problems += _translated_head_problems(fbta_checkpoint, views, lambda_dist)
+    return problems
+
+
+def _translated_head_problems(
+    fbta_checkpoint: str | os.PathLike, views: Sequence[str] | None, lambda_dist: float | None
+) -> list[str]:
+    """Problems of the translated-head stage (``configs/translated_head.json``): its FBTA checkpoint must exist, and
+    the head trains on the fixed translation alone."""
+    problems = []
+    if not os.path.isfile(fbta_checkpoint):
+        problems.append(f"--fbta_checkpoint {os.fspath(fbta_checkpoint)}: no FBTA training checkpoint there (train FBTA "
+                        "with configs/train.json first; give its ckpt_dir's last.pt)")
+    listed = [views] if isinstance(views, str) else list(views or [])
+    if listed != ["translated"] or float(lambda_dist or 0) != 0:
+        problems.append(f"--views {listed} --lambda_dist {lambda_dist}: the translated-head stage trains the head on "
+                        "the fixed translation alone; keep --views \"['translated']\" and --lambda_dist 0")
     return problems
 
 
