@@ -44,6 +44,9 @@ TITLES = {
                             "extractor, settings and epochs; the spread between runs of the same settings, docs/method.md)",
     "accuracy_translator_refit": "Accuracy study, ABMIL rows with the translator refit (`refit_start_epoch` 10, "
                                  "`refit_every` 10; validation level, not adopted; docs/method.md, \"Refitting the translator\")",
+    "accuracy_translated_head": "Accuracy study, ABMIL rows with FBTA's translated-head stage (2026-11-26, session 12; "
+                                "seed 0, vanilla and FBTA drawn again with the same bundle; adopted on validation, "
+                                "docs/method.md, \"A second stage\")",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",

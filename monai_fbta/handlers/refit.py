@@ -26,6 +26,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 
 from monai_fbta.engines.losses import FBTALoss
+from monai_fbta.networks.translator import FeatureTranslator
 
 __all__ = ["TRANSLATED_HEAD_KEYS", "TranslatorRefit", "checkpoint_sha256", "fit_translator", "r_squared",
            "training_patch_pairs", "translator_from_run"]
@@ -216,18 +217,20 @@ def checkpoint_sha256(path: str | os.PathLike | None) -> str | None:
 
 
 def translator_from_run(
-    translator: nn.Module, checkpoint: str | os.PathLike, encoder: nn.Module, frozen_encoder: nn.Module,
+    checkpoint: str | os.PathLike, encoder: nn.Module, frozen_encoder: nn.Module,
     rows: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLike, identity: Mapping[str, Any],
     patches_per_slide: int | None = 512, seed: int = 0, device: torch.device | str = "cpu", **fit_kwargs: Any,
-) -> nn.Module:
+) -> FeatureTranslator:
     """The translated-head stage's f_T (a deviation, docs/method.md): the FBTA run's translator refitted to its
     trained extractor, then frozen.
 
-    Loads f_T and the EMA extractor f*_TFE from the FBTA run's training ``checkpoint`` (its ``last.pt``) into
-    ``translator`` (in place) and a copy of ``encoder`` (the bundle's trainable-extractor definition), refits f_T to
-    f*_TFE on up to ``patches_per_slide`` patches of each training slide ``rows`` (:func:`training_patch_pairs`,
+    Builds a :class:`~monai_fbta.networks.FeatureTranslator` of the checkpoint's shape (D, K, hidden) with f_T's
+    weights from the FBTA run's training ``checkpoint`` (its ``last.pt``), loads its EMA extractor f*_TFE into a
+    copy of ``encoder`` (the bundle's trainable-extractor definition), refits f_T to f*_TFE on up to
+    ``patches_per_slide`` patches of each training slide ``rows`` (:func:`training_patch_pairs`,
     :func:`fit_translator` with ``fit_kwargs``) and turns its gradients off. The head then trains on
-    ``f_T(F^FB)`` alone and inference stays ``f*_MIL(f_T(F^FB))``.
+    ``f_T(F^FB)`` alone and inference stays ``f*_MIL(f_T(F^FB))``. The bundle overlay makes it the
+    ``translator_def``, so no other definition can take its place unnoticed.
 
     Refuses (:class:`~monai_fbta.handlers.checkpoint.RunMismatchError`) a checkpoint of another run: its run
     identity must equal ``identity`` except in :data:`TRANSLATED_HEAD_KEYS`, the frozen extractor beside it must hold
@@ -258,6 +261,8 @@ def translator_from_run(
         raise RunMismatchError(f"{what}: its frozen extractor {kept} differs from this run's --encoder_weights, so "
                                "the cached features differ; give the FBTA run's frozen extractor as --encoder_weights")
     device = torch.device(device)
+    heads, dim, hidden = blob["translator"]["w1"].shape
+    translator = FeatureTranslator(dim, num_heads=heads, hidden=hidden)
     translator.load_state_dict(blob["translator"])
     translator.to(device)
     trained = copy.deepcopy(encoder)
@@ -272,5 +277,6 @@ def translator_from_run(
     figures = fit_translator(translator, frozen, target, seed=seed, **fit_kwargs)
     logger.info("refitted f_T on %d patches: L_dist %.4f -> %.4f, R^2 %.3f; f_T is now fixed",
                 len(frozen), figures["dist_before"], figures["dist_after"], figures["r2"])
+    _broadcast_from_rank0(translator)  # under torchrun every rank holds rank 0's fit (GPU fits may differ in rounding)
     translator.requires_grad_(False)
     return translator
