@@ -273,6 +273,9 @@ def translator_from_run(
     logger.info("refitting f_T to the trained extractor of %s (epoch %s of %s) on up to %s patches of each of %d "
                 "training slides", checkpoint, epoch, state.get("max_epochs", "?"),
                 patches_per_slide or "all", len(rows))
+    if isinstance(state.get("max_epochs"), int) and epoch < state["max_epochs"]:
+        logger.warning("the FBTA run of %s stopped at epoch %d of %d: its extractor is not fully trained (resume that "
+                       "run first unless this is what you want)", checkpoint, epoch, state["max_epochs"])
     frozen, target = training_patch_pairs(rows, cache_dir, trained, device, patches_per_slide, seed)
     figures = fit_translator(translator, frozen, target, seed=seed, **fit_kwargs)
     logger.info("refitted f_T on %d patches: L_dist %.4f -> %.4f, R^2 %.3f; f_T is now fixed",
