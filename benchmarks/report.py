@@ -45,7 +45,7 @@ TITLES = {
     "accuracy_translator_refit": "Accuracy study, ABMIL rows with the translator refit (`refit_start_epoch` 10, "
                                  "`refit_every` 10; validation level, not adopted; docs/method.md, \"Refitting the translator\")",
     "accuracy_translated_head": "Accuracy study, ABMIL rows with FBTA's translated-head stage (2026-11-26, session 12; "
-                                "seed 0, vanilla and FBTA drawn again with the same bundle; adopted on validation, "
+                                "3 seeds, vanilla and FBTA drawn again with the same bundle; adopted on validation, "
                                 "docs/method.md, \"A second stage\")",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
