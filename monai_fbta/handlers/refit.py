@@ -236,17 +236,15 @@ def translator_from_run(
     identity must equal ``identity`` except in :data:`TRANSLATED_HEAD_KEYS`, the frozen extractor beside it must hold
     the weights of ``frozen_encoder``, and it must hold a trained extractor (not a vanilla run).
     """
-    from monai_fbta.handlers.checkpoint import RunMismatchError, _identity_differences, _load
+    from monai_fbta.handlers.checkpoint import RunMismatchError, _load, check_identity
+    from monai_fbta.networks.encoder import same_weights
 
     what = f"--fbta_checkpoint {os.fspath(checkpoint)}"
     blob = _load(checkpoint)
     saved = blob.get("run_identity")
-    diffs = _identity_differences(
-        None if saved is None else {k: v for k, v in saved.items() if k not in TRANSLATED_HEAD_KEYS},
-        {k: v for k, v in identity.items() if k not in TRANSLATED_HEAD_KEYS})
-    if diffs:
-        raise RunMismatchError(f"{what}: " + "; ".join(diffs) + ". To go on: give the last.pt of the FBTA run trained "
-                               "on these slides, classes, fold and settings")
+    check_identity(None if saved is None else {k: v for k, v in saved.items() if k not in TRANSLATED_HEAD_KEYS},
+                   {k: v for k, v in identity.items() if k not in TRANSLATED_HEAD_KEYS}, what,
+                   "give the last.pt of the FBTA run trained on these slides, classes, fold and settings")
     missing = [k for k in ("ema_encoder", "translator") if k not in blob]
     if missing:
         raise RunMismatchError(f"{what} has no {' or '.join(missing)}: it is not an FBTA run (vanilla MIL trains no "
@@ -256,8 +254,7 @@ def translator_from_run(
         raise RunMismatchError(f"{what}: its frozen extractor {kept} is missing, so its features cannot be checked "
                                "against this run's")
     ours = getattr(frozen_encoder, "backbone", frozen_encoder).state_dict()
-    theirs = torch.load(kept, map_location="cpu", weights_only=True)
-    if set(ours) != set(theirs) or any(not torch.equal(v.cpu(), theirs[k]) for k, v in ours.items()):
+    if not same_weights(ours, torch.load(kept, map_location="cpu", weights_only=True)):
         raise RunMismatchError(f"{what}: its frozen extractor {kept} differs from this run's --encoder_weights, so "
                                "the cached features differ; give the FBTA run's frozen extractor as --encoder_weights")
     device = torch.device(device)

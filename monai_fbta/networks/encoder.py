@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["PatchEncoder", "TinyCNN", "copy_frozen", "copy_trainable", "encoder_features", "ENCODER_NAMES"]
+__all__ = ["PatchEncoder", "TinyCNN", "copy_frozen", "copy_trainable", "encoder_features", "same_weights",
+           "ENCODER_NAMES"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -248,6 +250,11 @@ class PatchEncoder(nn.Module):
         for stage in stages:
             x = self._checkpointed(stage, x)
         return net.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two state dicts hold the same tensors under the same names (compared on the CPU)."""
+    return set(a) == set(b) and all(torch.equal(v.cpu(), b[k].cpu()) for k, v in a.items())
 
 
 def copy_frozen(encoder: PatchEncoder) -> PatchEncoder:

@@ -55,15 +55,14 @@ def frozen_encoder(name: str, weights: str | os.PathLike | None, ckpt_dir: str |
     Returns ``copy_frozen(encoder)``; its ``weights_file`` attribute names the file in ``ckpt_dir``.
     """
     from monai_fbta._io import atomic_open
-    from monai_fbta.networks.encoder import PatchEncoder, copy_frozen
+    from monai_fbta.networks.encoder import PatchEncoder, copy_frozen, same_weights
 
     saved = Path(ckpt_dir) / f"frozen_encoder_{name}.pt"
     same_file = weights is not None and saved.is_file() and Path(weights).resolve() == saved.resolve()
     if saved.is_file() and weights is not None and not same_file:
         encoder = PatchEncoder(name, weights=weights)
         kept = PatchEncoder(name, weights=saved)
-        differ = [k for k, v in encoder.backbone.state_dict().items() if not torch.equal(v, kept.backbone.state_dict()[k])]
-        if differ:
+        if not same_weights(encoder.backbone.state_dict(), kept.backbone.state_dict()):
             raise ValueError(f"--encoder_weights {os.fspath(weights)} differs from {saved}, the frozen encoder of the run "
                              "in this --ckpt_dir: use a new --ckpt_dir for other encoder weights")
     elif not saved.is_file():
