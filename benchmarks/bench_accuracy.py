@@ -69,6 +69,8 @@ RUN_S_EPOCHS = 20
 # bundle overrides naming places inside --workdir, left out of a run's identity; RUN_RECORD holds that identity
 WORKDIR_PATHS = ("cache_dir", "ckpt_dir", "output_dir", "encoder_weights", "fbta_checkpoint")
 RUN_RECORD = "settings.json"
+VALIDATION_TITLE = ("Validation by fold: val AUC / balanced accuracy at the selected epoch, mean over the row's seeds "
+                    "(settings are chosen on these figures, never on test)")
 HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.3, "mambamil": 2.5}  # MambaMIL (1 layer): its pure-PyTorch scan
 PREPARE_S = 300.0
 # one compute thread per run: on 2 cores, 2 OpenMP threads next to the 2 patch-reading workers (or any other
@@ -232,16 +234,19 @@ def check_finished_run(run_dir: Path, identity: dict[str, Any]) -> None:
         raise SystemExit(f"{run_dir} finished with other settings ({'; '.join(diff)}); {hint}")
 
 
-def validation_record(csv_path: Path, start_ce: float = 0.9) -> dict[str, Any]:
+def validation_record(csv_path: Path, start_ce: float = 0.9, last: int = 5) -> dict[str, Any]:
     """What a run's ``eval/train_metrics.csv`` says on its validation part: the epoch the bundle selected (the first
-    best ``val_auc``), that epoch's ``val_auc`` / ``val_bacc``, the epochs trained, and ``e2e_start_epoch``, the first
-    epoch whose e2e-view training cross-entropy fell below ``start_ce`` (``None`` without that view, or never)."""
+    best ``val_auc``), that epoch's ``val_auc`` / ``val_bacc``, their means over the ``last`` epochs, the epochs
+    trained, and ``e2e_start_epoch``, the first epoch whose e2e-view training cross-entropy fell below ``start_ce``
+    (``None`` without that view, or never)."""
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     best = max(range(len(rows)), key=lambda i: float(rows[i]["val_auc"]))  # max() keeps the first of equals
     e2e = [float(r["cls_e2e"]) for r in rows] if "cls_e2e" in rows[0] else []
     return {"best_epoch": best + 1, "epochs_trained": len(rows), "val_auc": float(rows[best]["val_auc"]),
             "val_bacc": float(rows[best]["val_bacc"]),
+            f"val_auc_last{last}": float(np.mean([float(r["val_auc"]) for r in rows[-last:]])),
+            f"val_bacc_last{last}": float(np.mean([float(r["val_bacc"]) for r in rows[-last:]])),
             "e2e_start_epoch": next((i + 1 for i, ce in enumerate(e2e) if ce < start_ce), None)}
 
 
@@ -355,15 +360,47 @@ def mean_std(values: list[float]) -> str:
     return f"{arr.mean():.3f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.3f}"
 
 
+def row_runs(results: dict[str, list[dict[str, Any]]], setting: dict[str, Any]) -> list[dict[str, Any]]:
+    """The finished runs a table row reads: every seed for an ABMIL main row, else the first seed's."""
+    res = results.get(run_key(setting["head"], setting["views"], setting["extra"], setting["stage"]), [])
+    if not setting["all_seeds"] and res:
+        first_seed = min(r["seed"] for r in res)
+        res = [r for r in res if r["seed"] == first_seed]
+    return res
+
+
+def validation_by_fold(results: dict[str, list[dict[str, Any]]], heads: list[str], folds: list[int],
+                       which: tuple[str, ...] = TABLES, last: int = 5) -> list[dict[str, Any]]:
+    """One row per distinct run setting: per fold, ``val AUC / val bacc`` at the selected epoch (mean over the row's
+    seeds), their mean over folds, and the mean over the ``last`` epochs; what the choices in docs/method.md read."""
+    rows, seen = [], set()
+    for s in settings(heads, which):
+        key = run_key(s["head"], s["views"], s["extra"], s["stage"])
+        res = [r for r in row_runs(results, s) if "val_auc" in r]
+        if key in seen or not res:  # a run shared by two tables (vanilla is the ablation's "frozen"): once
+            continue
+        seen.add(key)
+
+        def cell(runs: list[dict[str, Any]], suffix: str = "") -> str:
+            if not runs:
+                return "-"
+            auc, bacc = (np.mean([r[f"val_{m}{suffix}"] for r in runs]) for m in ("auc", "bacc"))
+            return f"{auc:.3f} / {bacc:.3f}"
+
+        row = {"method": s["label"]}
+        row.update({f"fold {f}": cell([r for r in res if r["fold"] == f]) for f in folds})
+        row["mean"] = cell(res)
+        row[f"mean of the last {last} epochs"] = cell(res, f"_last{last}")
+        rows.append(row)
+    return rows
+
+
 def summarise(results: dict[str, list[dict[str, Any]]], heads: list[str],
               which: tuple[str, ...] = TABLES) -> dict[str, list[dict[str, Any]]]:
     """``{table: rows}``; each row the mean ± std over folds and seeds of its runs."""
     tables: dict[str, list[dict[str, Any]]] = {}
     for s in settings(heads, which):
-        res = results.get(run_key(s["head"], s["views"], s["extra"], s["stage"]), [])
-        if not s["all_seeds"] and res:
-            first_seed = min(r["seed"] for r in res)
-            res = [r for r in res if r["seed"] == first_seed]
+        res = row_runs(results, s)
         tables.setdefault(s["table"], []).append({
             "method": s["label"], "test balanced acc": mean_std([r["bacc"] for r in res]),
             "test macro AUC": mean_std([r["auc"] for r in res]),
@@ -488,12 +525,14 @@ def main(argv=None) -> dict[str, Any]:
     for key, v in validation.items():
         print(f"validation, {key}: selected-epoch val AUC {v['val_auc']:.3f}, val bacc {v['val_bacc']:.3f} "
               f"({v['runs']} runs; {v['best_in_last_4_epochs']} selected one of their last 4 epochs)")
+    by_fold = {VALIDATION_TITLE: validation_by_fold(results, args.heads, args.folds, tuple(args.tables))}
+    print(f"\n{VALIDATION_TITLE}:\n{format_table(by_fold[VALIDATION_TITLE], markdown=True)}\n")
     overrides = dict(o.partition("=")[::2] for o in args.override or ())
     payload = {"data": data, "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs, "heads": args.heads, "split": head,
                "bundle_settings": recorded_settings(args.config, {"num_epochs": args.epochs, **overrides}),
                "study_overrides": {**STUDY_OVERRIDES, **overrides},
                "frozen_encoder": share_encoder(args.encoder_weights, shared), "tables": tables, "ratios": targets,
-               "validation": validation,
+               "validation": validation, "extra_tables": by_fold,
                "runs": results, "machine": machine_info(),
                "minutes": (time.perf_counter() - start) / 60}
     finish(args, "accuracy", payload, draw_bars(tables))

@@ -122,11 +122,24 @@ def test_validation_record_is_the_bundles_selected_epoch_and_the_e2e_start(bench
     csv_path = tmp_path / "train_metrics.csv"
     csv_path.write_text("epoch,cls_e2e,val_auc,val_bacc\n1,1.10,0.50,0.33\n2,0.95,0.90,0.60\n3,0.80,0.90,0.70\n"
                         "4,0.70,0.85,0.75\n")
-    record = bench.validation_record(csv_path)
-    assert record == {"best_epoch": 2, "epochs_trained": 4, "val_auc": 0.9, "val_bacc": 0.6, "e2e_start_epoch": 3}
+    record = bench.validation_record(csv_path, last=2)
+    assert record == {"best_epoch": 2, "epochs_trained": 4, "val_auc": 0.9, "val_bacc": 0.6, "e2e_start_epoch": 3,
+                      "val_auc_last2": pytest.approx(0.875), "val_bacc_last2": pytest.approx(0.725)}
     summary = bench.validation_summary({"k": [record, {**record, "best_epoch": 4, "val_auc": 0.7}], "old": [{"bacc": 1}]})
     assert summary == {"k": {"runs": 2, "val_auc": pytest.approx(0.8), "val_bacc": pytest.approx(0.6),
                              "best_in_last_4_epochs": 2, "e2e_start_epochs": [3, 3]}}
+
+
+def test_validation_by_fold_averages_seeds_within_a_fold_and_skips_rows_without_runs(bench):
+    def run(fold, seed, auc, bacc):
+        return {"fold": fold, "seed": seed, "val_auc": auc, "val_bacc": bacc, "val_auc_last5": auc - 0.1,
+                "val_bacc_last5": bacc - 0.1}
+
+    vanilla = bench.run_key("abmil", ("frozen",), {})
+    results = {vanilla: [run(0, 0, 0.9, 0.6), run(0, 1, 0.7, 0.8), run(1, 0, 1.0, 1.0)]}
+    rows = bench.validation_by_fold(results, ["abmil"], [0, 1, 2], ("main",))
+    assert rows == [{"method": "ABMIL", "fold 0": "0.800 / 0.700", "fold 1": "1.000 / 1.000", "fold 2": "-",
+                     "mean": "0.867 / 0.800", "mean of the last 5 epochs": "0.767 / 0.700"}]
 
 
 def test_finished_run_is_reused_only_with_the_settings_it_had(bench, tmp_path):
