@@ -70,6 +70,13 @@ def test_summary_tables_and_targets(bench):
     assert targets["ABMIL + FBTA test bacc"]["met"] is True
     assert targets["ABMIL + FBTA - ABMIL (test bacc)"]["value"] == pytest.approx(0.25)
     assert targets["ablation: e2e+frozen - frozen"]["met"] is None, "a missing row is not a pass"
+    tm = bench.HEAD_OVERRIDES["transmil"]
+    results[bench.run_key("transmil", ("frozen",), tm)] = [res(0.6, 0)]
+    results[bench.run_key("transmil", ("translated",), tm, bench.TRANSLATED_HEAD)] = [res(0.7, 0)]
+    targets = bench.checks(bench.summarise(results, ["abmil", "transmil"]))
+    name = bench.HEAD_NAMES["transmil"]
+    assert targets[f"{name} + FBTA + translated-head stage - {name} (test bacc)"]["value"] == pytest.approx(0.1)
+    assert targets[f"{name} + FBTA - {name} (test bacc)"]["met"] is None, "no TransMIL FBTA run: not a pass"
     import matplotlib
 
     matplotlib.use("Agg")
