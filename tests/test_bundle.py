@@ -517,10 +517,11 @@ def test_translated_head_stage_trains_a_head_on_the_refitted_translation_of_an_f
             "--output_dir", str(tmp_path / "eval"), *common]
     out = bundle(args, cwd=tmp_path)
     models = trained / "models" / "translated_head"  # default: beside the FBTA checkpoint
-    log = out.stdout + out.stderr  # the refit runs while the config is resolved, before train.log is opened
+    log = (tmp_path / "eval" / "train.log").read_text()  # the refit's lines too, though they come before training
     refit = [line for line in log.splitlines() if "refitted f_T on" in line]
-    assert len(refit) == 1 and float(refit[0].split("R^2 ")[1].split(";")[0]) > 0.5, log[-2000:]
-    assert "epoch 2 of 2" in log
+    assert len(refit) == 1 and float(refit[0].split("R^2 ")[1].split(";")[0]) > 0.5, (out.stdout + out.stderr)[-2000:]
+    assert "epoch 2 of 2" in log and log.index("refitted f_T on") < log.index("Epoch[1] Complete")
+    assert log.count("fbta.metrics - INFO - epoch 1/2:") == 1, "one LogFile: the one the refit opened"
     model = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert model["metadata"]["views"] == ["translated"]
     assert (tmp_path / "eval" / "test_metrics.json").is_file()

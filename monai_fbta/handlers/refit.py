@@ -26,6 +26,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 
 from monai_fbta.engines.losses import FBTALoss
+from monai_fbta.handlers.log_file import LogFile
 from monai_fbta.networks.translator import FeatureTranslator
 
 __all__ = ["TRANSLATED_HEAD_KEYS", "TranslatorRefit", "checkpoint_sha256", "fit_translator", "r_squared",
@@ -219,7 +220,8 @@ def checkpoint_sha256(path: str | os.PathLike | None) -> str | None:
 def translator_from_run(
     checkpoint: str | os.PathLike, encoder: nn.Module, frozen_encoder: nn.Module,
     rows: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLike, identity: Mapping[str, Any],
-    patches_per_slide: int | None = 512, seed: int = 0, device: torch.device | str = "cpu", **fit_kwargs: Any,
+    patches_per_slide: int | None = 512, seed: int = 0, device: torch.device | str = "cpu",
+    log_file: LogFile | None = None, **fit_kwargs: Any,
 ) -> FeatureTranslator:
     """The translated-head stage's f_T (a deviation, docs/method.md): the FBTA run's translator refitted to its
     trained extractor, then frozen.
@@ -230,7 +232,8 @@ def translator_from_run(
     ``patches_per_slide`` patches of each training slide ``rows`` (:func:`training_patch_pairs`,
     :func:`fit_translator` with ``fit_kwargs``) and turns its gradients off. The head then trains on
     ``f_T(F^FB)`` alone and inference stays ``f*_MIL(f_T(F^FB))``. The bundle overlay makes it the
-    ``translator_def``, so no other definition can take its place unnoticed.
+    ``translator_def``, so no other definition can take its place unnoticed. ``log_file`` (the training run's
+    :class:`~monai_fbta.handlers.LogFile`) is opened first, so the run's ``train.log`` holds the refit's lines too.
 
     Refuses (:class:`~monai_fbta.handlers.checkpoint.RunMismatchError`) a checkpoint of another run: its run
     identity must equal ``identity`` except in :data:`TRANSLATED_HEAD_KEYS`, the frozen extractor beside it must hold
@@ -239,6 +242,8 @@ def translator_from_run(
     from monai_fbta.handlers.checkpoint import RunMismatchError, _load, check_identity
     from monai_fbta.networks.encoder import same_weights
 
+    if log_file is not None:
+        log_file.open()  # the refit runs while the config is resolved, before the engine attaches its handlers
     what = f"--fbta_checkpoint {os.fspath(checkpoint)}"
     blob = _load(checkpoint)
     saved = blob.get("run_identity")
