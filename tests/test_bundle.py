@@ -316,15 +316,35 @@ def test_inference_where_every_slide_fails_exits_nonzero(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_training(trained, tmp_path):
-    """DDP over gloo on CPU: both ranks train, rank 0 writes the checkpoints and the test report."""
+def test_two_process_torchrun_training_and_translated_head_stage(trained, tmp_path):
+    """DDP over gloo on CPU: both ranks train, rank 0 writes the checkpoints and the test report; a longer rerun
+    resumes the DDP-wrapped modules from last.pt; then the translated-head stage over that run (its overlay merged
+    last): every rank trains on rank 0's fixed f_T."""
     root = tmp_path
     os.symlink(trained / "data", root / "data")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    out = bundle(["run", "training", "--config_file", repr([TRAIN, MULTI]), *run_dirs(root), *TINY], cwd=root,
-                 launcher=launcher)
+    first = ["run", "training", "--config_file", repr([TRAIN, MULTI]), *run_dirs(root), *TINY, "--num_epochs", "1"]
+    bundle(first, cwd=root, launcher=launcher)
+    last = torch.load(root / "models" / "last.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in last["translator"]), "saved as the module, not its DDP wrapper"
+    out = bundle(first[:-1] + ["2"], cwd=root, launcher=launcher)
+    rerun = (root / "eval" / "train.log").read_text().split("===== run started")
+    assert len(rerun) == 3, "rank 0 alone writes train.log: one header per run"
+    assert "resuming from epoch 1 of 2" in rerun[2] and "epoch 1/2:" not in rerun[2]
+    assert rerun[2].count("fbta.metrics - INFO - epoch 2/2:") == 1
     assert (root / "models" / "model.pt").is_file() and (root / "eval" / "test_metrics.json").is_file()
     assert out.stdout.count("held-out test set") == 1  # only rank 0 reports
+
+    stage = ["run", "training", "--config_file", repr([TRAIN, MULTI, HEAD]), "--fbta_checkpoint",
+             str(root / "models" / "last.pt"), "--dataset_dir", str(root / "data"), "--cache_dir", str(root / "cache"),
+             "--output_dir", str(root / "eval_th"), *TINY]
+    out = bundle(stage, cwd=root, launcher=launcher)
+    assert out.stdout.count("held-out test set") == 1 and (root / "eval_th" / "test_metrics.json").is_file()
+    model = torch.load(root / "models" / "translated_head" / "model.pt", map_location="cpu", weights_only=True)
+    last = torch.load(root / "models" / "translated_head" / "last.pt", map_location="cpu", weights_only=True)
+    assert model["metadata"]["views"] == ["translated"]
+    saved = {k[len("translator."):]: v for k, v in model.items() if k.startswith("translator.")}
+    assert saved and all(torch.equal(v, last["translator"][k]) for k, v in saved.items())  # f_T stayed fixed
 
 
 def test_inference_config_writes_attention_csv_and_qupath_geojson(tmp_path):

@@ -114,3 +114,19 @@ def test_model_pt_rebuilds_a_head_with_non_default_arguments(tmp_path):
     check_identity({"mil_name": "abmil"}, {"mil_name": "abmil", "mil_kwargs": {}}, "last.pt", "rerun")
     with pytest.raises(RunMismatchError, match="mil_kwargs differs"):
         check_identity({"mil_name": "mambamil"}, {"mil_name": "mambamil", "mil_kwargs": {"num_layers": 1}}, "last.pt", "x")
+
+
+def test_a_checkpoint_saved_through_a_ddp_wrapper_loads_into_the_plain_module(tmp_path):
+    """last.pt written under torchrun before save_checkpoint unwrapped DDP held ``module.``-prefixed state dicts;
+    they load into the module as they are (ignite loads into ``ddp.module`` on resume)."""
+    from monai_fbta.handlers.checkpoint import save_checkpoint
+
+    translator = FeatureTranslator(D, num_heads=2)
+    old = {"translator": {f"module.{k}": v for k, v in translator.state_dict().items()}}
+    torch.save(old, tmp_path / "old.pt")
+    fresh = FeatureTranslator(D, num_heads=2)
+    load_checkpoint(tmp_path / "old.pt", {"translator": fresh})
+    assert all(torch.equal(v, translator.state_dict()[k]) for k, v in fresh.state_dict().items())
+    wrapped = torch.nn.DataParallel(translator)  # the same unwrapping as DistributedDataParallel
+    save_checkpoint(tmp_path / "new.pt", {"translator": wrapped})
+    assert set(torch.load(tmp_path / "new.pt", weights_only=True)["translator"]) == set(translator.state_dict())

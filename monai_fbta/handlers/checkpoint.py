@@ -125,19 +125,35 @@ def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+DDP_PREFIX = "module."
+
+
 def _load(path: str | os.PathLike) -> dict:
+    """A checkpoint's contents; a module's state dict saved through its DDP wrapper (``module.`` before every key,
+    as :func:`save_checkpoint` wrote under torchrun before 2026-11-27) is read as the module's own."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RuntimeError(f"checkpoint {path} could not be loaded: {err}") from err
+    for name, state in blob.items():
+        if isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith(DDP_PREFIX) for k in state):
+            blob[name] = {k[len(DDP_PREFIX):]: v for k, v in state.items()}
+    return blob
+
+
+def _unwrapped(obj: Any) -> Any:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper, else ``obj``."""
+    return obj.module if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else obj
 
 
 def save_checkpoint(path: str | os.PathLike, objects: Mapping[str, Any], identity: Mapping[str, Any] | None = None) -> Path:
-    """Save ``{name: obj.state_dict()}`` (and ``run_identity`` when given) atomically to ``path``."""
-    blob = {k: v.state_dict() for k, v in objects.items()}
+    """Save ``{name: obj.state_dict()}`` (and ``run_identity`` when given) atomically to ``path``; a DDP-wrapped
+    module is saved as the module itself, so a checkpoint reads the same whatever the number of processes (ignite's
+    ``Checkpoint.load_objects`` loads into the wrapped module on resume, and the translated-head stage reads f_T)."""
+    blob = {k: _unwrapped(v).state_dict() for k, v in objects.items()}
     if identity is not None:
         blob["run_identity"] = dict(identity)
     return _atomic_torch_save(blob, path)

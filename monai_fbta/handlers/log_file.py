@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 __all__ = ["LogFile"]
@@ -18,7 +19,8 @@ LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 class LogFile:
     """Append every log record (MONAI, ignite, monai-fbta) to ``path`` while the engine runs; ``attach(engine)``.
 
-    The file handler is added to the root logger when attached (records reach it at their loggers' levels, as
+    Under torchrun only rank 0 writes (the other ranks' records stay on their consoles). The file handler is added
+    to the root logger when attached (records reach it at their loggers' levels, as
     configured by the bundle's ``logging.conf``), and to the ``loggers`` that do not propagate to the root
     (MONAI's ``StatsHandler`` loggers) and removed when the run completes (a run that
     fails keeps it until the process exits, so the error's log lines are in the file too). The file is opened
@@ -49,8 +51,8 @@ class LogFile:
         return [logging.getLogger()] + [lg for lg in named if not lg.propagate]
 
     def open(self) -> None:
-        """Start writing (idempotent)."""
-        if self.handler is not None:
+        """Start writing (idempotent; under torchrun on rank 0 only, so each record is written once)."""
+        if self.handler is not None or idist.get_rank() != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
