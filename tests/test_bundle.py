@@ -415,7 +415,7 @@ def test_bundle_exposes_fail_fast_resume_assume_mpp_and_slide_check():
     assert preprocess["fail_fast"] == "@fail_fast" and preprocess["assume_mpp"] == "@assume_mpp"
     assert preprocess["strict"] == "@strict"
     assert train["strict"] is False and infer["strict"] is False and infer["assume_mpp"] is None
-    resume = [h for h in train["train"]["handlers"] if h["_target_"].endswith("ResumeTraining")]
+    resume = [h for h in train["train"]["handlers"] if isinstance(h, dict) and h["_target_"].endswith("ResumeTraining")]
     assert len(resume) == 1 and resume[0]["enabled"] == "@resume" and resume[0]["path"] == "@last_ckpt"
     assert train["last_ckpt"] == "$@ckpt_dir + '/last.pt'"
 

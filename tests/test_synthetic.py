@@ -297,3 +297,25 @@ def test_python_m_monai_fbta_synthetic(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "2 slides (per class [1, 1])" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "m").glob("*.tiff")) == ["synth_0000.tiff", "synth_0001.tiff"]
+
+
+def test_a_dataset_of_other_generator_settings_is_named_and_used_as_it_is(tmp_path, caplog):
+    """The bundle's demo folder from an older default (other ``synthetic`` settings) is kept, with a warning."""
+    import logging
+
+    from monai_fbta.pipeline.prepare import find_or_make_dataset
+    from monai_fbta.synthetic import generated_settings_differences
+
+    kw = dict(num_slides=3, num_classes=3, size=512, tumour_fraction=0.25, seed=0)
+    generate_dataset(tmp_path, progress=False, **kw)
+    assert generated_settings_differences(tmp_path, **kw) == []
+    asked = dict(kw, tumour_fraction=0.08, stain_jitter=2.0)
+    assert sorted(generated_settings_differences(tmp_path, **asked)) == [
+        "stain_jitter: 1.0 there, 2.0 asked", "tumour_fraction: 0.25 there, 0.08 asked"]
+    stamp = os.stat(tmp_path / "synth_0000.tiff").st_mtime_ns
+    with caplog.at_level(logging.WARNING):
+        rows = find_or_make_dataset(tmp_path, synthetic=asked)
+    assert len(rows) == 3 and os.stat(tmp_path / "synth_0000.tiff").st_mtime_ns == stamp
+    assert "tumour_fraction: 0.25 there, 0.08 asked" in caplog.text and "delete the folder" in caplog.text
+    (tmp_path / "datalist.json").unlink()  # a folder the generator did not write: nothing to compare
+    assert generated_settings_differences(tmp_path, **asked) == []

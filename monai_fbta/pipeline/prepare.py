@@ -115,7 +115,8 @@ def find_or_make_dataset(
 
     * ``datalist`` given (CSV ``slide_id,path,label[,case_id]`` or MONAI datalist JSON): load it,
       relative paths against ``dataset_dir``.
-    * else ``dataset_dir/labels.csv`` exists: load it.
+    * else ``dataset_dir/labels.csv`` exists: load it (with a warning naming the differences when the synthetic
+      generator wrote it with other settings than ``synthetic``: those slides are used as they are).
     * else ``dataset_dir`` holds no slide: generate the synthetic demo dataset there
       (:func:`monai_fbta.synthetic.generate_dataset` with ``synthetic`` as arguments).
     * else (slides but no labels): a :class:`DatalistError` saying what to pass.
@@ -137,6 +138,14 @@ def find_or_make_dataset(
         settings = dict(synthetic or {})
         logger.info("no slides in %s: generating the synthetic demo dataset %s", folder, settings)
         generate_dataset(folder, **settings)
+    elif synthetic:
+        from monai_fbta.synthetic import generated_settings_differences
+
+        differences = generated_settings_differences(folder, **synthetic)
+        if differences:
+            logger.warning("the synthetic slides in %s were generated with other settings than --synthetic (%s): "
+                           "training on them as they are; delete the folder to generate the asked ones",
+                           folder, "; ".join(differences))
     return load_datalist(labels_csv, classes=classes, base_dir=folder, check_files=check_files, check_slides=check_slides)
 
 

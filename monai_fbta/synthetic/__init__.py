@@ -16,7 +16,7 @@ file), :mod:`.dataset` (datasets and a preview), :mod:`.cli`. CLI::
 """
 
 from monai_fbta.synthetic.cli import main
-from monai_fbta.synthetic.dataset import GENERATOR, generate_dataset, save_preview
+from monai_fbta.synthetic.dataset import GENERATOR, generate_dataset, generated_settings_differences, save_preview
 from monai_fbta.synthetic.render import CLASS_NAMES, SyntheticSlideConfig, render_slide
 from monai_fbta.synthetic.tiff import slide_is_valid, tumour_bboxes, write_pyramidal_tiff
 
@@ -29,6 +29,7 @@ __all__ = [
     "slide_is_valid",
     "tumour_bboxes",
     "generate_dataset",
+    "generated_settings_differences",
     "save_preview",
     "main",
 ]

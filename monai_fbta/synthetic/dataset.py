@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -18,7 +19,7 @@ from monai_fbta._io import atomic_open
 from monai_fbta.synthetic.render import SyntheticSlideConfig, render_slide
 from monai_fbta.synthetic.tiff import slide_is_valid, tumour_bboxes, write_pyramidal_tiff
 
-__all__ = ["GENERATOR", "generate_dataset", "save_preview"]
+__all__ = ["GENERATOR", "generate_dataset", "generated_settings_differences", "save_preview"]
 
 GENERATOR = "monai_fbta.synthetic"
 """The ``Generator`` field of every slide's description (with the config digest: what makes a slide reusable)."""
@@ -46,6 +47,37 @@ def _load_mask(path: str, shape: tuple[int, int]) -> np.ndarray | None:
     except Exception:
         return None
     return mask if mask.dtype == bool and mask.shape == shape else None
+
+
+def _slide_config(config: SyntheticSlideConfig | None, num_classes: int, size: int, tumour_fraction: float, seed: int,
+                  stain_jitter: float | None, classes: Sequence[str] | None) -> SyntheticSlideConfig:
+    """The rendering settings :func:`generate_dataset` writes slides with."""
+    cfg = dataclasses.replace(config or SyntheticSlideConfig(), num_classes=num_classes, size=size,
+                              tumour_fraction=tumour_fraction, seed=seed)
+    if stain_jitter is not None:
+        cfg = dataclasses.replace(cfg, stain_jitter=stain_jitter)
+    if classes is not None:
+        cfg = dataclasses.replace(cfg, classes=tuple(classes))
+    return cfg
+
+
+def generated_settings_differences(out_dir: str | os.PathLike, num_slides: int = 12, num_classes: int = 3,
+                                   size: int = 4096, tumour_fraction: float = 0.15, seed: int = 0,
+                                   stain_jitter: float | None = None, classes: Sequence[str] | None = None,
+                                   **ignored: Any) -> list[str]:
+    """How the synthetic dataset in ``out_dir`` differs from what :func:`generate_dataset` with these arguments would
+    write (``"tumour_fraction: 0.25 there, 0.08 asked"``); empty when it matches or was not written by it."""
+    try:
+        written = json.loads((Path(out_dir) / "datalist.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(written, dict) or not isinstance(written.get("config"), dict):
+        return []
+    asked = json.loads(json.dumps(dataclasses.asdict(
+        _slide_config(None, num_classes, size, tumour_fraction, seed, stain_jitter, classes))))
+    there = {**written["config"], "num_slides": len(written.get("training", []))}
+    asked["num_slides"] = num_slides
+    return [f"{k}: {there.get(k)!r} there, {v!r} asked" for k, v in asked.items() if there.get(k) != v]
 
 
 def generate_dataset(
@@ -76,12 +108,7 @@ def generate_dataset(
 
     if num_slides < 1:
         raise ValueError(f"num_slides must be >= 1, got {num_slides}")
-    cfg = dataclasses.replace(config or SyntheticSlideConfig(), num_classes=num_classes, size=size,
-                              tumour_fraction=tumour_fraction, seed=seed)
-    if stain_jitter is not None:
-        cfg = dataclasses.replace(cfg, stain_jitter=stain_jitter)
-    if classes is not None:
-        cfg = dataclasses.replace(cfg, classes=tuple(classes))
+    cfg = _slide_config(config, num_classes, size, tumour_fraction, seed, stain_jitter, classes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels, cases = _plan(num_slides, num_classes, seed)
