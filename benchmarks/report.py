@@ -47,6 +47,9 @@ TITLES = {
     "accuracy_translated_head": "Accuracy study, ABMIL rows with FBTA's translated-head stage (2026-11-26, session 12; "
                                 "3 seeds, vanilla and FBTA drawn again with the same bundle; adopted on validation, "
                                 "docs/method.md, \"A second stage\")",
+    "accuracy_kinds_translated_head": "Accuracy study, variant `kinds` with FBTA's translated-head stage (2026-11-27, "
+                                      "session 13; seed 0, all three rows drawn again; the stage was not tuned on "
+                                      "this set; `--config`: the bundle's train.json of commit 06a78bb)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
