@@ -50,6 +50,9 @@ TITLES = {
     "accuracy_kinds_translated_head": "Accuracy study, variant `kinds` with FBTA's translated-head stage (2026-11-27, "
                                       "session 13; seed 0, all three rows drawn again; the stage was not tuned on "
                                       "this set; `--config`: the bundle's train.json of commit 06a78bb)",
+    "accuracy_transmil_translated_head": "Accuracy study, TransMIL rows with FBTA's translated-head stage (2026-11-27, "
+                                         "session 13; the hard set, seed 0, all three rows drawn again; the stage as "
+                                         "built for ABMIL, not tuned for TransMIL; `--config`: commit 06a78bb's)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
