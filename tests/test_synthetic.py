@@ -317,5 +317,9 @@ def test_a_dataset_of_other_generator_settings_is_named_and_used_as_it_is(tmp_pa
         rows = find_or_make_dataset(tmp_path, synthetic=asked)
     assert len(rows) == 3 and os.stat(tmp_path / "synth_0000.tiff").st_mtime_ns == stamp
     assert "tumour_fraction: 0.25 there, 0.08 asked" in caplog.text and "delete the folder" in caplog.text
+    written = json.loads((tmp_path / "datalist.json").read_text())
+    del written["config"]["classes"]  # written before the config had classes: the default ones
+    (tmp_path / "datalist.json").write_text(json.dumps(written))
+    assert generated_settings_differences(tmp_path, **kw) == []
     (tmp_path / "datalist.json").unlink()  # a folder the generator did not write: nothing to compare
     assert generated_settings_differences(tmp_path, **asked) == []

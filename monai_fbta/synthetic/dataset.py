@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import os
@@ -61,11 +62,8 @@ def _slide_config(config: SyntheticSlideConfig | None, num_classes: int, size: i
     return cfg
 
 
-def generated_settings_differences(out_dir: str | os.PathLike, num_slides: int = 12, num_classes: int = 3,
-                                   size: int = 4096, tumour_fraction: float = 0.15, seed: int = 0,
-                                   stain_jitter: float | None = None, classes: Sequence[str] | None = None,
-                                   **ignored: Any) -> list[str]:
-    """How the synthetic dataset in ``out_dir`` differs from what :func:`generate_dataset` with these arguments would
+def generated_settings_differences(out_dir: str | os.PathLike, **settings: Any) -> list[str]:
+    """How the synthetic dataset in ``out_dir`` differs from what ``generate_dataset(out_dir, **settings)`` would
     write (``"tumour_fraction: 0.25 there, 0.08 asked"``); empty when it matches or was not written by it."""
     try:
         written = json.loads((Path(out_dir) / "datalist.json").read_text())
@@ -73,10 +71,15 @@ def generated_settings_differences(out_dir: str | os.PathLike, num_slides: int =
         return []
     if not isinstance(written, dict) or not isinstance(written.get("config"), dict):
         return []
-    asked = json.loads(json.dumps(dataclasses.asdict(
-        _slide_config(None, num_classes, size, tumour_fraction, seed, stain_jitter, classes))))
-    there = {**written["config"], "num_slides": len(written.get("training", []))}
-    asked["num_slides"] = num_slides
+    signature = inspect.signature(generate_dataset)  # keys it does not take are not generator settings: left out
+    call = signature.bind(out_dir, **{k: v for k, v in settings.items() if k in signature.parameters})
+    call.apply_defaults()  # generate_dataset's own defaults for what ``settings`` leaves out
+    a = call.arguments
+    asked = json.loads(json.dumps(dataclasses.asdict(_slide_config(
+        a["config"], a["num_classes"], a["size"], a["tumour_fraction"], a["seed"], a["stain_jitter"], a["classes"]))))
+    asked["num_slides"] = a["num_slides"]
+    # a config written before SyntheticSlideConfig had ``classes`` drew the default classes (empty = default)
+    there = {"classes": [], **written["config"], "num_slides": len(written.get("training", []))}
     return [f"{k}: {there.get(k)!r} there, {v!r} asked" for k, v in asked.items() if there.get(k) != v]
 
 
