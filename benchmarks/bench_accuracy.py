@@ -380,19 +380,20 @@ def validation_by_fold(results: dict[str, list[dict[str, Any]]], heads: list[str
         if key in seen or not res:  # a run shared by two tables (vanilla is the ablation's "frozen"): once
             continue
         seen.add(key)
-
-        def cell(runs: list[dict[str, Any]], suffix: str = "") -> str:
-            if not runs:
-                return "-"
-            auc, bacc = (np.mean([r[f"val_{m}{suffix}"] for r in runs]) for m in ("auc", "bacc"))
-            return f"{auc:.3f} / {bacc:.3f}"
-
         row = {"method": s["label"]}
-        row.update({f"fold {f}": cell([r for r in res if r["fold"] == f]) for f in folds})
-        row["mean"] = cell(res)
-        row[f"mean of the last {last} epochs"] = cell(res, f"_last{last}")
+        row.update({f"fold {f}": _validation_cell([r for r in res if r["fold"] == f]) for f in folds})
+        row["mean"] = _validation_cell(res)
+        row[f"mean of the last {last} epochs"] = _validation_cell(res, f"_last{last}")
         rows.append(row)
     return rows
+
+
+def _validation_cell(runs: list[dict[str, Any]], suffix: str = "") -> str:
+    """``"val AUC / val bacc"`` averaged over ``runs`` (their ``val_auc{suffix}`` / ``val_bacc{suffix}``), or ``-``."""
+    if not runs:
+        return "-"
+    auc, bacc = (np.mean([r[f"val_{m}{suffix}"] for r in runs]) for m in ("auc", "bacc"))
+    return f"{auc:.3f} / {bacc:.3f}"
 
 
 def summarise(results: dict[str, list[dict[str, Any]]], heads: list[str],
