@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from monai_fbta._io import file_sha256
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import add_common_args, finish, format_table, machine_info, write_json  # noqa: E402
@@ -203,18 +204,14 @@ def bundle_command(run: dict[str, Any], args, run_dir: Path, shared: Path) -> li
     return cmd
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def run_identity(run: dict[str, Any], args, run_dir: Path, shared: Path) -> dict[str, Any]:
     """What a finished run must match to be reused: the bundle config's content, the frozen extractor's, and the
     overrides less the places inside ``--workdir`` (a moved workdir holds the same study)."""
     over = bundle_overrides(run, args, run_dir, shared)
     encoder = shared / "frozen_encoder_tiny_cnn.pt"
-    overlays = {"overlay_sha256": _sha256(f) for f in config_files(run, args)[1:]}
-    return {"config_sha256": _sha256(args.config), **overlays,
-            "encoder_sha256": _sha256(encoder) if encoder.is_file() else None,
+    overlays = {"overlay_sha256": file_sha256(f) for f in config_files(run, args)[1:]}
+    return {"config_sha256": file_sha256(args.config), **overlays,
+            "encoder_sha256": file_sha256(encoder) if encoder.is_file() else None,
             "overrides": {k: v for k, v in over.items() if k not in WORKDIR_PATHS}}
 
 
@@ -302,15 +299,14 @@ def share_encoder(weights: str | None, shared: Path) -> dict[str, Any]:
     """Put ``weights`` in ``shared`` as every run's frozen extractor (refused when the study already has another one);
     returns its description: ``{"weights": source or "random init", "sha256": ...}``."""
     target = shared / "frozen_encoder_tiny_cnn.pt"
-    digest = _sha256
     if weights is not None:
-        if target.is_file() and digest(target) != digest(weights):
+        if target.is_file() and file_sha256(target) != file_sha256(weights):
             raise SystemExit(f"{shared.parent} already holds runs with another frozen extractor ({target}); use a new "
                              "--workdir for --encoder-weights " + weights)
         if not target.is_file():
             shutil.copy2(weights, target)
     source = weights or "random init (saved by the first run)"
-    return {"weights": source, "sha256": digest(target) if target.is_file() else None}
+    return {"weights": source, "sha256": file_sha256(target) if target.is_file() else None}
 
 
 def make_data(args) -> dict[str, Any]:

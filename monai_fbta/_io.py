@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -96,6 +97,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
     moved over ``path`` by :func:`atomic_path`."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+def file_sha256(path: str | os.PathLike, digits: int = 16) -> str:
+    """The first ``digits`` hex digits of the file's sha256, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:digits]
 
 
 def safe_name(name: str) -> str:
