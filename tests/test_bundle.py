@@ -63,7 +63,7 @@ def test_training_from_empty_dataset_dir(trained):
     assert len(list(data.glob("*.tiff"))) == 12 and (data / "labels.csv").is_file()  # generated
     stores = list((trained / "cache").glob("*.h5"))
     assert len(stores) == 12
-    for name in ("model.pt", "last.pt", "best.pt", "splits.json"):
+    for name in ("model.pt", "last.pt", "splits.json"):
         assert (trained / "models" / name).is_file()
     metrics = json.loads((trained / "eval" / "test_metrics.json").read_text())
     num_test = len(json.loads((trained / "models" / "splits.json").read_text())["folds"][0]["test"])  # 4 or 5: patients
@@ -318,8 +318,8 @@ def test_inference_where_every_slide_fails_exits_nonzero(trained, tmp_path):
 @pytest.mark.slow
 def test_two_process_torchrun_training_and_translated_head_stage(trained, tmp_path):
     """DDP over gloo on CPU: both ranks train, rank 0 writes the checkpoints and the test report; a longer rerun
-    resumes the DDP-wrapped modules from last.pt; then the translated-head stage over that run's best.pt (its overlay
-    merged last): every rank trains on rank 0's fixed f_T."""
+    resumes the DDP-wrapped modules from last.pt; then the translated-head stage over that run (its overlay merged
+    last): every rank trains on rank 0's fixed f_T."""
     root = tmp_path
     os.symlink(trained / "data", root / "data")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -335,10 +335,8 @@ def test_two_process_torchrun_training_and_translated_head_stage(trained, tmp_pa
     assert (root / "models" / "model.pt").is_file() and (root / "eval" / "test_metrics.json").is_file()
     assert out.stdout.count("held-out test set") == 1  # only rank 0 reports
 
-    best = torch.load(root / "models" / "best.pt", map_location="cpu", weights_only=True)  # written by rank 0
-    assert best["selected_by"]["epoch"] == torch.load(root / "models" / "model.pt", weights_only=True)["metadata"]["epoch"]
     stage = ["run", "training", "--config_file", repr([TRAIN, MULTI, HEAD]), "--fbta_checkpoint",
-             str(root / "models" / "best.pt"), "--dataset_dir", str(root / "data"), "--cache_dir", str(root / "cache"),
+             str(root / "models" / "last.pt"), "--dataset_dir", str(root / "data"), "--cache_dir", str(root / "cache"),
              "--output_dir", str(root / "eval_th"), *TINY]
     out = bundle(stage, cwd=root, launcher=launcher)
     assert out.stdout.count("held-out test set") == 1 and (root / "eval_th" / "test_metrics.json").is_file()
@@ -526,16 +524,13 @@ def test_translator_refit_in_the_bundle_fits_f_t_to_the_trained_extractor(traine
 def test_translated_head_stage_trains_a_head_on_the_refitted_translation_of_an_fbta_run(trained, tmp_path):
     """``configs/translated_head.json`` over train.json: f_T of the FBTA run refitted to its f*_TFE (logged with R^2),
     then fixed while a head trains on f_T(F^FB) alone; model.pt holds that f_T, which reproduces f*_TFE on a training
-    slide; a rerun resumes; another fold, other views, a checkpoint without a trained extractor or a best.pt of
-    another epoch than the model.pt beside it are refused."""
+    slide; a rerun resumes; another fold, other views or a checkpoint without a trained extractor are refused."""
     from monai_fbta.data.extraction import encode_slide_patches
     from monai_fbta.data.store import read_array, read_coords, store_path
     from monai_fbta.handlers import r_squared
     from monai_fbta.networks import FeatureTranslator, PatchEncoder
 
-    fbta = trained / "models" / "best.pt"  # the default: the training state of the epoch validation selected
-    selected = torch.load(fbta, map_location="cpu", weights_only=True)["selected_by"]
-    assert selected["epoch"] == torch.load(trained / "models" / "model.pt", weights_only=True)["metadata"]["epoch"]
+    fbta = trained / "models" / "last.pt"
     common = ["--dataset_dir", str(trained / "data"), "--cache_dir", str(trained / "cache"), *TINY,
               "--show_progress", "False"]
     args = ["run", "training", "--config_file", f"['{TRAIN}','{HEAD}']", "--fbta_checkpoint", str(fbta),
@@ -545,8 +540,7 @@ def test_translated_head_stage_trains_a_head_on_the_refitted_translation_of_an_f
     log = (tmp_path / "eval" / "train.log").read_text()  # the refit's lines too, though they come before training
     refit = [line for line in log.splitlines() if "refitted f_T on" in line]
     assert len(refit) == 1 and float(refit[0].split("R^2 ")[1].split(";")[0]) > 0.5, (out.stdout + out.stderr)[-2000:]
-    assert f"(epoch {selected['epoch']} of 2, selected by val_auc" in log
-    assert log.index("refitted f_T on") < log.index("Epoch[1] Complete")
+    assert "epoch 2 of 2" in log and log.index("refitted f_T on") < log.index("Epoch[1] Complete")
     assert log.count("fbta.metrics - INFO - epoch 1/2:") == 1, "one LogFile: the one the refit opened"
     model = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert model["metadata"]["views"] == ["translated"]
@@ -583,13 +577,6 @@ def test_translated_head_stage_trains_a_head_on_the_refitted_translation_of_an_f
     torch.save(blob, stripped / "last.pt")
     last_line = bundle_fails([*other, "--fbta_checkpoint", str(stripped / "last.pt")], cwd=tmp_path)[-1]
     assert "not an FBTA run" in last_line
-    stopped = tmp_path / "stopped_between"  # model.pt written at a new best, the run killed before best.pt
-    shutil.copytree(trained / "models", stopped, ignore=shutil.ignore_patterns("translated_head"))
-    blob = torch.load(fbta, map_location="cpu", weights_only=True)
-    blob["selected_by"]["epoch"] += 1
-    torch.save(blob, stopped / "best.pt")
-    last_line = bundle_fails([*other, "--fbta_checkpoint", str(stopped / "best.pt")], cwd=tmp_path)[-1]
-    assert f"model.pt beside it holds epoch {selected['epoch']}" in last_line, last_line
 
 
 @pytest.mark.parametrize("head,lr", [("abmil", 5e-4), ("transmil", 1e-4), ("mambamil", 5e-4)])

@@ -73,39 +73,6 @@ def test_validation_best_model_and_inference_checkpoint(tmp_path):
         load_inference_model(tmp_path / "nope.pt")
 
 
-def test_selected_epoch_training_state_is_written_only_at_the_epochs_validation_selects(tmp_path):
-    """``TrainingCheckpoint(selected_by=evaluator)`` (the bundle's ``best.pt``): the training state of the epoch whose
-    model ``model.pt`` holds, not of the last epoch; a plain ``last.pt`` has no ``selected_by`` entry."""
-    from ignite.engine import Engine
-
-    data = [_sample(i) for i in range(3)]
-    trainer = _trainer(data, max_epochs=4)
-    evaluator = Engine(lambda engine, batch: None)
-    evaluator.state.key_metric_name = "val_auc"
-    best = {1: (1, 0.7), 2: (2, 0.8), 3: (2, 0.8), 4: (2, 0.8)}  # epoch -> (best_metric_epoch, best_metric)
-
-    def validate(engine) -> None:  # what MONAI's ValidationHandler leaves on the evaluator
-        evaluator.state.best_metric_epoch, evaluator.state.best_metric = best[engine.state.epoch]
-
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
-    TrainingCheckpoint(tmp_path / "best.pt", selected_by=evaluator).attach(trainer)
-    TrainingCheckpoint(tmp_path / "last.pt").attach(trainer)
-    seen = []
-
-    def epoch_of(path) -> int:  # ignite's state_dict holds the iteration
-        state = torch.load(path, weights_only=True)["trainer"]
-        return state["iteration"] // state["epoch_length"]
-
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(epoch_of(tmp_path / "best.pt")))
-    trainer.run()
-    assert seen == [1, 2, 2, 2]
-    selected, last = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("best", "last"))
-    assert selected["selected_by"] == {"metric": "val_auc", "value": 0.8, "epoch": 2} and "selected_by" not in last
-    assert epoch_of(tmp_path / "last.pt") == 4
-    moved = [k for k, v in selected["ema_encoder"].items() if not torch.equal(v, last["ema_encoder"][k])]
-    assert moved, "best.pt holds epoch 2's extractor, which epochs 3-4 trained further"
-
-
 def test_model_pt_names_its_frozen_encoder_relative_to_itself_and_travels(tmp_path):
     """model.pt used to store the encoder file's absolute path: a moved bundle lost its encoder."""
     from monai_fbta.handlers.checkpoint import load_inference_model

@@ -149,22 +149,13 @@ def _unwrapped(obj: Any) -> Any:
     return obj.module if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else obj
 
 
-SELECTED_KEY = "selected_by"
-"""Entry of a training checkpoint written at a validation-selected epoch (``best.pt``): ``{metric, value, epoch}``."""
-
-
-def save_checkpoint(
-    path: str | os.PathLike, objects: Mapping[str, Any], identity: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Save ``{name: obj.state_dict()}`` (``run_identity`` and the plain entries ``extra`` when given) atomically to
-    ``path``; a DDP-wrapped
+def save_checkpoint(path: str | os.PathLike, objects: Mapping[str, Any], identity: Mapping[str, Any] | None = None) -> Path:
+    """Save ``{name: obj.state_dict()}`` (and ``run_identity`` when given) atomically to ``path``; a DDP-wrapped
     module is saved as the module itself, so a checkpoint reads the same whatever the number of processes (ignite's
     ``Checkpoint.load_objects`` loads into the wrapped module on resume, and the translated-head stage reads f_T)."""
     blob = {k: _unwrapped(v).state_dict() for k, v in objects.items()}
     if identity is not None:
         blob["run_identity"] = dict(identity)
-    blob.update(extra or {})
     return _atomic_torch_save(blob, path)
 
 

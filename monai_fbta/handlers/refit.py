@@ -13,6 +13,7 @@ patch is read or encoded again.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,10 +25,8 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
-from monai_fbta._io import file_sha256
 from monai_fbta.engines.losses import FBTALoss
 from monai_fbta.handlers.log_file import LogFile
-from monai_fbta.networks.inference import METADATA_KEY
 from monai_fbta.networks.translator import FeatureTranslator
 
 __all__ = ["TRANSLATED_HEAD_KEYS", "TranslatorRefit", "checkpoint_sha256", "fit_translator", "r_squared",
@@ -209,39 +208,13 @@ TRANSLATED_HEAD_KEYS = ("views", "frozen_bag", "translated_bag", "encoder_weight
 def checkpoint_sha256(path: str | os.PathLike | None) -> str | None:
     """The first 16 hex digits of the file's sha256 (``None`` for ``None``): which FBTA checkpoint a translated-head
     run read, kept in its run identity so that it resumes only on the same one."""
-    return None if path is None else file_sha256(path)
-
-
-def _checkpoint_epoch(checkpoint: str | os.PathLike, blob: Mapping[str, Any]) -> tuple[int, str]:
-    """``(epoch, description)`` of an FBTA training checkpoint: the validation-selected epoch of a ``best.pt``
-    (refused when ``model.pt`` beside it holds another epoch: the run stopped between writing the two), or the last
-    epoch of a ``last.pt`` (with a warning when the run has not finished)."""
-    from monai_fbta.handlers.checkpoint import SELECTED_KEY, RunMismatchError
-
-    state = blob.get("trainer", {})  # ignite's state_dict: iteration (or epoch), epoch_length, max_epochs
-    epoch = state.get("epoch") or state.get("iteration", 0) // max(1, state.get("epoch_length") or 1)
-    total = state.get("max_epochs", "?")
-    selected = blob.get(SELECTED_KEY)
-    if selected is not None:
-        model = Path(checkpoint).parent / "model.pt"
-        held = _load_model_epoch(model)
-        if held is not None and held != selected["epoch"]:
-            raise RunMismatchError(f"--fbta_checkpoint {os.fspath(checkpoint)} holds epoch {selected['epoch']} but "
-                                   f"{model} beside it holds epoch {held} (the run stopped between writing them); "
-                                   "resume that run to its end, or give its last.pt")
-        return epoch, f"epoch {epoch} of {total}, selected by {selected['metric']} {selected['value']:.4f}"
-    if isinstance(total, int) and epoch < total:
-        logger.warning("the FBTA run of %s stopped at epoch %d of %d: its extractor is not fully trained (resume that "
-                       "run first unless this is what you want)", checkpoint, epoch, total)
-    return epoch, f"last epoch, {epoch} of {total}"
-
-
-def _load_model_epoch(model: Path) -> int | None:
-    """The epoch recorded in a ``model.pt``'s metadata (``None`` when there is no such file or entry)."""
-    if not model.is_file():
+    if path is None:
         return None
-    meta = torch.load(model, map_location="cpu", weights_only=True).get(METADATA_KEY) or {}
-    return meta.get("epoch")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def translator_from_run(
@@ -254,8 +227,7 @@ def translator_from_run(
     trained extractor, then frozen.
 
     Builds a :class:`~monai_fbta.networks.FeatureTranslator` of the checkpoint's shape (D, K, hidden) with f_T's
-    weights from the FBTA run's training ``checkpoint`` (its ``best.pt``, the state of the epoch validation selected,
-    or its ``last.pt``), loads its EMA extractor f*_TFE into a
+    weights from the FBTA run's training ``checkpoint`` (its ``last.pt``), loads its EMA extractor f*_TFE into a
     copy of ``encoder`` (the bundle's trainable-extractor definition), refits f_T to f*_TFE on up to
     ``patches_per_slide`` patches of each training slide ``rows`` (:func:`training_patch_pairs`,
     :func:`fit_translator` with ``fit_kwargs``) and turns its gradients off. The head then trains on
@@ -273,18 +245,15 @@ def translator_from_run(
     if log_file is not None:
         log_file.open()  # the refit runs while the config is resolved, before the engine attaches its handlers
     what = f"--fbta_checkpoint {os.fspath(checkpoint)}"
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"{what} does not exist: give the best.pt (or last.pt) of a finished FBTA run; runs "
-                                "of monai-fbta before 2026-11-27 wrote no best.pt, give their last.pt")
     blob = _load(checkpoint)
     saved = blob.get("run_identity")
     check_identity(None if saved is None else {k: v for k, v in saved.items() if k not in TRANSLATED_HEAD_KEYS},
                    {k: v for k, v in identity.items() if k not in TRANSLATED_HEAD_KEYS}, what,
-                   "give the best.pt of the FBTA run trained on these slides, classes, fold and settings")
+                   "give the last.pt of the FBTA run trained on these slides, classes, fold and settings")
     missing = [k for k in ("ema_encoder", "translator") if k not in blob]
     if missing:
         raise RunMismatchError(f"{what} has no {' or '.join(missing)}: it is not an FBTA run (vanilla MIL trains no "
-                               "extractor); give the best.pt of a run with the e2e view")
+                               "extractor); give the last.pt of a run with the e2e view")
     kept = Path(checkpoint).parent / f"frozen_encoder_{identity.get('encoder_name')}.pt"
     if not kept.is_file():
         raise RunMismatchError(f"{what}: its frozen extractor {kept} is missing, so its features cannot be checked "
@@ -301,9 +270,14 @@ def translator_from_run(
     trained = copy.deepcopy(encoder)
     trained.load_state_dict(blob["ema_encoder"])
     trained.to(device).eval()
-    _, how = _checkpoint_epoch(checkpoint, blob)
-    logger.info("refitting f_T to the trained extractor of %s (%s) on up to %s patches of each of %d training slides",
-                checkpoint, how, patches_per_slide or "all", len(rows))
+    state = blob.get("trainer", {})  # ignite's state_dict: iteration (or epoch), epoch_length, max_epochs
+    epoch = state.get("epoch") or state.get("iteration", 0) // max(1, state.get("epoch_length") or 1)
+    logger.info("refitting f_T to the trained extractor of %s (epoch %s of %s) on up to %s patches of each of %d "
+                "training slides", checkpoint, epoch, state.get("max_epochs", "?"),
+                patches_per_slide or "all", len(rows))
+    if isinstance(state.get("max_epochs"), int) and epoch < state["max_epochs"]:
+        logger.warning("the FBTA run of %s stopped at epoch %d of %d: its extractor is not fully trained (resume that "
+                       "run first unless this is what you want)", checkpoint, epoch, state["max_epochs"])
     frozen, target = training_patch_pairs(rows, cache_dir, trained, device, patches_per_slide, seed)
     figures = fit_translator(translator, frozen, target, seed=seed, **fit_kwargs)
     logger.info("refitted f_T on %d patches: L_dist %.4f -> %.4f, R^2 %.3f; f_T is now fixed",
