@@ -13,7 +13,6 @@ patch is read or encoded again.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
+from monai_fbta._io import file_sha256
 from monai_fbta.engines.losses import FBTALoss
 from monai_fbta.handlers.log_file import LogFile
 from monai_fbta.networks.translator import FeatureTranslator
@@ -208,13 +208,7 @@ TRANSLATED_HEAD_KEYS = ("views", "frozen_bag", "translated_bag", "encoder_weight
 def checkpoint_sha256(path: str | os.PathLike | None) -> str | None:
     """The first 16 hex digits of the file's sha256 (``None`` for ``None``): which FBTA checkpoint a translated-head
     run read, kept in its run identity so that it resumes only on the same one."""
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return None if path is None else file_sha256(path)
 
 
 def translator_from_run(
