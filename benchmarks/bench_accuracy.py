@@ -16,6 +16,9 @@ on that fold's validation part; test folds are never looked at for any choice.
   finished run is reused only with the settings it had (its ``settings.json``: the bundle config's and the frozen
   extractor's sha256 and its overrides); other ``--epochs``, ``--override``, ``--config`` or extractor stop the study
   with the run's name and what differs. Existing slides in ``--dataset-dir`` must have the ``--data`` settings.
+* Parallel: two processes may share a workdir with different ``--folds`` or ``--seeds`` (one per core). Each run is
+  locked while it runs (``runs/.<run>.lock``), so a second process that reaches it stops with the holder's pid
+  instead of deleting its folder as an interrupted run.
 
     python benchmarks/bench_accuracy.py --workdir /tmp/acc --dataset-dir DATA --json acc.json --plot acc.png
     python benchmarks/bench_accuracy.py --quick            # 1 fold, 1 seed, 2 epochs, ABMIL only: a smoke run
@@ -37,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_fbta._io import file_sha256
+from monai_fbta._io import LockHeld, exclusive_lock, file_sha256
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import add_common_args, finish, format_table, machine_info, write_json  # noqa: E402
@@ -264,6 +267,16 @@ def validation_summary(results: dict[str, list[dict[str, Any]]], last: int = 4) 
 def run_one(run: dict[str, Any], args, shared: Path) -> dict[str, Any]:
     """Train + test one setting on one fold in a subprocess (skipped when finished); its test metrics."""
     run_dir = Path(args.workdir) / "runs" / run_name(run)
+    # another bench on the same workdir (say, a second terminal given overlapping --folds) must not delete or
+    # rewrite a run that is in progress: that process is named and this one stops
+    try:
+        with exclusive_lock(run_dir.parent / f".{run_dir.name}.lock", f"run {run_dir.name}"):
+            return _run_locked(run, args, shared, run_dir)
+    except LockHeld as err:
+        raise SystemExit(str(err)) from None
+
+
+def _run_locked(run: dict[str, Any], args, shared: Path, run_dir: Path) -> dict[str, Any]:
     metrics_file = run_dir / "eval" / "test_metrics.json"
     if metrics_file.is_file():
         check_finished_run(run_dir, run_identity(run, args, run_dir, shared))

@@ -5,11 +5,13 @@
 rename, clean-up); :func:`atomic_open` wraps it for plain file objects and the HDF5 store uses it
 for ``h5py.File``. Temp names carry the writer's host and pid (``.NAME.HOST-PID.XXXXXXXX.tmp``), so
 :func:`remove_stale_temps` removes only what a dead writer left, never another live process's write.
+:func:`exclusive_lock` keeps a second process out of work that one is doing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import os
@@ -21,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_open", "atomic_path", "inside", "remove_stale_temps", "safe_name"]
+__all__ = ["LockHeld", "atomic_open", "atomic_path", "exclusive_lock", "inside", "remove_stale_temps", "safe_name"]
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 _TEMP_OWNER = re.compile(r"^(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
@@ -97,6 +99,38 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
     moved over ``path`` by :func:`atomic_path`."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+class LockHeld(RuntimeError):
+    """:func:`exclusive_lock` found its lock held by another live process."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``path`` as an exclusive lock (``flock``) for the block, or fail at once if another process holds it.
+
+    The file records its holder (``HOST PID``) for the error, which names ``what``. The kernel releases the lock
+    when its holder exits, however it exits, so a killed run never leaves a stale lock behind. The file itself
+    stays (removing it would let a third process lock a different inode). Raises :class:`LockHeld`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise LockHeld(f"{what} is in use by another process (host and pid: {holder}; lock {path}): "
+                               "wait for it to finish, or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{_HOST} {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def file_sha256(path: str | os.PathLike, digits: int = 16) -> str:

@@ -204,3 +204,36 @@ def test_existing_slides_must_have_the_requested_synthetic_settings(bench, tmp_p
     datalist.write_text(json.dumps({"training": []}))  # a user's own datalist: not the synthetic benchmark
     with pytest.raises(SystemExit, match="no synthetic generator settings"):
         bench.check_dataset(datalist, dict(bench.DATA))
+
+
+def test_a_run_in_progress_in_another_process_is_left_alone(bench, tmp_path):
+    """A second bench on the same workdir stops, naming the holder, instead of deleting a live run's folder; the
+    kernel frees the lock when its holder dies, however it dies."""
+    import json
+    import subprocess
+    import sys
+
+    args = bench.parse_args(["--quick", "--workdir", str(tmp_path / "w"), "--dataset-dir", str(tmp_path / "d")])
+    run = bench.plan_runs(args.heads, args.seeds, args.folds)[0]
+    shared = tmp_path / "w" / "shared"
+    shared.mkdir(parents=True)
+    run_dir = tmp_path / "w" / "runs" / bench.run_name(run)
+    (run_dir / "eval").mkdir(parents=True)
+    partial = "epoch,val_auc,val_bacc\n1,0.50,0.33\n"
+    (run_dir / "eval" / "train_metrics.csv").write_text(partial)  # what the live run has written so far
+    lock = run_dir.parent / f".{run_dir.name}.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom monai_fbta._io import exclusive_lock\n"
+         f"with exclusive_lock({str(lock)!r}, 'run'):\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=rf"run {run_dir.name} is in use by another process .*{holder.pid}"):
+            bench.run_one(run, args, shared)
+        assert (run_dir / "eval" / "train_metrics.csv").read_text() == partial  # not deleted, not restarted
+    finally:
+        holder.kill()
+        holder.wait()
+    (run_dir / "eval" / "test_metrics.json").write_text(json.dumps({"metrics": {"test_bacc": 1.0, "test_auc": 1.0}}))
+    (run_dir / bench.RUN_RECORD).write_text(json.dumps(bench.run_identity(run, args, run_dir, shared)))
+    assert bench.run_one(run, args, shared)["bacc"] == 1.0  # the killed holder's lock is free again
