@@ -54,7 +54,7 @@ TITLES = {
                                          "session 13; the hard set, seed 0, all three rows drawn again; the stage as "
                                          "built for ABMIL, not tuned for TransMIL; `--config`: commit 06a78bb's)",
     "accuracy_mambamil_translated_head": "Accuracy study, MambaMIL rows with FBTA's translated-head stage (2026-11-27, "
-                                         "session 14; the hard set, seed 0, all three rows drawn again; CPU-sized "
+                                         "sessions 14-15; the hard set, seed 0, all three rows drawn again; CPU-sized "
                                          "head; the stage as built for ABMIL; `--config`: commit 06a78bb's)",
     "accuracy_abmil_lr_encoder_1e-4": "Accuracy study, ABMIL rows with `lr_encoder` 1e-4 (TransMIL's CPU setting; "
                                       "2026-11-27, session 13; seed 0; validation level for the second stage, not "
