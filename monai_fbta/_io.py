@@ -11,6 +11,7 @@ for ``h5py.File``. Temp names carry the writer's host and pid (``.NAME.HOST-PID.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -20,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,7 +124,14 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             raise LockHeld(f"{what} is in use by another process (host and pid: {holder}; lock {path}): "
-                               "wait for it to finish, or stop it first") from None
+                           "wait for it to finish, or stop it first") from None
+        except OSError as err:  # a file system without locks (some network mounts): run, but say so
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            warnings.warn(f"{path}: this file system cannot lock ({err.strerror}), so nothing keeps a second "
+                          f"process out of {what}", RuntimeWarning, stacklevel=3)
+            yield
+            return
         f.seek(0)
         f.truncate()
         f.write(f"{_HOST} {os.getpid()}\n")

@@ -6,10 +6,14 @@ Tests import the plain helpers with ``from conftest import ...`` (``tests/`` is 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,20 @@ def real_slide(name: str) -> Path:
 
 
 RUN_SETTINGS = {"mil_name": "abmil", "views": ["frozen", "e2e"], "tiling": TILING, "num_clusters": 8, "fold": 0}
+
+
+@contextlib.contextmanager
+def process_holding(take_lock: str) -> Iterator[subprocess.Popen]:
+    """A child Python process that runs ``take_lock`` (code that takes a lock and keeps it), then sleeps; yielded
+    once it holds the lock, killed after the block (the kernel then frees the lock)."""
+    code = f"import time\n{take_lock}\nprint('held', flush=True)\ntime.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def datalist_rows(n: int = 12, labels: tuple[int, ...] = (0, 1)) -> list[dict]:

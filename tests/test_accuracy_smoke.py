@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, process_holding
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +210,6 @@ def test_a_run_in_progress_in_another_process_is_left_alone(bench, tmp_path):
     """A second bench on the same workdir stops, naming the holder, instead of deleting a live run's folder; the
     kernel frees the lock when its holder dies, however it dies."""
     import json
-    import subprocess
-    import sys
 
     args = bench.parse_args(["--quick", "--workdir", str(tmp_path / "w"), "--dataset-dir", str(tmp_path / "d")])
     run = bench.plan_runs(args.heads, args.seeds, args.folds)[0]
@@ -222,18 +220,11 @@ def test_a_run_in_progress_in_another_process_is_left_alone(bench, tmp_path):
     partial = "epoch,val_auc,val_bacc\n1,0.50,0.33\n"
     (run_dir / "eval" / "train_metrics.csv").write_text(partial)  # what the live run has written so far
     lock = run_dir.parent / f".{run_dir.name}.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom monai_fbta._io import exclusive_lock\n"
-         f"with exclusive_lock({str(lock)!r}, 'run'):\n    print('held', flush=True)\n    time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    take = f"from monai_fbta._io import exclusive_lock\nheld = exclusive_lock({str(lock)!r}, 'run')\nheld.__enter__()"
+    with process_holding(take) as holder:
         with pytest.raises(SystemExit, match=rf"run {run_dir.name} is in use by another process .*{holder.pid}"):
             bench.run_one(run, args, shared)
         assert (run_dir / "eval" / "train_metrics.csv").read_text() == partial  # not deleted, not restarted
-    finally:
-        holder.kill()
-        holder.wait()
     (run_dir / "eval" / "test_metrics.json").write_text(json.dumps({"metrics": {"test_bacc": 1.0, "test_auc": 1.0}}))
     (run_dir / bench.RUN_RECORD).write_text(json.dumps(bench.run_identity(run, args, run_dir, shared)))
     assert bench.run_one(run, args, shared)["bacc"] == 1.0  # the killed holder's lock is free again

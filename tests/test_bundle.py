@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REAL_DIR
+from conftest import REAL_DIR, process_holding
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "fbta_stad"
@@ -299,6 +299,22 @@ def test_new_data_in_a_used_bundle_folder_is_refused_before_any_work(trained, tm
                  "use a new --ckpt_dir for this run, or --resume False"):
         assert part in last[-1]
     assert not (tmp_path / "cache").exists() and (trained / "models" / "splits.json").read_text() == splits
+
+
+def test_a_second_training_process_in_the_same_checkpoint_folder_stops_naming_the_first(trained, tmp_path):
+    """Two launches in one --ckpt_dir used to interleave their checkpoints and reports; the second now stops before
+    any work, naming the process that holds the folder."""
+    models = trained / "models"
+    def files() -> dict[str, bytes]:  # the run's files (the lock file records its last holder)
+        return {p.name: p.read_bytes() for p in models.iterdir() if p.is_file() and p.name != ".training.lock"}
+
+    before = files()
+    with process_holding(f"from monai_fbta.handlers import hold_run_lock\nhold_run_lock({str(models)!r})") as holder:
+        last = bundle_fails(["run", "training", "--config_file", TRAIN, *run_dirs(trained), *TINY], cwd=tmp_path)
+    assert re.fullmatch(rf"error: LockHeld: the training run in {re.escape(str(models))} is in use by another "
+                        rf"process \(host and pid: \S+ {holder.pid}; lock .*\): wait for it to finish, or stop it first",
+                        last[-1]), last[-1]
+    assert files() == before and "last.pt" in before
 
 
 def test_inference_where_every_slide_fails_exits_nonzero(trained, tmp_path):

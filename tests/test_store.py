@@ -276,3 +276,28 @@ def test_only_temps_of_dead_writers_are_removed(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_exclusive_lock_refuses_a_second_holder_and_warns_where_the_file_system_cannot_lock(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from monai_fbta import _io
+
+    lock = tmp_path / "run.lock"
+    with _io.exclusive_lock(lock, "run A"):
+        assert lock.read_text() == f"{_io._HOST} {os.getpid()}\n"
+        with pytest.raises(_io.LockHeld, match=rf"run A is in use by another process \(host and pid: \S+ {os.getpid()}"):
+            with _io.exclusive_lock(lock, "run A"):  # another open file description, as another process has
+                pass
+    with _io.exclusive_lock(lock, "run A"):  # released at the end of the block
+        pass
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with pytest.warns(RuntimeWarning, match="cannot lock"), _io.exclusive_lock(lock, "run A"):
+        ran.append(True)
+    assert ran == [True]

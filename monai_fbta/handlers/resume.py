@@ -9,10 +9,13 @@ finished run makes the rerun skip training (the configured ``max_epochs`` is kep
 A run's identity (:func:`~monai_fbta.handlers.checkpoint.run_identity`: the datalist's content, the class names
 and the settings that define the model) is saved in ``last.pt`` and ``model.pt``; a checkpoint of another run is
 never resumed (:func:`check_resume`), so a bundle folder reused for new data cannot continue, or report, the old model.
+One process trains in a checkpoint folder at a time (:func:`hold_run_lock`): a second launch there, with the same or
+other settings, stops at once instead of interleaving its checkpoints and reports with the first run's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -21,6 +24,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from monai_fbta._io import exclusive_lock
 from monai_fbta.handlers.checkpoint import (
     check_identity,
     checkpoint_identity,
@@ -30,11 +34,28 @@ from monai_fbta.handlers.checkpoint import (
     training_objects,
 )
 
-__all__ = ["ResumeTraining", "check_resume"]
+__all__ = ["ResumeTraining", "check_resume", "hold_run_lock"]
 
 logger = logging.getLogger("fbta.resume")
 
 RESUME_REMEDY = "use a new --ckpt_dir for this run, or --resume False to start over here (replacing the old run's files)"
+RUN_LOCK = ".training.lock"
+
+_held: dict[str, contextlib.ExitStack] = {}  # checkpoint folders this process trains in, locked until it exits
+
+
+def hold_run_lock(ckpt_dir: str | os.PathLike) -> bool:
+    """Lock ``ckpt_dir`` (``ckpt_dir/.training.lock``) for the rest of this process; run it before any long work.
+
+    Raises :class:`~monai_fbta._io.LockHeld`, naming the holder's host and pid, when another live process trains
+    there. The kernel frees the lock when the holder exits, killed or not. Returns ``True`` (a config expression).
+    """
+    key = os.path.realpath(ckpt_dir)
+    if key not in _held:
+        stack = contextlib.ExitStack()
+        stack.enter_context(exclusive_lock(Path(key) / RUN_LOCK, f"the training run in {ckpt_dir}"))
+        _held[key] = stack
+    return True
 
 
 def check_resume(path: str | os.PathLike, identity: Mapping[str, Any], enabled: bool = True) -> bool:

@@ -215,19 +215,20 @@ def _root_cause(err: BaseException) -> BaseException:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Our errors whose message says everything the user needs (their traceback is noise)."""
+    from monai_fbta._io import LockHeld
     from monai_fbta.data.datalist import DatalistError
     from monai_fbta.data.errors import SlideError
     from monai_fbta.handlers.checkpoint import RunMismatchError
     from monai_fbta.pipeline.infer import InferenceError
 
-    return DatalistError, SlideError, RunMismatchError, InferenceError
+    return DatalistError, SlideError, RunMismatchError, InferenceError, LockHeld
 
 
 def install_excepthook() -> None:
     """Make an uncaught exception end with one line naming its root cause.
 
-    For our own user-facing errors (bad datalist, bad slide, another run's checkpoint, nothing predicted) only
-    that line is printed; set ``MONAI_FBTA_TRACEBACK=1`` to see the traceback too.
+    For our own user-facing errors (bad datalist, bad slide, another run's checkpoint, a run another process
+    holds, nothing predicted) only that line is printed; set ``MONAI_FBTA_TRACEBACK=1`` to see the traceback too.
     """
     previous = sys.excepthook
     if getattr(previous, "_fbta", False):
