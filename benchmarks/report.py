@@ -57,8 +57,8 @@ TITLES = {
                                          "sessions 14-15; the hard set, seed 0, all three rows drawn again; CPU-sized "
                                          "head; the stage as built for ABMIL; `--config`: commit 06a78bb's)",
     "accuracy_abmil_lr_encoder_1e-4": "Accuracy study, ABMIL rows with `lr_encoder` 1e-4 (TransMIL's CPU setting; "
-                                      "2026-11-27, session 13; seed 0; validation level for the second stage, not "
-                                      "adopted; docs/method.md)",
+                                      "2026-11-27, sessions 13 and 15; 5 folds x 3 seeds; validation level for the "
+                                      "second stage, lower over its last 5 epochs; not adopted; docs/method.md)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
