@@ -302,8 +302,8 @@ def test_new_data_in_a_used_bundle_folder_is_refused_before_any_work(trained, tm
 
 
 def test_a_second_training_process_in_the_same_checkpoint_folder_stops_naming_the_first(trained, tmp_path):
-    """Two launches in one --ckpt_dir used to interleave their checkpoints and reports; the second now stops before
-    any work, naming the process that holds the folder."""
+    """Two launches in one --ckpt_dir (or one --output_dir) used to interleave their checkpoints and reports; the
+    second now stops before any work, naming the process that holds the folder."""
     models = trained / "models"
     def files() -> dict[str, bytes]:  # the run's files (the lock file records its last holder)
         return {p.name: p.read_bytes() for p in models.iterdir() if p.is_file() and p.name != ".training.lock"}
@@ -315,6 +315,17 @@ def test_a_second_training_process_in_the_same_checkpoint_folder_stops_naming_th
                         rf"process \(host and pid: \S+ {holder.pid}; lock .*\): wait for it to finish, or stop it first",
                         last[-1]), last[-1]
     assert files() == before and "last.pt" in before
+
+    # another run with its own checkpoint folder but this run's --output_dir would interleave train_metrics.csv
+    other = tmp_path / "other_models"
+    take = f"from monai_fbta.handlers import hold_run_lock\nhold_run_lock({str(other)!r}, {str(trained / 'eval')!r})"
+    metrics = (trained / "eval" / "train_metrics.csv").read_bytes()
+    with process_holding(take) as holder:
+        last = bundle_fails(["run", "training", "--config_file", TRAIN, *run_dirs(trained), *TINY], cwd=tmp_path)
+    assert re.fullmatch(rf"error: LockHeld: the output folder {re.escape(str(trained / 'eval'))} of a training run is "
+                        rf"in use by another process \(host and pid: \S+ {holder.pid}; lock .*\): wait for it to "
+                        rf"finish, or stop it first", last[-1]), last[-1]
+    assert files() == before and (trained / "eval" / "train_metrics.csv").read_bytes() == metrics
 
 
 def test_inference_where_every_slide_fails_exits_nonzero(trained, tmp_path):

@@ -9,8 +9,9 @@ finished run makes the rerun skip training (the configured ``max_epochs`` is kep
 A run's identity (:func:`~monai_fbta.handlers.checkpoint.run_identity`: the datalist's content, the class names
 and the settings that define the model) is saved in ``last.pt`` and ``model.pt``; a checkpoint of another run is
 never resumed (:func:`check_resume`), so a bundle folder reused for new data cannot continue, or report, the old model.
-One process trains in a checkpoint folder at a time (:func:`hold_run_lock`): a second launch there, with the same or
-other settings, stops at once instead of interleaving its checkpoints and reports with the first run's.
+One process trains in a checkpoint folder, and writes an output folder, at a time (:func:`hold_run_lock`): a second
+launch there, with the same or other settings, stops at once instead of interleaving its checkpoints and reports with
+the first run's.
 """
 
 from __future__ import annotations
@@ -41,20 +42,27 @@ logger = logging.getLogger("fbta.resume")
 RESUME_REMEDY = "use a new --ckpt_dir for this run, or --resume False to start over here (replacing the old run's files)"
 RUN_LOCK = ".training.lock"
 
-_held: dict[str, contextlib.ExitStack] = {}  # checkpoint folders this process trains in, locked until it exits
+_held: dict[str, contextlib.ExitStack] = {}  # checkpoint and output folders this process trains in, locked until it exits
 
 
-def hold_run_lock(ckpt_dir: str | os.PathLike) -> bool:
-    """Lock ``ckpt_dir`` (``ckpt_dir/.training.lock``) for the rest of this process; run it before any long work.
+def hold_run_lock(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> bool:
+    """Lock ``ckpt_dir`` and ``output_dir`` (a ``.training.lock`` in each) for the rest of this process; run it
+    before any long work.
 
-    Raises :class:`~monai_fbta._io.LockHeld`, naming the holder's host and pid, when another live process trains
-    there. The kernel frees the lock when the holder exits, killed or not. Returns ``True`` (a config expression).
+    Two trainings in one checkpoint folder would interleave their checkpoints; two with their own checkpoint folders
+    but one ``output_dir`` would interleave ``train_metrics.csv`` and the test report. Raises
+    :class:`~monai_fbta._io.LockHeld`, naming the folder and the holder's host and pid, when another live process
+    trains in either. The kernel frees the locks when the holder exits, killed or not. Returns ``True`` (a config
+    expression).
     """
-    key = os.path.realpath(ckpt_dir)
-    if key not in _held:
-        stack = contextlib.ExitStack()
-        stack.enter_context(exclusive_lock(Path(key) / RUN_LOCK, f"the training run in {ckpt_dir}"))
-        _held[key] = stack
+    for folder, what in ((ckpt_dir, "the training run in {}"), (output_dir, "the output folder {} of a training run")):
+        if folder is None:
+            continue
+        key = os.path.realpath(folder)
+        if key not in _held:
+            stack = contextlib.ExitStack()
+            stack.enter_context(exclusive_lock(Path(key) / RUN_LOCK, what.format(folder)))
+            _held[key] = stack
     return True
 
 
