@@ -59,6 +59,9 @@ TITLES = {
     "accuracy_abmil_lr_encoder_1e-4": "Accuracy study, ABMIL rows with `lr_encoder` 1e-4 (TransMIL's CPU setting; "
                                       "2026-11-27, sessions 13 and 15; 5 folds x 3 seeds; validation level for the "
                                       "second stage, lower over its last 5 epochs; not adopted; docs/method.md)",
+    "accuracy_abmil_lr_encoder_1e-3": "Accuracy study, ABMIL rows with `lr_encoder` 1e-3 (2026-11-27, session 16; 5 folds "
+                                      "x seed 0; validation level for the second stage at the selected epoch; not "
+                                      "adopted; docs/method.md)",
     "accuracy_mambamil_lr_encoder_1e-4": "Accuracy study, MambaMIL rows with `lr_encoder` 1e-4 (2026-11-27, session 15; "
                                          "folds 0-3 of 5, seed 0; fold 4 still to run, no choice made; "
                                          "docs/method.md)",
