@@ -29,7 +29,8 @@ TITLES = {
     "accuracy": "Accuracy on the synthetic benchmark: vanilla ABMIL vs +FBTA, and the view ablation",
     "accuracy_transmil_lre": "Accuracy study, TransMIL rows at the bundle's CPU setting for TransMIL, `lr_encoder` 1e-4 (the "
                              "same hard set, splits, extractor and epochs; chosen on validation, docs/method.md)",
-    "accuracy_mambamil": "Accuracy study, MambaMIL rows (the same hard set, splits, extractor and epochs; CPU-sized head)",
+    "accuracy_mambamil": "Accuracy study, MambaMIL rows (the same hard set, splits, extractor and epochs; CPU-sized head; "
+                         "`lr_encoder` 5e-4, the CPU setting for MambaMIL until session 16)",
     "accuracy_kinds": "Accuracy study, variant `kinds`: another kind of morphological difference (pleomorphic / glandular / "
                       "cords nuclei, generator seed 4; the same extractor, settings and epochs)",
     "accuracy_kinds_transmil": "Accuracy study, variant `kinds`, TransMIL rows (the bundle's CPU setting for TransMIL, "
@@ -55,16 +56,17 @@ TITLES = {
                                          "built for ABMIL, not tuned for TransMIL; `--config`: commit 06a78bb's)",
     "accuracy_mambamil_translated_head": "Accuracy study, MambaMIL rows with FBTA's translated-head stage (2026-11-27, "
                                          "sessions 14-15; the hard set, seed 0, all three rows drawn again; CPU-sized "
-                                         "head; the stage as built for ABMIL; `--config`: commit 06a78bb's)",
+                                         "head; the stage as built for ABMIL; `lr_encoder` 5e-4, the CPU setting "
+                                         "for MambaMIL until session 16; `--config`: commit 06a78bb's)",
     "accuracy_abmil_lr_encoder_1e-4": "Accuracy study, ABMIL rows with `lr_encoder` 1e-4 (TransMIL's CPU setting; "
                                       "2026-11-27, sessions 13 and 15; 5 folds x 3 seeds; validation level for the "
                                       "second stage, lower over its last 5 epochs; not adopted; docs/method.md)",
     "accuracy_abmil_lr_encoder_1e-3": "Accuracy study, ABMIL rows with `lr_encoder` 1e-3 (2026-11-27, session 16; 5 folds "
                                       "x seed 0; validation level for the second stage at the selected epoch; not "
                                       "adopted; docs/method.md)",
-    "accuracy_mambamil_lr_encoder_1e-4": "Accuracy study, MambaMIL rows with `lr_encoder` 1e-4 (2026-11-27, session 15; "
-                                         "folds 0-3 of 5, seed 0; fold 4 still to run, no choice made; "
-                                         "docs/method.md)",
+    "accuracy_mambamil_lr_encoder_1e-4": "Accuracy study, MambaMIL rows with `lr_encoder` 1e-4, the bundle's CPU "
+                                         "setting for MambaMIL since session 16 (2026-11-27, sessions 15-16; 5 folds "
+                                         "x seed 0; chosen on validation; CPU-sized head; docs/method.md)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
