@@ -62,8 +62,8 @@ TITLES = {
                                       "2026-11-27, sessions 13 and 15; 5 folds x 3 seeds; validation level for the "
                                       "second stage, lower over its last 5 epochs; not adopted; docs/method.md)",
     "accuracy_abmil_lr_encoder_1e-3": "Accuracy study, ABMIL rows with `lr_encoder` 1e-3 (2026-11-27, session 16; 5 folds "
-                                      "x seed 0; validation level for the second stage at the selected epoch; not "
-                                      "adopted; docs/method.md)",
+                                      "x 3 seeds; validation level for the second stage; not adopted; "
+                                      "docs/method.md)",
     "accuracy_mambamil_lr_encoder_1e-4": "Accuracy study, MambaMIL rows with `lr_encoder` 1e-4, the bundle's CPU "
                                          "setting for MambaMIL since session 16 (2026-11-27, sessions 15-16; 5 folds "
                                          "x seed 0; chosen on validation; CPU-sized head; docs/method.md)",
