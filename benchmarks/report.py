@@ -20,7 +20,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import format_table  # noqa: E402
+from _common import format_table, save_plot  # noqa: E402
 
 from monai_fbta._io import atomic_open  # noqa: E402
 
@@ -75,6 +75,11 @@ TITLES = {
     "scaling": "Scaling over processes (torchrun, gloo on the CPU)",
     "mil_heads": "MIL heads: forward+backward time and memory",
 }
+# The studies of the bundle's current pipeline (its defaults, with the translated-head stage), in the order the summary
+# at the top of docs/benchmarks.md lists them; each also has its own section below.
+SUMMARY = ["accuracy_translated_head", "accuracy_transmil_translated_head", "accuracy_mambamil_lr_encoder_1e-4",
+           "accuracy_kinds_translated_head", "accuracy_medium_translated_head", "accuracy_v3_translated_head"]
+STAGES = {"": "vanilla", " + FBTA": "FBTA, one head", " + FBTA + translated-head stage": "FBTA + translated-head stage"}
 COLUMNS = {
     "memory": ["config", "n", "source", "peak_gb", "saved_mb", "seconds"],
     "epoch_time": ["method", "s_per_epoch", "patches_through_extractor_per_epoch"],
@@ -138,6 +143,68 @@ def _memory_notes(payload: Mapping[str, Any]) -> list[str]:
     return ["", *notes] if notes else []
 
 
+def _data_label(data: Mapping[str, Any]) -> str:
+    """``{'size': 2048, 'tumour_fraction': 0.08, 'seed': 1, ...}`` -> ``2048 px, lesions 8%, generator seed 1``."""
+    parts = [f"{data.get('size', '?')} px", f"lesions {100 * float(data.get('tumour_fraction', 0)):g}%",
+             f"generator seed {data.get('seed', '?')}"]
+    if data.get("classes"):
+        parts.append("classes " + " / ".join(data["classes"]))
+    return ", ".join(parts)
+
+
+def summary_rows(payloads: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    """A row per head of every study in ``SUMMARY`` that has results: its test balanced accuracy per stage."""
+    rows = []
+    for name in (n for n in SUMMARY if n in payloads):
+        payload = payloads[name]
+        by_method = {r["method"]: r for r in payload.get("tables", {}).get("main", [])}
+        for head in (m for m in by_method if " + " not in m):
+            row = {"head": head, "data": _data_label(payload.get("data", {}))}
+            for suffix, column in STAGES.items():
+                row[column] = by_method.get(head + suffix, {}).get("test balanced acc", "-")
+            row["folds x seeds"] = by_method[head].get("folds x seeds", "?")
+            row["results"] = f"`{name}.json`"
+            rows.append(row)
+    return rows
+
+
+def plot_summary(rows: Sequence[Mapping[str, str]], path: str) -> None:
+    """Grouped horizontal bars: a group per summary row, a bar per stage, mean ± std."""
+    def mean_std(cell: str) -> tuple[float, float]:
+        mean, _, std = cell.partition("±")
+        return (float(mean), float(std or 0)) if mean.strip() not in ("", "-") else (float("nan"), 0.0)
+
+    def draw(ax: Any) -> None:
+        height = 0.8 / len(STAGES)
+        for j, column in enumerate(STAGES.values()):
+            values = [mean_std(r[column]) for r in rows]
+            ax.barh([i + (j - 1) * height for i in range(len(rows))], [v[0] for v in values], height,
+                    xerr=[v[1] for v in values], capsize=2, label=column)
+        ax.set_yticks(range(len(rows)), ["\n".join([r["head"], *r["data"].split(", classes ")]) for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(1 / 3, color="grey", lw=0.8, ls="--", label="chance (3 classes)")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("test balanced accuracy (mean ± std over folds x seeds)")
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+
+    save_plot(path, draw, figsize=(7.5, 1.0 + 0.9 * len(rows)))
+
+
+def render_summary(payloads: Mapping[str, Mapping[str, Any]], images_dir: str, out_dir: str) -> str:
+    """The summary table (and its plot when ``bench_summary.png`` exists); empty without summary studies."""
+    rows = summary_rows(payloads)
+    if not rows:
+        return ""
+    image = os.path.join(images_dir, "bench_summary.png")
+    plot = [f"![summary]({os.path.relpath(image, out_dir)})", ""] if os.path.isfile(image) else []
+    return "\n".join(["## At a glance: the bundle's current pipeline", "",
+                      "Test balanced accuracy (mean ± std over folds x seeds) of each study run with the bundle's "
+                      "current settings, copied from the sections below; every row of a study was drawn in the same "
+                      "workdir with the same head, optimiser, epochs, EMA teacher and model selection. 120 synthetic "
+                      "slides, 5-fold cross-validation, 40 epochs, the same frozen extractor.", "",
+                      format_table(rows, markdown=True), "", *plot])
+
+
 def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_dir: str) -> str:
     machine = payload.get("machine", {})
     title = TITLES.get(name) or (f"Accuracy study, variant `{name.partition('_')[2]}` (other data, extractor or settings)"
@@ -190,7 +257,8 @@ def render_section(name: str, payload: Mapping[str, Any], images_dir: str, out_d
     return "\n".join(lines) + "\n"
 
 
-def render(results_dir: str, images_dir: str, out_path: str) -> str:
+def load_results(results_dir: str) -> dict[str, Any]:
+    """``{name: payload}`` of every ``*.json`` in ``results_dir``, in the order docs/benchmarks.md shows them."""
     files = {os.path.splitext(os.path.basename(f))[0]: f for f in glob.glob(os.path.join(results_dir, "*.json"))}
     if not files:
         raise SystemExit(f"no benchmark results in {results_dir}: run python benchmarks/run_all.py first")
@@ -200,18 +268,26 @@ def render(results_dir: str, images_dir: str, out_path: str) -> str:
                       key=lambda n: (n not in TITLES, titled.index(n) if n in TITLES else 0, n))
     names = [m for n in ORDER if n in files for m in [n, *(variants if n == "accuracy" else [])]]
     names += sorted(set(files) - set(names))
+    payloads = {}
+    for name in names:
+        with open(files[name]) as f:
+            try:
+                payloads[name] = json.load(f)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{files[name]}: not valid JSON ({err})") from None
+    return payloads
+
+
+def render(results_dir: str, images_dir: str, out_path: str) -> str:
+    payloads = load_results(results_dir)
     out_dir = os.path.dirname(os.path.abspath(out_path))
     parts = ["# Benchmarks", "",
              "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json` "
              "(written by `python benchmarks/run_all.py`); do not edit by hand. Timings on a shared CPU "
              "depend on its load, which each section records.", ""]
-    for name in names:
-        with open(files[name]) as f:
-            try:
-                payload = json.load(f)
-            except json.JSONDecodeError as err:
-                raise SystemExit(f"{files[name]}: not valid JSON ({err})") from None
-        parts.append(render_section(name, payload, images_dir, out_dir))
+    summary = render_summary(payloads, images_dir, out_dir)
+    parts += [summary] if summary else []
+    parts += [render_section(name, payload, images_dir, out_dir) for name, payload in payloads.items()]
     return "\n".join(parts)
 
 
@@ -221,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--images-dir", default=os.path.join(ROOT, "docs", "images"))
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     args = p.parse_args(argv)
+    rows = summary_rows(load_results(args.results_dir))
+    if rows:
+        plot_summary(rows, os.path.join(args.images_dir, "bench_summary.png"))
     text = render(args.results_dir, args.images_dir, args.out)
     with atomic_open(args.out, "w") as f:
         f.write(text)

@@ -153,6 +153,30 @@ def test_report_shows_the_accuracy_plot_and_the_study_on_other_data_after_it(tmp
     assert "Bundle training settings (`--config` with the study's `--epochs`; the bundle overrides above come on top): {'lr_mil': 0.0001}" in text
 
 
+def test_report_summarises_the_current_pipeline_studies_first_with_their_plot(tmp_path):
+    report = importlib.import_module("report")
+    results, images = tmp_path / "results", tmp_path / "images"
+    results.mkdir()
+    rows = [{"method": "ABMIL", "test balanced acc": "0.750 ± 0.080", "folds x seeds": "5 x 3"},
+            {"method": "ABMIL + FBTA", "test balanced acc": "0.800 ± 0.050", "folds x seeds": "5 x 3"},
+            {"method": "ABMIL + FBTA + translated-head stage", "test balanced acc": "0.880 ± 0.050", "folds x seeds": "5 x 3"}]
+    data = {"size": 3072, "tumour_fraction": 0.05, "seed": 3}
+    (results / "accuracy_translated_head.json").write_text(json.dumps({"tables": {"main": rows}, "data": data}))
+    (results / "accuracy_kinds_translated_head.json").write_text(json.dumps(  # a study without the second stage's row
+        {"tables": {"main": rows[:2]}, "data": {**data, "classes": ["a", "b", "c"]}}))
+    (results / "accuracy_medium.json").write_text(json.dumps({"tables": {"main": rows}, "data": data}))  # not a summary study
+    md = tmp_path / "docs" / "benchmarks.md"
+    report.main(["--results-dir", str(results), "--images-dir", str(images), "--out", str(md)])
+    text = md.read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")][0] == "## At a glance: the bundle's current pipeline"
+    table = [line for line in text.split("## Accuracy")[0].splitlines() if line.startswith("| ABMIL")]
+    assert table == [
+        "| ABMIL | 3072 px, lesions 5%, generator seed 3 | 0.750 ± 0.080 | 0.800 ± 0.050 | 0.880 ± 0.050 | 5 x 3 | `accuracy_translated_head.json` |",
+        "| ABMIL | 3072 px, lesions 5%, generator seed 3, classes a / b / c | 0.750 ± 0.080 | 0.800 ± 0.050 | - | 5 x 3 | `accuracy_kinds_translated_head.json` |"]
+    assert (images / "bench_summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![summary](../images/bench_summary.png)" in text
+
+
 def test_sweep_mil_head_reports_when_the_head_leaves_chance_on_validation_only(tmp_path):
     """Bags whose label is carried by 3 of 40 instances: the head leaves chance; test slides are never read."""
     from monai_fbta.data.store import add_arrays, store_path, write_coords
