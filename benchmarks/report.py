@@ -197,11 +197,18 @@ def render_summary(payloads: Mapping[str, Mapping[str, Any]], images_dir: str, o
         return ""
     image = os.path.join(images_dir, "bench_summary.png")
     plot = [f"![summary]({os.path.relpath(image, out_dir)})", ""] if os.path.isfile(image) else []
+    studies = [payloads[n] for n in SUMMARY if n in payloads]
+    shared = {  # what every summarised study has in common, said once
+        "synthetic slides": {p.get("data", {}).get("num_slides") for p in studies},
+        "test folds": {len(p.get("folds", [])) for p in studies},
+        "epochs": {p.get("epochs") for p in studies},
+        "frozen extractor sha256": {p.get("frozen_encoder", {}).get("sha256") for p in studies}}
+    common = "; ".join(f"{key} {values.pop()}" for key, values in shared.items() if len(values) == 1 and None not in values)
     return "\n".join(["## At a glance: the bundle's current pipeline", "",
                       "Test balanced accuracy (mean ± std over folds x seeds) of each study run with the bundle's "
                       "current settings, copied from the sections below; every row of a study was drawn in the same "
-                      "workdir with the same head, optimiser, epochs, EMA teacher and model selection. 120 synthetic "
-                      "slides, 5-fold cross-validation, 40 epochs, the same frozen extractor.", "",
+                      "workdir with the same head, optimiser, epochs, EMA teacher and model selection"
+                      + (f". All of them: {common}." if common else "."), "",
                       format_table(rows, markdown=True), "", *plot])
 
 
