@@ -67,6 +67,12 @@ TITLES = {
     "accuracy_mambamil_lr_encoder_1e-4": "Accuracy study, MambaMIL rows with `lr_encoder` 1e-4, the bundle's CPU "
                                          "setting for MambaMIL since session 16 (2026-11-27, sessions 15-16; 5 folds "
                                          "x seed 0; chosen on validation; CPU-sized head; docs/method.md)",
+    "accuracy_medium_translated_head": "Accuracy study, variant `medium` with FBTA's translated-head stage (2026-11-27, "
+                                       "session 17; lesions on 15% of the tissue, generator seed 2; seed 0, all three "
+                                       "rows drawn again; the bundle as it is, not tuned on this set)",
+    "accuracy_v3_translated_head": "Accuracy study, variant `v3` with FBTA's translated-head stage (2026-11-27, session "
+                                   "17; 3072 px slides, lesions on 5% of the tissue, generator seed 3; seed 0, all three "
+                                   "rows drawn again; the bundle as it is, not tuned on this set)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
