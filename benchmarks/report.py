@@ -49,8 +49,9 @@ TITLES = {
                                 "3 seeds, vanilla and FBTA drawn again with the same bundle; adopted on validation, "
                                 "docs/method.md, \"A second stage\")",
     "accuracy_kinds_translated_head": "Accuracy study, variant `kinds` with FBTA's translated-head stage (2026-11-27, "
-                                      "session 13; seed 0, all three rows drawn again; the stage was not tuned on "
-                                      "this set; `--config`: the bundle's train.json of commit 06a78bb)",
+                                      "seed 0 in session 13, seeds 1 and 2 in session 17; all three rows drawn again; "
+                                      "the stage was not tuned on this set; `--config`: the bundle's train.json of "
+                                      "commit 06a78bb)",
     "accuracy_transmil_translated_head": "Accuracy study, TransMIL rows with FBTA's translated-head stage (2026-11-27, "
                                          "session 13; the hard set, seed 0, all three rows drawn again; the stage as "
                                          "built for ABMIL, not tuned for TransMIL; `--config`: commit 06a78bb's)",
