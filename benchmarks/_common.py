@@ -244,6 +244,27 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+# the labels of a study's rows: "<head>", "<head> + FBTA", "<head> + FBTA + translated-head stage"
+FBTA_SUFFIX = " + FBTA"
+TRANSLATED_HEAD_SUFFIX = " + FBTA + translated-head stage"
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``"0.753 ± 0.079"`` (sample std; 0 for one value), or ``"-"`` without values."""
+    if not len(values):
+        return "-"
+    arr = np.asarray(values, dtype=float)
+    return f"{arr.mean():.3f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.3f}"
+
+
+def parse_mean_std(cell: str) -> tuple[float, float]:
+    """The inverse of :func:`mean_std`: ``(mean, std)``, ``(nan, 0.0)`` for ``"-"``."""
+    if cell == "-":
+        return float("nan"), 0.0
+    mean, std = cell.split(" ± ")
+    return float(mean), float(std)
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, markdown: bool = False) -> str:
     """Rows of dicts as an aligned text table (or a Markdown table)."""
     if not rows:

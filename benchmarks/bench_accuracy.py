@@ -43,7 +43,8 @@ import numpy as np
 from monai_fbta._io import LockHeld, exclusive_lock, file_sha256
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_common_args, finish, format_table, machine_info, write_json  # noqa: E402
+from _common import (FBTA_SUFFIX, TRANSLATED_HEAD_SUFFIX, add_common_args, finish, format_table,  # noqa: E402
+                     machine_info, mean_std, parse_mean_std, write_json)
 
 BUNDLE_CONFIG = Path(__file__).resolve().parents[1] / "bundles" / "fbta_stad" / "configs" / "train.json"
 ALL_VIEWS = ("frozen", "e2e", "translated")
@@ -95,8 +96,8 @@ def settings(heads: list[str], tables: tuple[str, ...] = TABLES) -> list[dict[st
     for head in sorted(heads, key=lambda h: h != "abmil"):
         name, abmil = HEAD_NAMES.get(head, head), head == "abmil"
         add("main", name, head, ("frozen",), {}, abmil)
-        add("main", f"{name} + FBTA", head, ALL_VIEWS, {}, abmil)
-        add("main", f"{name} + FBTA + translated-head stage", head, ("translated",), {}, abmil, TRANSLATED_HEAD)
+        add("main", name + FBTA_SUFFIX, head, ALL_VIEWS, {}, abmil)
+        add("main", name + TRANSLATED_HEAD_SUFFIX, head, ("translated",), {}, abmil, TRANSLATED_HEAD)
     if "abmil" in heads:
         add("ema", "ABMIL, no EMA teacher (plain two-stage MIL)", "abmil", ("frozen",), NO_EMA, False)
         add("ema", "ABMIL, EMA teacher", "abmil", ("frozen",), {}, False)
@@ -362,13 +363,6 @@ def check_dataset(datalist: Path, data: dict[str, Any]) -> None:
                          "--data, or another --dataset-dir to generate the ones asked for")
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    arr = np.asarray(values, dtype=float)
-    return f"{arr.mean():.3f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.3f}"
-
-
 def row_runs(results: dict[str, list[dict[str, Any]]], setting: dict[str, Any]) -> list[dict[str, Any]]:
     """The finished runs a table row reads: every seed for an ABMIL main row, else the first seed's."""
     res = results.get(run_key(setting["head"], setting["views"], setting["extra"], setting["stage"]), [])
@@ -420,7 +414,7 @@ def summarise(results: dict[str, list[dict[str, Any]]], heads: list[str],
 
 
 def _mean(cell: str) -> float:
-    return float(cell.split(" ± ")[0]) if cell != "-" else float("nan")
+    return parse_mean_std(cell)[0]
 
 
 def checks(tables: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -455,7 +449,7 @@ def draw_bars(tables: dict[str, list[dict[str, Any]]]):
         rows = [r for t in ("main", "ema", "ablation") for r in tables.get(t, []) if r["folds x seeds"] != "0"]
         rows = list({r["method"]: r for r in rows}.values())
         means = [_mean(r["test balanced acc"]) for r in rows]
-        stds = [float(r["test balanced acc"].split(" ± ")[1]) for r in rows]
+        stds = [parse_mean_std(r["test balanced acc"])[1] for r in rows]
         ax.barh(range(len(rows)), means, xerr=stds, color=["#3a7" if "FBTA" in r["method"] else "#999" for r in rows])
         ax.set_yticks(range(len(rows)), [f"{r['method']} ({r['folds x seeds']})" for r in rows], fontsize=7)
         ax.axvline(1 / 3, color="k", ls=":", lw=1)
