@@ -561,6 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             channels_last=not args.no_channels_last, skip_errors=not args.strict, progress=not args.no_progress,
             skip_bad_patches=args.skip_bad_patches,
         )
+        if started:  # success path only: a rank that raised must not wait here for ranks still in a collective
+            # gloo's worker threads drop the last collective's tensors just after wait() returns; a rank that
+            # exited at once could reach interpreter shutdown while a worker still needed the GIL for that,
+            # and abort ("terminate called without an active exception", SIGABRT) after a complete run.
+            dist.barrier()
     finally:
         if started:
             dist.destroy_process_group()
