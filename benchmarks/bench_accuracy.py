@@ -239,13 +239,19 @@ def validation_record(csv_path: Path, start_ce: float = 0.9, last: int = 5) -> d
     """What a run's ``eval/train_metrics.csv`` says on its validation part: the epoch the bundle selected (the first
     best ``val_auc``), that epoch's ``val_auc`` / ``val_bacc``, their means over the ``last`` epochs, the epochs
     trained, and ``e2e_start_epoch``, the first epoch whose e2e-view training cross-entropy fell below ``start_ce``
-    (``None`` without that view, or never)."""
+    (``None`` without that view, or never). Where several epochs share the best ``val_auc`` (``tied_epochs``), the
+    balanced accuracy another rule would have kept: the last of them (``val_bacc_last_tied``, MONAI's
+    ``metric_cmp_fn`` ``>=``), and the highest (``val_bacc_max_tied``: an upper bound, chosen on the figure it reports)."""
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    best = max(range(len(rows)), key=lambda i: float(rows[i]["val_auc"]))  # max() keeps the first of equals
+    auc = [float(r["val_auc"]) for r in rows]
+    tied = [i for i, a in enumerate(auc) if a == max(auc)]
+    best = tied[0]  # the bundle keeps the first of equals
     e2e = [float(r["cls_e2e"]) for r in rows] if "cls_e2e" in rows[0] else []
-    return {"best_epoch": best + 1, "epochs_trained": len(rows), "val_auc": float(rows[best]["val_auc"]),
-            "val_bacc": float(rows[best]["val_bacc"]),
+    return {"best_epoch": best + 1, "epochs_trained": len(rows), "val_auc": auc[best],
+            "val_bacc": float(rows[best]["val_bacc"]), "tied_epochs": len(tied),
+            "val_bacc_last_tied": float(rows[tied[-1]]["val_bacc"]),
+            "val_bacc_max_tied": max(float(rows[i]["val_bacc"]) for i in tied),
             f"val_auc_last{last}": float(np.mean([float(r["val_auc"]) for r in rows[-last:]])),
             f"val_bacc_last{last}": float(np.mean([float(r["val_bacc"]) for r in rows[-last:]])),
             "e2e_start_epoch": next((i + 1 for i, ce in enumerate(e2e) if ce < start_ce), None)}
@@ -253,7 +259,8 @@ def validation_record(csv_path: Path, start_ce: float = 0.9, last: int = 5) -> d
 
 def validation_summary(results: dict[str, list[dict[str, Any]]], last: int = 4) -> dict[str, dict[str, Any]]:
     """Per run key, over its runs: the mean ``val_auc`` / ``val_bacc`` at the selected epochs, how many runs selected
-    one of their ``last`` epochs (still improving at the end), and the e2e view's start epochs."""
+    one of their ``last`` epochs (still improving at the end), how many had several epochs at the best AUC and the
+    mean ``val_bacc`` the other tie rules give (see :func:`validation_record`), and the e2e view's start epochs."""
     out = {}
     for key, runs in results.items():
         runs = [r for r in runs if "val_auc" in r]
@@ -261,6 +268,9 @@ def validation_summary(results: dict[str, list[dict[str, Any]]], last: int = 4) 
             out[key] = {"runs": len(runs), "val_auc": float(np.mean([r["val_auc"] for r in runs])),
                         "val_bacc": float(np.mean([r["val_bacc"] for r in runs])),
                         f"best_in_last_{last}_epochs": sum(r["best_epoch"] > r["epochs_trained"] - last for r in runs),
+                        "runs_with_tied_best_auc": sum(r["tied_epochs"] > 1 for r in runs),
+                        "val_bacc_last_tied": float(np.mean([r["val_bacc_last_tied"] for r in runs])),
+                        "val_bacc_max_tied": float(np.mean([r["val_bacc_max_tied"] for r in runs])),
                         "e2e_start_epochs": [r["e2e_start_epoch"] for r in runs]}
     return out
 
@@ -529,7 +539,9 @@ def main(argv=None) -> dict[str, Any]:
     validation = validation_summary(results)
     for key, v in validation.items():
         print(f"validation, {key}: selected-epoch val AUC {v['val_auc']:.3f}, val bacc {v['val_bacc']:.3f} "
-              f"({v['runs']} runs; {v['best_in_last_4_epochs']} selected one of their last 4 epochs)")
+              f"({v['runs']} runs; {v['best_in_last_4_epochs']} selected one of their last 4 epochs; "
+              f"{v['runs_with_tied_best_auc']} had the best AUC at several epochs: val bacc {v['val_bacc_last_tied']:.3f} "
+              f"keeping the last of them, {v['val_bacc_max_tied']:.3f} at most)")
     by_fold = {VALIDATION_TITLE: validation_by_fold(results, args.heads, args.folds, tuple(args.tables))}
     print(f"\n{VALIDATION_TITLE}:\n{format_table(by_fold[VALIDATION_TITLE], markdown=True)}\n")
     overrides = dict(o.partition("=")[::2] for o in args.override or ())

@@ -125,16 +125,20 @@ def test_time_estimate_scales_with_the_epochs(bench):
     assert bench.estimate_s(runs, prepared=True, epochs=40) == pytest.approx(2 * twenty)
 
 
-def test_validation_record_is_the_bundles_selected_epoch_and_the_e2e_start(bench, tmp_path):
+def test_validation_record_is_the_bundles_selected_epoch_the_e2e_start_and_the_other_tie_rules(bench, tmp_path):
     csv_path = tmp_path / "train_metrics.csv"
-    csv_path.write_text("epoch,cls_e2e,val_auc,val_bacc\n1,1.10,0.50,0.33\n2,0.95,0.90,0.60\n3,0.80,0.90,0.70\n"
-                        "4,0.70,0.85,0.75\n")
+    csv_path.write_text("epoch,cls_e2e,val_auc,val_bacc\n1,1.10,0.50,0.33\n2,0.95,0.90,0.60\n3,0.80,0.90,0.80\n"
+                        "4,0.70,0.90,0.70\n")
     record = bench.validation_record(csv_path, last=2)
     assert record == {"best_epoch": 2, "epochs_trained": 4, "val_auc": 0.9, "val_bacc": 0.6, "e2e_start_epoch": 3,
-                      "val_auc_last2": pytest.approx(0.875), "val_bacc_last2": pytest.approx(0.725)}
-    summary = bench.validation_summary({"k": [record, {**record, "best_epoch": 4, "val_auc": 0.7}], "old": [{"bacc": 1}]})
+                      "val_auc_last2": pytest.approx(0.9), "val_bacc_last2": pytest.approx(0.75),
+                      "tied_epochs": 3, "val_bacc_last_tied": 0.7, "val_bacc_max_tied": 0.8}
+    untied = {**record, "best_epoch": 4, "val_auc": 0.7, "tied_epochs": 1, "val_bacc_last_tied": 0.6, "val_bacc_max_tied": 0.6}
+    summary = bench.validation_summary({"k": [record, untied], "old": [{"bacc": 1}]})
     assert summary == {"k": {"runs": 2, "val_auc": pytest.approx(0.8), "val_bacc": pytest.approx(0.6),
-                             "best_in_last_4_epochs": 2, "e2e_start_epochs": [3, 3]}}
+                             "best_in_last_4_epochs": 2, "runs_with_tied_best_auc": 1,
+                             "val_bacc_last_tied": pytest.approx(0.65), "val_bacc_max_tied": pytest.approx(0.7),
+                             "e2e_start_epochs": [3, 3]}}
 
 
 def test_validation_by_fold_averages_seeds_within_a_fold_and_skips_rows_without_runs(bench):
