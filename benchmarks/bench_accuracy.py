@@ -244,16 +244,15 @@ def validation_record(csv_path: Path, start_ce: float = 0.9, last: int = 5) -> d
     ``metric_cmp_fn`` ``>=``), and the highest (``val_bacc_max_tied``: an upper bound, chosen on the figure it reports)."""
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    auc = [float(r["val_auc"]) for r in rows]
-    tied = [i for i, a in enumerate(auc) if a == max(auc)]
+    auc, bacc = ([float(r[k]) for r in rows] for k in ("val_auc", "val_bacc"))
+    top = max(auc)
+    tied = [i for i, a in enumerate(auc) if a == top]
     best = tied[0]  # the bundle keeps the first of equals
     e2e = [float(r["cls_e2e"]) for r in rows] if "cls_e2e" in rows[0] else []
-    return {"best_epoch": best + 1, "epochs_trained": len(rows), "val_auc": auc[best],
-            "val_bacc": float(rows[best]["val_bacc"]), "tied_epochs": len(tied),
-            "val_bacc_last_tied": float(rows[tied[-1]]["val_bacc"]),
-            "val_bacc_max_tied": max(float(rows[i]["val_bacc"]) for i in tied),
-            f"val_auc_last{last}": float(np.mean([float(r["val_auc"]) for r in rows[-last:]])),
-            f"val_bacc_last{last}": float(np.mean([float(r["val_bacc"]) for r in rows[-last:]])),
+    return {"best_epoch": best + 1, "epochs_trained": len(rows), "val_auc": auc[best], "val_bacc": bacc[best],
+            "tied_epochs": len(tied), "val_bacc_last_tied": bacc[tied[-1]],
+            "val_bacc_max_tied": max(bacc[i] for i in tied),
+            f"val_auc_last{last}": float(np.mean(auc[-last:])), f"val_bacc_last{last}": float(np.mean(bacc[-last:])),
             "e2e_start_epoch": next((i + 1 for i, ce in enumerate(e2e) if ce < start_ce), None)}
 
 
