@@ -265,6 +265,12 @@ def parse_mean_std(cell: str) -> tuple[float, float]:
     return float(mean), float(std)
 
 
+def format_interval(interval: Sequence[float]) -> str:
+    """``[-0.012, 0.31]`` -> ``"-0.012 to +0.310"``; ``"-"`` when undefined (one fold)."""
+    lo, hi = interval
+    return "-" if lo != lo or hi != hi else f"{lo:+.3f} to {hi:+.3f}"
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, markdown: bool = False) -> str:
     """Rows of dicts as an aligned text table (or a Markdown table)."""
     if not rows:

@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from monai_fbta._io import LockHeld, exclusive_lock, file_sha256
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (FBTA_SUFFIX, TRANSLATED_HEAD_SUFFIX, add_common_args, finish, format_table,  # noqa: E402
-                     machine_info, mean_std, parse_mean_std, write_json)
+from _common import (FBTA_SUFFIX, TRANSLATED_HEAD_SUFFIX, add_common_args, finish, format_interval,  # noqa: E402
+                     format_table, machine_info, mean_std, parse_mean_std, write_json)
 
 BUNDLE_CONFIG = Path(__file__).resolve().parents[1] / "bundles" / "fbta_stad" / "configs" / "train.json"
 ALL_VIEWS = ("frozen", "e2e", "translated")
@@ -76,6 +77,8 @@ WORKDIR_PATHS = ("cache_dir", "ckpt_dir", "output_dir", "encoder_weights", "fbta
 RUN_RECORD = "settings.json"
 VALIDATION_TITLE = ("Validation by fold: val AUC / balanced accuracy at the selected epoch, mean over the row's seeds "
                     "(settings are chosen on these figures, never on test)")
+PAIRED_TITLE = ("Paired test gains over vanilla, run by run on the same fold and seed (the interval: 95%, t over "
+                "the per-fold means, a rough guide: cross-validation folds are not independent)")
 HEAD_FACTOR = {"abmil": 1.0, "transmil": 1.3, "mambamil": 2.5}  # MambaMIL (1 layer): its pure-PyTorch scan
 PREPARE_S = 300.0
 # one compute thread per run: on 2 cores, 2 OpenMP threads next to the 2 patch-reading workers (or any other
@@ -422,6 +425,44 @@ def summarise(results: dict[str, list[dict[str, Any]]], heads: list[str],
     return tables
 
 
+def paired_gains(results: dict[str, list[dict[str, Any]]], heads: list[str]) -> dict[str, dict[str, Any]]:
+    """Each FBTA row of the main table against its head's vanilla row, run by run on the same (fold, seed):
+    ``{method: {"vs", "gain", "interval", "ahead", "level", "behind", "folds", "seeds"}}``. ``gain`` is the mean
+    test balanced-accuracy difference; ``interval`` a 95% t interval over the per-fold means (seeds averaged within a
+    fold, since a fold's seeds share its test slides; the folds taken as independent, which cross-validation folds
+    are not quite, so a rough guide to how far the gain could move on other data)."""
+    out: dict[str, dict[str, Any]] = {}
+    rows = {s["label"]: s for s in settings(heads, ("main",))}
+    for label, s in rows.items():
+        vanilla = rows.get(HEAD_NAMES.get(s["head"], s["head"]))
+        if vanilla is None or vanilla is s:
+            continue
+        base = {(r["fold"], r["seed"]): r["bacc"] for r in row_runs(results, vanilla)}
+        diffs = {(r["fold"], r["seed"]): r["bacc"] - base[r["fold"], r["seed"]]
+                 for r in row_runs(results, s) if (r["fold"], r["seed"]) in base}
+        if not diffs:
+            continue
+        folds = sorted({f for f, _ in diffs})
+        per_fold = np.array([np.mean([d for (f, _), d in diffs.items() if f == fold]) for fold in folds])
+        half = (stats.t.ppf(0.975, len(folds) - 1) * per_fold.std(ddof=1) / np.sqrt(len(folds))
+                if len(folds) > 1 else float("nan"))
+        gain, values = float(np.mean(list(diffs.values()))), np.array(list(diffs.values()))
+        out[label] = {"vs": vanilla["label"], "gain": gain,
+                      "interval": [float(per_fold.mean() - half), float(per_fold.mean() + half)],
+                      "ahead": int((values > 1e-9).sum()), "level": int((np.abs(values) <= 1e-9).sum()),
+                      "behind": int((values < -1e-9).sum()), "folds": len(folds),
+                      "seeds": len({seed for _, seed in diffs})}
+    return out
+
+
+def paired_gain_rows(gains: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """:func:`paired_gains` as table rows."""
+    return [{"comparison": f"{method} - {g['vs']}", "mean gain (test bacc)": f"{g['gain']:+.3f}",
+             "95% interval over folds": format_interval(g["interval"]),
+             "runs ahead / level / behind": f"{g['ahead']} / {g['level']} / {g['behind']}",
+             "folds x seeds": f"{g['folds']} x {g['seeds']}"} for method, g in gains.items()]
+
+
 def _mean(cell: str) -> float:
     return parse_mean_std(cell)[0]
 
@@ -541,14 +582,17 @@ def main(argv=None) -> dict[str, Any]:
               f"({v['runs']} runs; {v['best_in_last_4_epochs']} selected one of their last 4 epochs; "
               f"{v['runs_with_tied_best_auc']} had the best AUC at several epochs: val bacc {v['val_bacc_last_tied']:.3f} "
               f"keeping the last of them, {v['val_bacc_max_tied']:.3f} at most)")
-    by_fold = {VALIDATION_TITLE: validation_by_fold(results, args.heads, args.folds, tuple(args.tables))}
-    print(f"\n{VALIDATION_TITLE}:\n{format_table(by_fold[VALIDATION_TITLE], markdown=True)}\n")
+    gains = paired_gains(results, args.heads)
+    by_fold = {PAIRED_TITLE: paired_gain_rows(gains),
+               VALIDATION_TITLE: validation_by_fold(results, args.heads, args.folds, tuple(args.tables))}
+    for title, rows in by_fold.items():
+        print(f"\n{title}:\n{format_table(rows, markdown=True)}\n")
     overrides = dict(o.partition("=")[::2] for o in args.override or ())
     payload = {"data": data, "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs, "heads": args.heads, "split": head,
                "bundle_settings": recorded_settings(args.config, {"num_epochs": args.epochs, **overrides}),
                "study_overrides": {**STUDY_OVERRIDES, **overrides},
                "frozen_encoder": share_encoder(args.encoder_weights, shared), "tables": tables, "ratios": targets,
-               "validation": validation, "extra_tables": by_fold,
+               "validation": validation, "paired_gains": gains, "extra_tables": by_fold,
                "runs": results, "machine": machine_info(),
                "minutes": (time.perf_counter() - start) / 60}
     finish(args, "accuracy", payload, draw_bars(tables))

@@ -20,7 +20,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import FBTA_SUFFIX, TRANSLATED_HEAD_SUFFIX, format_table, parse_mean_std, save_plot  # noqa: E402
+from _common import (FBTA_SUFFIX, TRANSLATED_HEAD_SUFFIX, format_interval, format_table, parse_mean_std,  # noqa: E402
+                     save_plot)
 
 from monai_fbta._io import atomic_open  # noqa: E402
 
@@ -87,6 +88,7 @@ TITLES = {
 SUMMARY = ["accuracy_translated_head", "accuracy_transmil_translated_head", "accuracy_mambamil_lr_encoder_1e-4",
            "accuracy_kinds_translated_head", "accuracy_medium_translated_head", "accuracy_v3_translated_head"]
 STAGES = {"": "vanilla", FBTA_SUFFIX: "FBTA, one head", TRANSLATED_HEAD_SUFFIX: "FBTA + translated-head stage"}
+GAIN_COLUMN = "stage - vanilla, paired (95% interval over folds)"
 COLUMNS = {
     "memory": ["config", "n", "source", "peak_gb", "saved_mb", "seconds"],
     "epoch_time": ["method", "s_per_epoch", "patches_through_extractor_per_epoch"],
@@ -169,6 +171,8 @@ def summary_rows(payloads: Mapping[str, Mapping[str, Any]]) -> list[dict[str, st
             row = {"head": head, "data": _data_label(payload.get("data", {}))}
             for suffix, column in STAGES.items():
                 row[column] = by_method.get(head + suffix, {}).get("test balanced acc", "-")
+            gain = payload.get("paired_gains", {}).get(head + TRANSLATED_HEAD_SUFFIX)
+            row[GAIN_COLUMN] = f"{gain['gain']:+.3f} ({format_interval(gain['interval'])})" if gain else "-"
             row["folds x seeds"] = by_method[head].get("folds x seeds", "?")
             row["results"] = f"`{name}.json`"
             rows.append(row)
@@ -210,7 +214,10 @@ def render_summary(payloads: Mapping[str, Mapping[str, Any]], images_dir: str, o
     return "\n".join(["## At a glance: the bundle's current pipeline", "",
                       "Test balanced accuracy (mean ± std over folds x seeds) of each study run with the bundle's "
                       "current settings, copied from the sections below; every row of a study was drawn in the same "
-                      "workdir with the same head, optimiser, epochs, EMA teacher and model selection"
+                      "workdir with the same head, optimiser, epochs, EMA teacher and model selection. The gain column "
+                      "pairs each stage run with the vanilla run of the same fold and seed; its interval is a 95% t "
+                      "interval over the per-fold mean gains, a rough guide (cross-validation folds are not "
+                      "independent)"
                       + (f". All of them: {common}." if common else "."), "",
                       format_table(rows, markdown=True), "", *plot])
 

@@ -87,6 +87,26 @@ def test_summary_tables_and_targets(bench):
     assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["ABMIL (2 x 1)", "ABMIL + FBTA (2 x 2)"]
 
 
+def test_paired_gains_pair_runs_by_fold_and_seed_and_take_the_interval_over_fold_means(bench):
+    def res(bacc, fold, seed):
+        return {"bacc": bacc, "auc": 0.9, "fold": fold, "seed": seed}
+
+    vanilla = [res(0.5, f, s) for f in range(3) for s in range(2)]
+    stage = [res(0.5 + 0.1 * f + (0.2 if s else 0.0), f, s) for f in range(3) for s in range(2)]
+    results = {bench.run_key("abmil", ("frozen",), {}): vanilla,
+               bench.run_key("abmil", ("translated",), {}, bench.TRANSLATED_HEAD): stage + [res(0.9, 4, 0)]}
+    gains = bench.paired_gains(results, ["abmil"])
+    assert list(gains) == ["ABMIL + FBTA + translated-head stage"], "a row without runs has no gain"
+    g = gains["ABMIL + FBTA + translated-head stage"]
+    assert g["vs"] == "ABMIL" and (g["folds"], g["seeds"]) == (3, 2), "fold 4 has no vanilla run to pair with"
+    assert g["gain"] == pytest.approx(0.2) and (g["ahead"], g["level"], g["behind"]) == (5, 1, 0)
+    # per-fold means 0.1, 0.2, 0.3: sd 0.1 over 3 folds, t(0.975, 2) = 4.303
+    assert g["interval"] == pytest.approx([0.2 - 4.303 * 0.1 / 3 ** 0.5, 0.2 + 4.303 * 0.1 / 3 ** 0.5], abs=1e-3)
+    row = bench.paired_gain_rows(gains)[0]
+    assert row["comparison"] == "ABMIL + FBTA + translated-head stage - ABMIL"
+    assert row["95% interval over folds"] == "-0.048 to +0.448" and row["runs ahead / level / behind"] == "5 / 1 / 0"
+
+
 def test_given_frozen_extractor_is_shared_and_a_different_one_refused(bench, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()

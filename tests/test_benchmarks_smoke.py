@@ -161,7 +161,9 @@ def test_report_summarises_the_current_pipeline_studies_first_with_their_plot(tm
             {"method": "ABMIL + FBTA", "test balanced acc": "0.800 ± 0.050", "folds x seeds": "5 x 3"},
             {"method": "ABMIL + FBTA + translated-head stage", "test balanced acc": "0.880 ± 0.050", "folds x seeds": "5 x 3"}]
     data = {"size": 3072, "tumour_fraction": 0.05, "seed": 3}
-    (results / "accuracy_translated_head.json").write_text(json.dumps({"tables": {"main": rows}, "data": data}))
+    gains = {"ABMIL + FBTA + translated-head stage": {"vs": "ABMIL", "gain": 0.13, "interval": [0.051, 0.2]}}
+    (results / "accuracy_translated_head.json").write_text(json.dumps(
+        {"tables": {"main": rows}, "data": data, "paired_gains": gains}))
     (results / "accuracy_kinds_translated_head.json").write_text(json.dumps(  # a study without the second stage's row
         {"tables": {"main": rows[:2]}, "data": {**data, "classes": ["a", "b", "c"]}}))
     (results / "accuracy_medium.json").write_text(json.dumps({"tables": {"main": rows}, "data": data}))  # not a summary study
@@ -171,8 +173,10 @@ def test_report_summarises_the_current_pipeline_studies_first_with_their_plot(tm
     assert [line for line in text.splitlines() if line.startswith("## ")][0] == "## At a glance: the bundle's current pipeline"
     table = [line for line in text.split("## Accuracy")[0].splitlines() if line.startswith("| ABMIL")]
     assert table == [
-        "| ABMIL | 3072 px, lesions 5%, generator seed 3 | 0.750 ± 0.080 | 0.800 ± 0.050 | 0.880 ± 0.050 | 5 x 3 | `accuracy_translated_head.json` |",
-        "| ABMIL | 3072 px, lesions 5%, generator seed 3, classes a / b / c | 0.750 ± 0.080 | 0.800 ± 0.050 | - | 5 x 3 | `accuracy_kinds_translated_head.json` |"]
+        "| ABMIL | 3072 px, lesions 5%, generator seed 3 | 0.750 ± 0.080 | 0.800 ± 0.050 | 0.880 ± 0.050 | +0.130 (+0.051 to "
+        "+0.200) | 5 x 3 | `accuracy_translated_head.json` |",
+        "| ABMIL | 3072 px, lesions 5%, generator seed 3, classes a / b / c | 0.750 ± 0.080 | 0.800 ± 0.050 | - | - | 5 x 3 "
+        "| `accuracy_kinds_translated_head.json` |"]
     assert (images / "bench_summary.png").read_bytes()[:4] == b"\x89PNG"
     assert "![summary](../images/bench_summary.png)" in text
 
