@@ -70,8 +70,8 @@ TITLES = {
                                          "setting for MambaMIL since session 16 (2026-11-27, sessions 15-16; 5 folds "
                                          "x seed 0; chosen on validation; CPU-sized head; docs/method.md)",
     "accuracy_medium_translated_head": "Accuracy study, variant `medium` with FBTA's translated-head stage (2026-11-27, "
-                                       "session 17; lesions on 15% of the tissue, generator seed 2; seed 0, all three "
-                                       "rows drawn again; the bundle as it is, not tuned on this set)",
+                                       "sessions 17 and 19; lesions on 15% of the tissue, generator seed 2; seeds 0-2, "
+                                       "all three rows drawn again; the bundle as it is, not tuned on this set)",
     "accuracy_v3_translated_head": "Accuracy study, variant `v3` with FBTA's translated-head stage (2026-11-27, sessions "
                                    "17-18; 3072 px slides, lesions on 5% of the tissue, generator seed 3; seeds 0-2, all "
                                    "three rows drawn again; the bundle as it is, not tuned on this set)",
