@@ -116,6 +116,23 @@ def test_model_pt_rebuilds_a_head_with_non_default_arguments(tmp_path):
         check_identity({"mil_name": "mambamil"}, {"mil_name": "mambamil", "mil_kwargs": {"num_layers": 1}}, "last.pt", "x")
 
 
+def test_model_pt_rebuilds_a_translator_of_another_width(tmp_path):
+    """model.pt's metadata names K but not f_T's hidden width: a translator built with ``hidden`` != D came back at
+    width D and failed to load (the bundle's test report crashed after training). It is now rebuilt from the saved
+    weights' shape."""
+    from monai_fbta.handlers.checkpoint import load_inference_networks, model_metadata, save_inference_model
+    from monai_fbta.networks import build_mil_head
+
+    head = build_mil_head("abmil", in_features=D, num_classes=C, hidden=16)
+    translator = FeatureTranslator(D, num_heads=3, hidden=2 * D, init_scale=1.0)
+    meta = model_metadata("abmil", D, C, None, ["frozen", "e2e", "translated"], "tiny_cnn", None, {}, 16, 3)
+    save_inference_model(tmp_path / "model.pt", head, translator, meta)
+    _, rebuilt, _ = load_inference_networks(tmp_path / "model.pt")
+    assert (rebuilt.num_heads, rebuilt.in_features, rebuilt.hidden) == (3, D, 2 * D)
+    x = torch.randn(5, D)
+    torch.testing.assert_close(rebuilt(x), translator.eval()(x))
+
+
 def test_a_checkpoint_saved_through_a_ddp_wrapper_loads_into_the_plain_module(tmp_path):
     """last.pt written under torchrun before save_checkpoint unwrapped DDP held ``module.``-prefixed state dicts;
     they load into the module as they are (ignite loads into ``ddp.module`` on resume)."""

@@ -347,9 +347,7 @@ def load_inference_networks(path: str | os.PathLike, device: str | torch.device 
     head.load_state_dict(blob["mil_head"])
     translator = None
     if blob["translator"] is not None:
-        translator = FeatureTranslator(meta["feature_dim"], num_heads=meta["translator_heads"])
-        translator.load_state_dict(blob["translator"])
-        translator = translator.to(device).eval()
+        translator = FeatureTranslator.from_state_dict(blob["translator"]).to(device).eval()
     return head.to(device).eval(), translator, meta
 
 

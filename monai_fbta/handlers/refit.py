@@ -257,10 +257,7 @@ def translator_from_run(
         raise RunMismatchError(f"{what}: its frozen extractor {kept} differs from this run's --encoder_weights, so "
                                "the cached features differ; give the FBTA run's frozen extractor as --encoder_weights")
     device = torch.device(device)
-    heads, dim, hidden = blob["translator"]["w1"].shape
-    translator = FeatureTranslator(dim, num_heads=heads, hidden=hidden)
-    translator.load_state_dict(blob["translator"])
-    translator.to(device)
+    translator = FeatureTranslator.from_state_dict(blob["translator"]).to(device)
     trained = copy.deepcopy(encoder)
     trained.load_state_dict(blob["ema_encoder"])
     trained.to(device).eval()

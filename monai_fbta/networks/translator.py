@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,15 @@ class FeatureTranslator(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_heads, 1, in_features))
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters(init_scale)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> FeatureTranslator:
+        """A translator of the shape ``state`` holds (K, D and hidden read from ``w1 [K, D, hidden]``), with its
+        weights: a saved f_T loads whatever width it was built with."""
+        num_heads, in_features, hidden = state["w1"].shape
+        translator = cls(in_features, num_heads=num_heads, hidden=hidden)
+        translator.load_state_dict(state)
+        return translator
 
     def reset_parameters(self, init_scale: float = 0.01) -> None:
         """``nn.Linear``'s uniform init per head; the last layer multiplied by ``init_scale``."""
