@@ -127,8 +127,11 @@ def source_key(run: dict[str, Any]) -> str:
     return run_key(run["head"], ALL_VIEWS, run["extra"])
 
 
-def plan_runs(heads: list[str], seeds: list[int], folds: list[int], tables: tuple[str, ...] = TABLES) -> list[dict[str, Any]]:
-    """Distinct (head, views, overrides) x folds x seeds; tables share runs (ABMIL's vanilla and FBTA rows).
+def plan_runs(heads: list[str], seeds: list[int], folds: list[int], tables: tuple[str, ...] = TABLES,
+              every_seed: bool = False) -> list[dict[str, Any]]:
+    """Distinct (head, views, overrides) x folds x seeds; tables share runs (ABMIL's vanilla and FBTA rows). Every
+    seed runs for ABMIL's main rows, the first for the others, or every seed for every head's main rows with
+    ``every_seed``.
 
     Runs come in phases, each fold by fold, so a study stopped early has whole folds of the most important rows:
     ABMIL vanilla / FBTA / ablation (first seed), TransMIL, ABMIL's other seeds, the no-EMA rows, MambaMIL. A
@@ -138,7 +141,7 @@ def plan_runs(heads: list[str], seeds: list[int], folds: list[int], tables: tupl
         key = run_key(s["head"], s["views"], s["extra"], s["stage"])
         entry = unique.setdefault(key, {"head": s["head"], "views": s["views"], "extra": s["extra"], "all_seeds": False,
                                         "tables": set(), "stage": s["stage"]})
-        entry["all_seeds"] |= s["all_seeds"]
+        entry["all_seeds"] |= s["all_seeds"] or (every_seed and s["table"] == "main")
         entry["tables"].add(s["table"])
     runs = [{"head": s["head"], "views": s["views"], "extra": s["extra"], "key": key, "fold": fold, "seed": seed,
              "phase": _phase(s, i), "stage": s["stage"]}
@@ -376,9 +379,10 @@ def check_dataset(datalist: Path, data: dict[str, Any]) -> None:
 
 
 def row_runs(results: dict[str, list[dict[str, Any]]], setting: dict[str, Any]) -> list[dict[str, Any]]:
-    """The finished runs a table row reads: every seed for an ABMIL main row, else the first seed's."""
+    """The finished runs a table row reads: every seed for a main row (each head's main rows run the seeds the study
+    planned for them), else the first seed's."""
     res = results.get(run_key(setting["head"], setting["views"], setting["extra"], setting["stage"]), [])
-    if not setting["all_seeds"] and res:
+    if setting["table"] != "main" and res:
         first_seed = min(r["seed"] for r in res)
         res = [r for r in res if r["seed"] == first_seed]
     return res
@@ -513,6 +517,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the ABMIL main rows "
                    "(other rows use the first)")
+    p.add_argument("--every-seed", action="store_true", help="every head's main rows run (and average) every --seeds, "
+                   "not only ABMIL's")
     p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="test folds of the 5-fold split")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the bundle's num_epochs)")
     p.add_argument("--heads", nargs="+", default=list(HEAD_NAMES), choices=list(HEAD_NAMES))
@@ -544,7 +550,7 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     shared = Path(args.workdir) / "shared"
     shared.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(args.heads, args.seeds, args.folds, tuple(args.tables))
+    runs = plan_runs(args.heads, args.seeds, args.folds, tuple(args.tables), args.every_seed)
     data = make_data(args)
     share_encoder(args.encoder_weights, shared)
     est = estimate_s(runs, prepared=(shared / "splits.json").is_file(), epochs=args.epochs)
@@ -568,7 +574,8 @@ def main(argv=None) -> dict[str, Any]:
               f"({elapsed / 60:.1f} min so far, ~{left / 60:.1f} min left)", flush=True)
     tables = summarise(results, args.heads, tuple(args.tables))
     head = (f"Held-out test folds {args.folds} of a 5-fold patient-level split, {args.epochs} epochs, mean ± std over "
-            f"folds x training seeds {args.seeds} (ABMIL main rows; other rows: seed {args.seeds[0]})")
+            f"folds x training seeds {args.seeds} ({'main' if args.every_seed else 'ABMIL main'} rows; other rows: seed "
+            f"{args.seeds[0]})")
     print(f"\n{head}\n")
     for name, rows in tables.items():
         print(f"{name}:\n{format_table(rows, markdown=True)}\n")

@@ -34,6 +34,9 @@ def test_plan_shares_runs_between_tables_orders_heads_and_seeds(bench):
     assert all(r["extra"]["mil_hidden"] == 128 for r in runs if r["head"] == "transmil"), "CPU-sized TransMIL"
     e2e = next(r for r in runs if r["views"] == ("frozen", "e2e"))
     assert e2e["extra"] == {"lambda_dist": 0}
+    every = bench.plan_runs(["transmil", "abmil"], seeds=[0, 1], folds=[0, 1, 2], every_seed=True)
+    assert sum(r["head"] == "transmil" for r in every) == 2 * 3 * 3, "every_seed: TransMIL's main rows, both seeds"
+    assert len(every) == len(runs) + 3 * 3, "the ablation and no-EMA rows still run the first seed only"
 
 
 def test_quick_args_and_bundle_command(bench, tmp_path):
@@ -72,10 +75,13 @@ def test_summary_tables_and_targets(bench):
     assert targets["ablation: e2e+frozen - frozen"]["met"] is None, "a missing row is not a pass"
     tm = bench.HEAD_OVERRIDES["transmil"]
     results[bench.run_key("transmil", ("frozen",), tm)] = [res(0.6, 0)]
-    results[bench.run_key("transmil", ("translated",), tm, bench.TRANSLATED_HEAD)] = [res(0.7, 0)]
-    targets = bench.checks(bench.summarise(results, ["abmil", "transmil"]))
+    results[bench.run_key("transmil", ("translated",), tm, bench.TRANSLATED_HEAD)] = [res(0.7, 0), res(0.9, 0, seed=1)]
+    tables = bench.summarise(results, ["abmil", "transmil"])
+    targets = bench.checks(tables)
     name = bench.HEAD_NAMES["transmil"]
-    assert targets[f"{name} + FBTA + translated-head stage - {name} (test bacc)"]["value"] == pytest.approx(0.1)
+    assert targets[f"{name} + FBTA + translated-head stage - {name} (test bacc)"]["value"] == pytest.approx(0.2), (
+        "a main row averages every seed the study ran for it")
+    assert tables["ablation"][2]["folds x seeds"] == "2 x 1", "other tables read the first seed of a shared run"
     assert targets[f"{name} + FBTA - {name} (test bacc)"]["met"] is None, "no TransMIL FBTA run: not a pass"
     import matplotlib
 
