@@ -54,8 +54,9 @@ TITLES = {
                                       "the stage was not tuned on this set; `--config`: the bundle's train.json of "
                                       "commit 06a78bb)",
     "accuracy_transmil_translated_head": "Accuracy study, TransMIL rows with FBTA's translated-head stage (2026-11-27, "
-                                         "session 13; the hard set, seed 0, all three rows drawn again; the stage as "
-                                         "built for ABMIL, not tuned for TransMIL; `--config`: commit 06a78bb's)",
+                                         "seed 0 in session 13, seed 1 in session 19; the hard set, all three rows drawn "
+                                         "again; the stage as built for ABMIL, not tuned for TransMIL; `--config`: "
+                                         "commit 06a78bb's)",
     "accuracy_mambamil_translated_head": "Accuracy study, MambaMIL rows with FBTA's translated-head stage (2026-11-27, "
                                          "sessions 14-15; the hard set, seed 0, all three rows drawn again; CPU-sized "
                                          "head; the stage as built for ABMIL; `lr_encoder` 5e-4, the CPU setting "
