@@ -450,8 +450,8 @@ def paired_gains(results: dict[str, list[dict[str, Any]]], heads: list[str]) -> 
         per_fold = np.array([np.mean([d for (f, _), d in diffs.items() if f == fold]) for fold in folds])
         half = (stats.t.ppf(0.975, len(folds) - 1) * per_fold.std(ddof=1) / np.sqrt(len(folds))
                 if len(folds) > 1 else float("nan"))
-        gain, values = float(np.mean(list(diffs.values()))), np.array(list(diffs.values()))
-        out[label] = {"vs": vanilla["label"], "gain": gain,
+        values = np.array(list(diffs.values()))
+        out[label] = {"vs": vanilla["label"], "gain": float(values.mean()),
                       "interval": [float(per_fold.mean() - half), float(per_fold.mean() + half)],
                       "ahead": int((values > 1e-9).sum()), "level": int((np.abs(values) <= 1e-9).sum()),
                       "behind": int((values < -1e-9).sum()), "folds": len(folds),
