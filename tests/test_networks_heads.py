@@ -243,3 +243,21 @@ def test_chunked_training_keeps_a_few_hidden_vectors_per_instance(name):
     chunked = _saved_floats_per_instance(head)
     assert chunked <= 5 * hidden, (chunked, whole)
     assert chunked < whole / 3, (chunked, whole)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_torch_jit_trace_is_right_at_every_bag_size_or_refused(name):
+    """Tracing freezes Python-level choices made from N. ABMIL has none, so its trace is right at other bag sizes
+    (chunked ones included); TransMIL and MambaMIL make some (exact vs Nystrom attention, the PPEG grid, the scan's
+    reordering), and tracing them raises instead of writing a network that is right only at the traced N."""
+    head = make(name).eval()
+    head.bag_chunk_size = 64
+    if name != "abmil":
+        with pytest.raises(RuntimeError, match=f"{type(head).__name__} cannot be exported with torch.jit.trace"):
+            torch.jit.trace(head, torch.randn(1, 50, D))
+        return
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(head, torch.randn(1, 50, D))
+    for n in (1, 7, 333):
+        x = torch.randn(1, n, D)
+        assert torch.allclose(traced(x), head(x), atol=1e-5), n

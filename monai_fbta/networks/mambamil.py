@@ -150,6 +150,8 @@ class MambaMIL(MILHead):
     MIL), so padding cannot enter the scans or the reordering.
     """
 
+    trace_refusal = "its sequence reordering and scan chunks are built from the bag size N in Python"
+
     def __init__(
         self,
         in_features: int,

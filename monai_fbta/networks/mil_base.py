@@ -157,7 +157,12 @@ class MILHead(nn.Module):
         hidden: width of the first projection (default 512).
         dropout: dropout probability used by the head.
         bag_chunk_size: bags with more instances take the chunked forward (module docstring); None = never.
+
+    ``trace_refusal`` (class attribute): None if ``torch.jit.trace`` gives a network that is right for every bag
+    size N; otherwise why it is not, and tracing raises that instead of freezing an N-specific graph.
     """
+
+    trace_refusal: str | None = None
 
     def __init__(
         self,
@@ -218,6 +223,10 @@ class MILHead(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None = None, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         name = type(self).__name__
+        if self.trace_refusal is not None and torch.jit.is_tracing():
+            raise RuntimeError(f"{name} cannot be exported with torch.jit.trace: {self.trace_refusal}, so the traced "
+                               "network would be right only for the bag size it was traced with. Serve model.pt "
+                               "with configs/inference.json instead (TorchScript export works for ABMIL)")
         if x.ndim != 3 or x.shape[-1] != self.in_features:
             raise ValueError(f"{name}: expected x of shape [B, N, {self.in_features}], got {list(x.shape)}")
         if x.shape[1] == 0:

@@ -249,6 +249,9 @@ class TransMIL(MILHead):
     MIL), so padding cannot reach PPEG or the attention.
     """
 
+    trace_refusal = ("its attention (exact or Nystrom) and its PPEG grid (ceil(sqrt(N)) per side) are chosen from "
+                     "the bag size N in Python")
+
     def __init__(
         self,
         in_features: int,
