@@ -147,3 +147,46 @@ def test_a_checkpoint_saved_through_a_ddp_wrapper_loads_into_the_plain_module(tm
     wrapped = torch.nn.DataParallel(translator)  # the same unwrapping as DistributedDataParallel
     save_checkpoint(tmp_path / "new.pt", {"translator": wrapped})
     assert set(torch.load(tmp_path / "new.pt", weights_only=True)["translator"]) == set(translator.state_dict())
+
+
+def _run_with_validation(data, tmp_path, checkpoint_first: bool, stop_at: int | None = None, resume: bool = False):
+    """A 4-epoch run with a shuffled training loader and a ValidationHandler, as the bundle has them; ``stop_at``
+    ends it after that epoch, ``resume`` first loads ``tmp_path / "last.pt"`` (a fresh process: other seeds)."""
+    from monai_fbta._quiet import quiet_import
+
+    ValidationHandler = quiet_import("monai.handlers").ValidationHandler
+    torch.manual_seed(12345 if resume else 1)
+    trainer = _trainer(data, max_epochs=4, seed=7 if resume else 0)
+    trainer.data_loader = DataLoader(data, batch_size=1, shuffle=True)  # its order comes from torch's global RNG
+    ev = FBTAEvaluator("cpu", DataLoader(data, batch_size=1), trainer.inference_head, trainer.translator)
+    saver, validation = TrainingCheckpoint(tmp_path / "last.pt"), ValidationHandler(interval=1, validator=ev, epoch_level=True)
+    for handler in (saver, validation) if checkpoint_first else (validation, saver):
+        handler.attach(trainer)
+    if stop_at is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_at), lambda e: e.terminate())
+    if resume:
+        load_checkpoint(tmp_path / "last.pt", training_objects(trainer))
+    trainer.run()
+    return trainer.mil_head.state_dict()
+
+
+@pytest.mark.parametrize("checkpoint_first", [False, True])
+def test_a_checkpoint_saved_after_validation_resumes_exactly(tmp_path, checkpoint_first):
+    """Validation draws from torch's global RNG (its DataLoader's base seed), after the epoch's training. Saved
+    after it (the bundle's order), the checkpoint's RNG state is the one the next epoch starts from, and a resumed
+    run equals the uninterrupted one. Saved before it, the resumed run shuffles and drops out differently."""
+    data = [_sample(i) for i in range(4)]
+    full = _run_with_validation(data, tmp_path / "full", checkpoint_first)
+    _run_with_validation(data, tmp_path / "cut", checkpoint_first, stop_at=2)
+    resumed = _run_with_validation(data, tmp_path / "cut", checkpoint_first, resume=True)
+    same = all(torch.equal(a, b) for a, b in zip(full.values(), resumed.values()))
+    assert same != checkpoint_first
+
+
+def test_the_bundle_saves_its_training_checkpoint_after_validation_and_the_metrics_row():
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "bundles/fbta_stad/configs/train.json").read_text())
+    order = [h["_target_"].rsplit(".", 1)[-1] for h in config["train"]["handlers"] if isinstance(h, dict)]
+    assert order.index("TrainingCheckpoint") > max(order.index("ValidationHandler"), order.index("EpochMetricsCSV"))

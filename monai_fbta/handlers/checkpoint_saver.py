@@ -19,6 +19,12 @@ class TrainingCheckpoint:
     """Save the training state to ``path`` (e.g. ``run/last.pt``) every ``every`` epochs; ``attach(trainer)``.
 
     ``identity`` (the run's identity, see :func:`monai_fbta.pipeline.resume.run_identity`) is saved with it.
+
+    Attach it after the ``ValidationHandler`` and :class:`~monai_fbta.handlers.EpochMetricsCSV`, as the bundle does:
+    the checkpoint then marks an epoch finished with its validation. Validation draws from torch's global RNG (its
+    DataLoader's base seed), so only then is the saved RNG state the one the next epoch starts from, and a resumed
+    run equals the uninterrupted one; a run killed during validation trains that epoch again instead of skipping
+    its validation.
     """
 
     def __init__(
