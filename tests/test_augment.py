@@ -103,3 +103,27 @@ def test_per_patch_flip_keys_stay_aligned():
     assert torch.equal(d["a"], d["b"])
     flipped = [not torch.equal(d["a"][i], x[i]) for i in range(10)]
     assert 0 < sum(flipped) < 10
+
+
+@pytest.mark.parametrize("transform", [RandHEDJitter(prob=1.0, sigma=0.0, bias=0.0),
+                                       RandContrastNoise(prob_contrast=0.0, prob_noise=0.0)])
+def test_colour_augmentations_refuse_images_outside_0_1_instead_of_clipping_them(transform):
+    """An identity draw on a 0-255 image used to return it clipped to [0, 1] (max 254.96 -> 1.0), and uint8 input
+    came back as {0, 1}; MONAI's LoadImage gives 0-255 images, so say so instead."""
+    x = torch.rand(2, 3, 8, 8)
+    assert transform(x).shape == x.shape  # in range: runs
+    with pytest.raises(ValueError, match=r"expects RGB in \[0, 1\], got values in \[.*255"):
+        transform(x * 255)
+    with pytest.raises(TypeError, match="expects float RGB in .* got torch.uint8"):
+        transform((x * 255).to(torch.uint8))
+    assert RandFlipRotate90()((x * 255).to(torch.uint8)).dtype == torch.uint8  # geometry takes any range
+
+
+def test_patch_encoder_refuses_integer_images():
+    from monai_fbta.networks import PatchEncoder
+
+    encoder = PatchEncoder("tiny_cnn").eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.isfinite(encoder(x)).all()
+    with pytest.raises(TypeError, match=r"expected float images in \[0, 1\], got torch.uint8"):
+        encoder((x * 255).to(torch.uint8))  # used to return all-NaN features

@@ -237,6 +237,9 @@ class PatchEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"PatchEncoder({self.name!r}): expected images [B, 3, H, W], got {list(x.shape)}")
+        if not x.is_floating_point():  # (x - mean) / std in uint8 divides by zero: all-NaN features
+            raise TypeError(f"PatchEncoder({self.name!r}): expected float images in [0, 1], got {x.dtype}: "
+                            "use x.float() / 255")
         if self.normalize:
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         if self._stages is None:

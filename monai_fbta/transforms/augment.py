@@ -60,8 +60,12 @@ class RandStackTransform(RandomizableTransform):
 
     Each patch of a stack gets its own draw (applied with probability ``prob``), and the work is
     vectorised over the stack (MONAI's single-image transforms cost ~10 ms per patch in Python).
-    Subclasses draw their parameters in :meth:`draw` and transform the selected patches in :meth:`apply`.
+    Subclasses draw their parameters in :meth:`draw` and transform the selected patches in :meth:`apply`; those
+    with ``unit_range = True`` read colours as RGB in ``[0, 1]`` and refuse other input (a 0-255 or integer image
+    would otherwise come back silently clipped to ``[0, 1]``).
     """
+
+    unit_range = False
 
     def __init__(self, prob: float) -> None:
         RandomizableTransform.__init__(self, prob)
@@ -79,6 +83,16 @@ class RandStackTransform(RandomizableTransform):
         self._apply = self.R.random_sample(num) < self.prob
         self.draw(num)
 
+    def _check_unit_range(self, stack: torch.Tensor) -> None:
+        name = type(self).__name__
+        if not stack.is_floating_point():
+            raise TypeError(f"{name} expects float RGB in [0, 1], got {stack.dtype}: scale it first, e.g. "
+                            "ScaleIntensityRange(0, 255, 0, 1) or x.float() / 255")
+        lo, hi = torch.aminmax(stack)
+        if float(lo) < -1e-3 or float(hi) > 1 + 1e-3:
+            raise ValueError(f"{name} expects RGB in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]: scale "
+                             "it first, e.g. ScaleIntensityRange(0, 255, 0, 1) for 0-255 images")
+
     def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
         x = torch.as_tensor(img).as_subclass(torch.Tensor)  # plain tensor: MetaTensor ops are slow
         single = x.ndim == 3
@@ -89,6 +103,8 @@ class RandStackTransform(RandomizableTransform):
             self.randomize(stack.shape[0])
         if not self._apply.any():
             return x
+        if self.unit_range:
+            self._check_unit_range(stack)
         rows = np.flatnonzero(self._apply)
         idx = torch.as_tensor(rows, device=stack.device)
         out = stack.float().clone()
@@ -105,6 +121,8 @@ class RandHEDJitter(RandStackTransform):
         sigma: scale jitter, ``alpha ~ U(1 - sigma, 1 + sigma)`` per stain channel.
         bias: shift jitter, ``beta ~ U(-bias, bias)`` per stain channel.
     """
+
+    unit_range = True
 
     def __init__(self, prob: float = 0.5, sigma: float = 0.05, bias: float = 0.05) -> None:
         super().__init__(prob)
@@ -156,7 +174,9 @@ class RandFlipRotate90(RandStackTransform):
 class RandContrastNoise(RandStackTransform):
     """Per patch, like MONAI's ``RandAdjustContrast`` then ``RandGaussianNoise``: with ``prob_contrast``,
     ``x = (x - min) / range ** gamma * range + min`` with ``gamma ~ U(gamma)``; with ``prob_noise``, add
-    ``N(0, sigma)`` noise with ``sigma ~ U(0, noise_std)``; then clamp to ``[0, 1]``."""
+    ``N(0, sigma)`` noise with ``sigma ~ U(0, noise_std)``; then clamp to ``[0, 1]``. Input: RGB in ``[0, 1]``."""
+
+    unit_range = True
 
     def __init__(self, prob_contrast: float = 0.3, gamma: Sequence[float] = (0.8, 1.25), prob_noise: float = 0.2,
                  noise_std: float = 0.02) -> None:
