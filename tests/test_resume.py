@@ -59,3 +59,21 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     save_checkpoint(tmp_path / "old.pt", {"head": head})  # written before run identities existed
     with pytest.raises(RunMismatchError, match="holds no run identity"):
         check_resume(tmp_path / "old.pt", demo)
+
+
+def test_an_encoder_weights_file_counts_by_its_content_not_its_path_spelling(tmp_path, monkeypatch):
+    """The same weights named from another working directory (relative, absolute) are the same run; other weights
+    at the same path are not. The identity used to hold the path as typed, which refused a valid resume."""
+    weights = tmp_path / "weights" / "w.pt"
+    weights.parent.mkdir()
+    torch.save({"w": torch.ones(2)}, weights)
+    monkeypatch.chdir(tmp_path)
+    relative = run_identity(datalist_rows(), ["a", "b"], 2, dict(RUN_SETTINGS, encoder_weights="weights/w.pt"))
+    monkeypatch.chdir(weights.parent)
+    assert run_identity(datalist_rows(), ["a", "b"], 2, dict(RUN_SETTINGS, encoder_weights=str(weights))) == relative
+    assert run_identity(datalist_rows(), ["a", "b"], 2, dict(RUN_SETTINGS, encoder_weights="w.pt")) == relative
+    assert relative["encoder_weights"].startswith("sha256:")
+    torch.save({"w": torch.zeros(2)}, weights)
+    assert run_identity(datalist_rows(), ["a", "b"], 2, dict(RUN_SETTINGS, encoder_weights="w.pt")) != relative
+    tag = run_identity(datalist_rows(), ["a", "b"], 2, dict(RUN_SETTINGS, encoder_weights="imagenet"))
+    assert tag["encoder_weights"] == "imagenet"  # a pretrained tag is not a file: kept as it is

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from ignite.handlers import Checkpoint
 
-from monai_fbta._io import atomic_open
+from monai_fbta._io import atomic_open, file_sha256
 from monai_fbta.networks.encoder import _is_weights_file
 from monai_fbta.networks.inference import LAYOUT_KEY, METADATA_KEY, state_layout
 
@@ -281,14 +281,22 @@ def run_identity(
     rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None, num_classes: int, settings: Mapping[str, Any]
 ) -> dict[str, Any]:
     """What makes two training runs the same run: the datalist's content (:func:`datalist_digest` of ``rows``,
-    not a file time), the class names and ``settings`` (head, views, encoder, tiling, C, M, K, fold...)."""
+    not a file time), the class names and ``settings`` (head, views, encoder, tiling, C, M, K, fold...).
+
+    An ``encoder_weights`` setting that names a file counts by the file's content (``"sha256:<16 hex digits>"``),
+    not by how its path was spelled: the same weights given from another working directory are the same run.
+    """
     from monai_fbta.data.datalist import datalist_digest
 
+    settings = plain_value(settings)
+    weights = settings.get(ENCODER_WEIGHTS_KEY)
+    if isinstance(weights, str) and os.path.isfile(weights):
+        settings[ENCODER_WEIGHTS_KEY] = f"sha256:{file_sha256(weights)}"
     return {
         "datalist_sha256": datalist_digest(rows),
         "num_slides": len(rows),
         "class_names": resolve_class_names(class_names, num_classes),
-        **plain_value(settings),
+        **settings,
     }
 
 
