@@ -127,3 +127,14 @@ def test_patch_encoder_refuses_integer_images():
     assert torch.isfinite(encoder(x)).all()
     with pytest.raises(TypeError, match=r"expected float images in \[0, 1\], got torch.uint8"):
         encoder((x * 255).to(torch.uint8))  # used to return all-NaN features
+
+
+@pytest.mark.parametrize("transform", [RandHEDJitter(prob=1.0), RandHEDJitter(prob=0.0), RandFlipRotate90(),
+                                       RandContrastNoise()])
+def test_stack_transforms_keep_a_metatensor_and_its_metadata(transform):
+    from monai.data import MetaTensor
+
+    x = MetaTensor(torch.rand(3, 3, 8, 8), meta={"slide_id": "s1"})
+    out = transform(x)
+    assert isinstance(out, MetaTensor) and out.meta["slide_id"] == "s1" and out.shape == x.shape
+    assert type(transform(torch.rand(3, 3, 8, 8))) is torch.Tensor

@@ -159,7 +159,8 @@ def _run_with_validation(data, tmp_path, checkpoint_first: bool, stop_at: int | 
     trainer = _trainer(data, max_epochs=4, seed=7 if resume else 0)
     trainer.data_loader = DataLoader(data, batch_size=1, shuffle=True)  # its order comes from torch's global RNG
     ev = FBTAEvaluator("cpu", DataLoader(data, batch_size=1), trainer.inference_head, trainer.translator)
-    saver, validation = TrainingCheckpoint(tmp_path / "last.pt"), ValidationHandler(interval=1, validator=ev, epoch_level=True)
+    saver = TrainingCheckpoint(tmp_path / "last.pt")
+    validation = ValidationHandler(interval=1, validator=ev, epoch_level=True)
     for handler in (saver, validation) if checkpoint_first else (validation, saver):
         handler.attach(trainer)
     if stop_at is not None:

@@ -23,6 +23,7 @@ from monai_fbta._quiet import quiet_import
 quiet_import("monai")
 
 from monai.config import KeysCollection  # noqa: E402
+from monai.data.meta_tensor import MetaTensor  # noqa: E402
 from monai.transforms import Compose, MapTransform, Randomizable, RandomizableTransform  # noqa: E402
 
 __all__ = [
@@ -102,7 +103,7 @@ class RandStackTransform(RandomizableTransform):
         if randomize:
             self.randomize(stack.shape[0])
         if not self._apply.any():
-            return x
+            return self._like(x, img)
         if self.unit_range:
             self._check_unit_range(stack)
         rows = np.flatnonzero(self._apply)
@@ -110,7 +111,14 @@ class RandStackTransform(RandomizableTransform):
         out = stack.float().clone()
         out[idx] = self.apply(stack[idx].float(), rows)
         out = out.to(stack.dtype)
-        return out[0] if single else out
+        return self._like(out[0] if single else out, img)
+
+    @staticmethod
+    def _like(out: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """``out`` as a MetaTensor with ``img``'s metadata when ``img`` is one (the work runs on plain tensors)."""
+        if not isinstance(img, MetaTensor):
+            return out
+        return MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
 
 
 class RandHEDJitter(RandStackTransform):
