@@ -63,3 +63,51 @@ def test_training_preprocessing_in_strict_mode_fails_when_a_slide_failed(tmp_pat
     assert [r["slide_id"] for r in preprocess(rows, tmp_path / "cache", tiny_encoder(), TILING)] == ["good"]
     with pytest.raises(RuntimeError, match=r"strict mode: 1 slide\(s\) failed in preprocessing .*extraction_report.csv"):
         preprocess(rows, tmp_path / "cache", tiny_encoder(), TILING, strict=True)
+
+
+def _ids(parts):
+    return {name: sorted(r["slide_id"] for r in part) for name, part in parts.items()}
+
+
+def test_a_failed_or_fixed_slide_never_moves_other_slides_between_parts(tmp_path, caplog):
+    """The split used to be made from the slides that worked: a slide fixed after training re-split the data, and
+    the finished run then reported its own training slides as the held-out test set (rc 0)."""
+    path, rows = tmp_path / "splits.json", datalist_rows(15)
+    whole = _ids(split_rows(rows, path, num_folds=3, val_fraction=0.5))
+    failed = {whole["train"][0], whole["test"][0]}
+    with caplog.at_level(logging.WARNING, logger="fbta.prepare"):
+        some = _ids(split_rows(rows, path, num_folds=3, val_fraction=0.5, usable=[r["slide_id"] for r in rows
+                                                                                 if r["slide_id"] not in failed]))
+    assert some == {name: [s for s in ids if s not in failed] for name, ids in whole.items()}
+    assert "2 slide(s) without features are left out of their part" in caplog.text
+    assert _ids(split_rows(rows, path, num_folds=3, val_fraction=0.5)) == whole  # fixed: back in their own parts
+
+    test_only = [r["slide_id"] for r in rows if r["slide_id"] not in whole["test"]]
+    with pytest.raises(DatalistError, match=r"fold 0: no slide of its test part has features"):
+        split_rows(rows, path, num_folds=3, val_fraction=0.5, usable=test_only)
+
+
+def test_a_splits_file_a_run_was_trained_on_is_refused_not_remade(tmp_path, caplog):
+    path, rows = tmp_path / "splits.json", datalist_rows(15)
+    made = split_rows(rows, path, num_folds=3, val_fraction=0.5)
+    fewer = rows[:12]  # e.g. a splits file of an older version, made from the slides that worked then
+    (tmp_path / "last.pt").write_bytes(b"a trained run")
+    with pytest.raises(DatalistError, match=r"made for another datalist, and .*last.pt was trained on its split"):
+        split_rows(fewer, path, num_folds=3, val_fraction=0.5, trained=[tmp_path / "model.pt", tmp_path / "last.pt"])
+    assert _ids(split_rows(rows, path, num_folds=3, val_fraction=0.5, trained=[tmp_path / "last.pt"])) == _ids(made)
+    with caplog.at_level(logging.WARNING, logger="fbta.prepare"):  # --resume False: starting over, remade
+        split_rows(fewer, path, num_folds=3, val_fraction=0.5, trained=[])
+    assert "made for another datalist: making new splits" in caplog.text
+
+
+def test_class_problems_name_empty_classes_and_labels_out_of_range():
+    from monai_fbta.data.datalist import class_problems
+
+    rows = datalist_rows(6, labels=(0, 1))
+    assert class_problems(rows, 2, ["a", "b"]) == []
+    problems = class_problems(rows, 3, ["a", "b", "c"])
+    assert problems == ["class(es) 'c' have no slides in the datalist (of --num_classes 3): remove them from "
+                        "--class_names and lower --num_classes, or add their slides"]
+    shifted = datalist_rows(6, labels=(1, 2))  # 1-based integer labels
+    assert class_problems(shifted, 2)[0] == "3 slide(s) have label 2, outside 0 .. 1 for --num_classes 2"
+    assert "class(es) 0 have no slides" in class_problems(shifted, 2)[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ __all__ = [
     "DatalistError",
     "load_datalist",
     "validate_rows",
+    "class_problems",
     "make_splits",
     "save_splits",
     "load_splits",
@@ -153,6 +154,20 @@ def load_datalist(
     for row in rows:
         row.pop("_where")
     return rows
+
+
+def class_problems(rows: Sequence[Mapping[str, Any]], num_classes: int, classes: Sequence[str] | None = None) -> list[str]:
+    """Labels outside ``0 .. num_classes - 1`` and classes without a slide: a class the datalist never shows
+    cannot be learned or scored (its validation AUC is undefined, and model selection stalls on NaN)."""
+    counts = Counter(int(r["label"]) for r in rows)
+    name = (lambda c: repr(classes[c])) if classes is not None and len(classes) == num_classes else str
+    problems = [f"{n} slide(s) have label {label}, outside 0 .. {num_classes - 1} for --num_classes {num_classes}"
+                for label, n in sorted(counts.items()) if not 0 <= label < num_classes]
+    empty = [name(c) for c in range(num_classes) if not counts.get(c)]
+    if empty:
+        problems.append(f"class(es) {', '.join(empty)} have no slides in the datalist (of --num_classes {num_classes}): "
+                        "remove them from --class_names and lower --num_classes, or add their slides")
+    return problems
 
 
 def datalist_digest(rows: Sequence[Mapping[str, Any]]) -> str:

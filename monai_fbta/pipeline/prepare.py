@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from functools import cached_property
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 
 from monai_fbta.data.datalist import (
     DatalistError,
+    class_problems,
     datalist_digest,
     load_datalist,
     load_splits,
@@ -224,13 +225,19 @@ def split_rows(
     seed: int = 0,
     val_fraction: float | None = 0.2,
     test_fraction: float | None = None,
+    usable: Collection[str] | None = None,
+    trained: Sequence[str | os.PathLike] = (),
 ) -> dict[str, list[dict[str, Any]]]:
     """``{"train", "val", "test"}`` rows of ``fold``; the splits are made once and saved to ``splits_file``.
 
-    The file records the rows' :func:`~monai_fbta.data.datalist.datalist_digest` and the split settings; it is
-    reused only for the same rows and settings, and remade (with a warning) otherwise. A splits file without
-    them (made by hand or by an older version) is used as given when it names exactly these slides, and
-    refused, not replaced, when it does not.
+    The split is made from all of ``rows`` (the datalist), so a slide that fails in preprocessing, or is fixed
+    later, never moves other slides between parts; the slides not in ``usable`` (those without features; None:
+    all usable) are then left out of their part, with a warning naming them. The file records the rows'
+    :func:`~monai_fbta.data.datalist.datalist_digest` and the split settings; it is reused only for the same rows
+    and settings, and remade (with a warning) otherwise, unless one of the files ``trained`` exists (a run trained
+    on the file's split: its ``last.pt``, ``model.pt``), in which case it is refused: a new split could put that
+    run's training slides in the test set. A splits file without them (made by hand or by an older version) is
+    used as given when it names exactly these slides, and refused, not replaced, when it does not.
     """
     ids = sorted(str(r["slide_id"]) for r in rows)
     made_with = {"datalist_sha256": datalist_digest(rows), "num_folds": num_folds, "seed": seed,
@@ -246,16 +253,35 @@ def split_rows(
                     "fix it, remove it, or use a new --ckpt_dir"])
             logger.warning("%s: using the given splits as they are", splits_file)
         else:
-            changed = sorted(k for k, v in made_with.items() if splits.get(k) != v)
+            changed = " and ".join("datalist" if k == "datalist_sha256" else k
+                                   for k, v in made_with.items() if splits.get(k) != v)
+            used_by = [os.fspath(p) for p in trained if os.path.isfile(p)]
+            if changed and used_by:
+                raise DatalistError(str(splits_file), [
+                    f"was made for another {changed}, and {used_by[0]} was trained on its split: a new split could "
+                    "put that run's training slides in the test set, so it is not remade. Use a new --ckpt_dir for "
+                    "this data, or --resume False to start over here (replacing the old run's files)"])
             if changed:
-                logger.warning("%s was made for another %s: making new splits", splits_file,
-                               " and ".join("datalist" if k == "datalist_sha256" else k for k in changed))
+                logger.warning("%s was made for another %s: making new splits", splits_file, changed)
                 splits = None
     if splits is None:
         splits = dict(make_splits(rows, num_folds=num_folds, seed=seed, val_fraction=val_fraction,
                                   test_fraction=test_fraction), **made_with)
         save_splits(splits, splits_file)
     parts = select_fold(splits, fold, rows)
+    if usable is not None:
+        usable = set(usable)
+        left_out = {name: [r["slide_id"] for r in part if r["slide_id"] not in usable] for name, part in parts.items()}
+        if any(left_out.values()):
+            logger.warning("fold %d: %d slide(s) without features are left out of their part (%s); the other slides "
+                           "keep theirs", fold, sum(map(len, left_out.values())),
+                           "; ".join(f"{name}: {ids}" for name, ids in left_out.items() if ids))
+        emptied = [name for name, part in parts.items() if part and len(left_out[name]) == len(part)]
+        if emptied:
+            raise DatalistError(str(splits_file), [f"fold {fold}: no slide of its {name} part has features (failed in "
+                                                   f"preprocessing: {left_out[name]}); see extraction_report.csv"
+                                                   for name in emptied])
+        parts = {name: [r for r in part if r["slide_id"] in usable] for name, part in parts.items()}
     logger.info("fold %d: %s", fold, {k: len(v) for k, v in parts.items()})
     return parts
 
@@ -271,6 +297,9 @@ class Preprocessor:
         cache_dir, encoder, tiling, batch_size, num_workers, device, strict, num_clusters, cluster_seed:
             see :func:`preprocess`; ``fail_fast``: stop at the first failing slide (``skip_errors=False``).
         splits_file, fold, num_folds, split_seed, val_fraction: see :func:`split_rows`.
+        num_classes: when given, a label outside ``0 .. num_classes - 1`` or a class without slides is an error.
+        resume: False when the run starts over in its folder; True protects the split its checkpoints were trained
+            on (:func:`split_rows`'s ``trained``).
     """
 
     def __init__(
@@ -295,6 +324,8 @@ class Preprocessor:
         num_folds: int = 5,
         split_seed: int = 0,
         val_fraction: float | None = 0.2,
+        num_classes: int | None = None,
+        resume: bool = True,
     ) -> None:
         self.dataset_dir, self.datalist, self.class_names = dataset_dir, datalist, class_names
         self.synthetic, self.check_slides = synthetic, check_slides
@@ -304,18 +335,28 @@ class Preprocessor:
                                "cluster_seed": cluster_seed}
         self.splits_file = splits_file
         self.split_kwargs = {"fold": fold, "num_folds": num_folds, "seed": split_seed, "val_fraction": val_fraction}
+        self.num_classes, self.resume = num_classes, resume
         self.parts: dict[str, list[dict[str, Any]]] | None = None
 
     @cached_property
     def rows(self) -> list[dict[str, Any]]:
         """The datalist rows (validated; the synthetic demo dataset is generated here when the folder is empty)."""
-        return find_or_make_dataset(self.dataset_dir, self.datalist, self.class_names, self.synthetic,
+        rows = find_or_make_dataset(self.dataset_dir, self.datalist, self.class_names, self.synthetic,
                                     check_slides=self.check_slides)
+        if self.num_classes is not None:
+            problems = class_problems(rows, self.num_classes, self.class_names)
+            if problems:
+                raise DatalistError(os.fspath(self.datalist or self.dataset_dir), problems)
+        return rows
 
     def run(self) -> Preprocessor:
-        """Extract and cluster every slide into ``cache_dir`` (cached), then split the slides that worked."""
+        """Extract and cluster every slide into ``cache_dir`` (cached), then split the datalist and leave out the
+        slides that failed (:func:`split_rows`)."""
         kept = preprocess(self.rows, self.cache_dir, self.encoder, self.tiling, **self.extract_kwargs)
-        self.parts = split_rows(kept, self.splits_file, **self.split_kwargs)
+        folder = Path(self.splits_file).parent
+        trained = [folder / "last.pt", folder / "model.pt"] if self.resume else []
+        self.parts = split_rows(self.rows, self.splits_file, **self.split_kwargs,
+                                usable=[r["slide_id"] for r in kept], trained=trained)
         print(len(kept), "slides ready in", self.cache_dir, flush=True)
         return self
 
