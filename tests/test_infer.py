@@ -132,3 +132,23 @@ def test_inference_raises_when_nothing_or_in_strict_mode_something_failed(tmp_pa
         run_inference(model, slides, out, heatmaps=False, batch_size=8, strict=True)
     with open(out / "predictions.csv") as f:
         assert [r["slide_id"] for r in csv.DictReader(f)] == ["good"]  # what worked is still written
+
+
+def test_a_model_refuses_a_frozen_encoder_it_was_not_trained_with(tmp_path):
+    """A frozen_encoder file of another run beside model.pt (easy to do when zipping bundles) gave other features
+    and other probabilities with rc 0: model.pt now records its encoder's weights digest and checks it."""
+    from monai_fbta.handlers.checkpoint import RunMismatchError
+    from monai_fbta.networks.encoder import PatchEncoder, weights_digest
+    from monai_fbta.pipeline.prepare import model_frozen_encoder
+
+    model = tiny_model(tmp_path, TILING)
+    meta = build_inference_network(model).metadata
+    encoder = model_frozen_encoder(meta, model.parent)
+    assert weights_digest(encoder.backbone.state_dict()) == meta["encoder_digest"]
+    kept = model.parent / "frozen_encoder_tiny_cnn.pt"
+    torch.save(PatchEncoder("tiny_cnn").backbone.state_dict(), kept)  # another run's random weights
+    with pytest.raises(RunMismatchError, match="holds other weights .* than the frozen encoder this model was trained on"):
+        model_frozen_encoder(meta, model.parent)
+    with pytest.raises(RunMismatchError, match="holds other weights"):
+        run_inference(model, tmp_path / "slides", tmp_path / "out")
+    assert model_frozen_encoder(dict(meta, encoder_digest=None), model.parent)  # a model.pt from before the digest

@@ -324,9 +324,12 @@ def model_metadata(
     translator_heads: int = 10,
     identity: Mapping[str, Any] | None = None,
     mil_kwargs: Mapping[str, Any] | None = None,
+    encoder_digest: str | None = None,
 ) -> dict[str, Any]:
     """Plain-Python description of the inference network (stored in ``model.pt``), with the run's ``identity``;
-    ``mil_kwargs``: the head's other constructor arguments (e.g. MambaMIL's ``num_layers``)."""
+    ``mil_kwargs``: the head's other constructor arguments (e.g. MambaMIL's ``num_layers``); ``encoder_digest``:
+    :func:`~monai_fbta.networks.encoder.weights_digest` of the frozen encoder whose features the head reads, checked
+    when a model's encoder is loaded (:func:`~monai_fbta.pipeline.prepare.model_frozen_encoder`)."""
     names = resolve_class_names(class_names, num_classes)
     return {
         "run_identity": None if identity is None else dict(identity),
@@ -340,6 +343,7 @@ def model_metadata(
         "translator_heads": int(translator_heads),
         "encoder_name": str(encoder_name),
         "encoder_weights": None if encoder_weights is None else str(encoder_weights),
+        "encoder_digest": encoder_digest,
         "tiling": {str(k): v for k, v in dict(tiling).items()},
     }
 

@@ -43,7 +43,7 @@ from monai_fbta.handlers.checkpoint import build_inference_network
 from monai_fbta.handlers.heatmap import HeatmapWriter
 from monai_fbta.handlers.predictions import PredictionsCSV
 from monai_fbta.pipeline.paths import inside, safe_name
-from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, frozen_encoder
+from monai_fbta.pipeline.prepare import SLIDE_EXTENSIONS, model_frozen_encoder
 from monai_fbta.transforms.store import LoadStored
 
 quiet_import("monai")
@@ -215,7 +215,7 @@ def run_inference(
     network = build_inference_network(model_path, device, translator_dtype=translator_dtype)
     meta = network.metadata
     output_dir = os.fspath(output_dir)
-    encoder = frozen_encoder(meta["encoder_name"], meta["encoder_weights"], os.path.dirname(os.fspath(model_path)))
+    encoder = model_frozen_encoder(meta, os.path.dirname(os.fspath(model_path)))
     preprocess = InferencePreprocessor(
         inputs, cache_dir or inside(output_dir, "cache"), encoder, meta["tiling"], meta["class_names"], assume_mpp,
         batch_size, num_workers, device, fail_fast=not skip_errors, strict=strict,

@@ -32,7 +32,8 @@ from monai_fbta.data.datalist import (
     select_fold,
 )
 
-__all__ = ["Preprocessor", "SLIDE_EXTENSIONS", "feature_stats", "default_class_names", "frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
+__all__ = ["Preprocessor", "SLIDE_EXTENSIONS", "feature_stats", "default_class_names", "frozen_encoder",
+           "model_frozen_encoder", "find_or_make_dataset", "preprocess", "split_rows"]
 
 logger = logging.getLogger("fbta.prepare")
 
@@ -74,6 +75,26 @@ def frozen_encoder(name: str, weights: str | os.PathLike | None, ckpt_dir: str |
             torch.save(encoder.backbone.state_dict(), f)
     encoder = copy_frozen(PatchEncoder(name, weights=saved))
     encoder.weights_file = os.fspath(saved)
+    return encoder
+
+
+def model_frozen_encoder(metadata: Mapping[str, Any], ckpt_dir: str | os.PathLike) -> torch.nn.Module:
+    """The frozen extractor of a trained ``model.pt`` (its ``metadata``), from the file beside it in ``ckpt_dir``.
+
+    Refused (:class:`~monai_fbta.handlers.checkpoint.RunMismatchError`) when its weights are not the ones the model
+    was trained on (``metadata["encoder_digest"]``; models saved before it existed are not checked): a
+    ``frozen_encoder_<name>.pt`` of another run gives other features and wrong predictions without any error.
+    """
+    from monai_fbta.handlers.checkpoint import RunMismatchError
+    from monai_fbta.networks.encoder import weights_digest
+
+    encoder = frozen_encoder(metadata["encoder_name"], metadata["encoder_weights"], ckpt_dir)
+    expected = metadata.get("encoder_digest")
+    found = weights_digest(encoder.backbone.state_dict())
+    if expected is not None and found != expected:
+        raise RunMismatchError(f"{encoder.weights_file} holds other weights (digest {found}) than the frozen encoder "
+                               f"this model was trained on ({expected}): its features, and so the predictions, would "
+                               "be wrong. Put the training run's own frozen_encoder file beside model.pt")
     return encoder
 
 
