@@ -30,6 +30,15 @@ def test_resume_restores_the_best_validation_metric(tmp_path):
     ResumeTraining(tmp_path / "last.pt", objects={"head": head}, evaluator=evaluator, best_model=tmp_path / "model.pt")(trainer)
     assert evaluator.state.best_metric == 0.8 and evaluator.state.best_metric_epoch == 3
 
+    # selected by another key metric: its best value is not comparable (acc 0.667 beat the saved AUC 0.5), refused
+    save_inference_model(tmp_path / "model.pt", head, None, {"best_metric": 0.8, "epoch": 3, "key_metric": "val_auc"})
+    evaluator.state.key_metric_name = "val_acc"
+    with pytest.raises(RunMismatchError, match="model.pt was selected by val_auc and this run selects by val_acc"):
+        ResumeTraining(tmp_path / "last.pt", objects={"head": head}, evaluator=evaluator,
+                       best_model=tmp_path / "model.pt")(trainer)
+    evaluator.state.key_metric_name = "val_auc"
+    ResumeTraining(tmp_path / "last.pt", objects={"head": head}, evaluator=evaluator, best_model=tmp_path / "model.pt")(trainer)
+
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     """A folder where the demo trained, reused for other data: its last.pt is refused, saying what differs."""

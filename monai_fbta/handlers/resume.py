@@ -27,6 +27,7 @@ from ignite.engine import Engine, Events
 
 from monai_fbta._io import exclusive_lock
 from monai_fbta.handlers.checkpoint import (
+    RunMismatchError,
     check_identity,
     checkpoint_identity,
     load_checkpoint,
@@ -115,6 +116,12 @@ class ResumeTraining:
         if self.identity is not None and meta.get("run_identity") != plain_value(self.identity):
             logger.warning("%s is not this run's model: its validation metric is not restored", self.best_model)
             return
+        saved, ours = meta.get("key_metric"), getattr(self.evaluator.state, "key_metric_name", None)
+        if saved is not None and ours is not None and saved != ours:
+            raise RunMismatchError(
+                f"{self.best_model} was selected by {saved} and this run selects by {ours}: a resumed run would compare "
+                f"{ours} values with the saved best {saved} and keep the wrong model. Resume with the run's own "
+                "--key_metric, or use a new --ckpt_dir (or --resume False to start over here)")
         if "best_metric" in meta and "epoch" in meta:
             self.evaluator.state.best_metric = float(meta["best_metric"])
             self.evaluator.state.best_metric_epoch = int(meta["epoch"])
