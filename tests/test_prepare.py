@@ -111,3 +111,38 @@ def test_class_problems_name_empty_classes_and_labels_out_of_range():
     shifted = datalist_rows(6, labels=(1, 2))  # 1-based integer labels
     assert class_problems(shifted, 2)[0] == "3 slide(s) have label 2, outside 0 .. 1 for --num_classes 2"
     assert "class(es) 0 have no slides" in class_problems(shifted, 2)[1]
+
+
+def test_a_run_refuses_training_slides_whose_file_changed_since_it_learned_from_them(tmp_path):
+    """A training slide replaced in place: the cache recomputed its features, but the finished run went on ("nothing
+    left to train") and reported its test metrics with a model trained on the old pixels, rc 0."""
+    from conftest import write_csv
+    from slide_factory import tissue_rect_image, write_slide
+
+    from monai_fbta.handlers.checkpoint import RunMismatchError
+    from monai_fbta.pipeline.prepare import LEARNED_SLIDES_FILE, Preprocessor
+
+    def slide(name: str, seed: int) -> str:
+        image = tissue_rect_image(512, 512, (48, 48, 464, 464), seed)
+        return write_slide(tmp_path / f"{name}.tif", image, levels=2, tile=64)
+
+    rows = [{"slide_id": f"s{i}", "path": slide(f"s{i}", i), "label": "ab"[i % 2]} for i in range(6)]
+    datalist = write_csv(tmp_path / "labels.csv", rows)
+    models = tmp_path / "models"
+
+    def prepare(resume: bool = True) -> Preprocessor:
+        return Preprocessor(tmp_path, tmp_path / "cache", tiny_encoder(), models / "splits.json", datalist=datalist,
+                            class_names=["a", "b"], tiling=TILING, num_folds=3, val_fraction=0.5, num_classes=2,
+                            resume=resume).run()
+
+    learned = {r["slide_id"] for name in ("train", "val") for r in prepare().part(name)}
+    assert set(json.loads((models / LEARNED_SLIDES_FILE).read_text())) == learned
+    (models / "last.pt").write_bytes(b"a run trained on these slides")
+    prepare()  # unchanged slides: the run goes on
+    victim = sorted(learned)[0]
+    slide(victim, 99)  # rewritten in place
+    for _ in range(2):  # and still refused once the cache holds the new features
+        with pytest.raises(RunMismatchError, match=rf"last.pt was trained on other pixels: .* \({victim}; "):
+            prepare()
+    prepare(resume=False)  # starting over: the new slide is what the new run learns from
+    assert json.loads((models / LEARNED_SLIDES_FILE).read_text())[victim]["head_tail_sha1"]

@@ -12,6 +12,7 @@ The three steps are plain functions a script can call::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 from functools import cached_property
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 
 from monai_fbta.data.datalist import (
@@ -307,6 +309,10 @@ def split_rows(
     return parts
 
 
+LEARNED_SLIDES_FILE = "learned_slides.json"
+"""Beside ``splits.json``: the slide files a run's checkpoints learned from (:meth:`Preprocessor.run`)."""
+
+
 class Preprocessor:
     """The bundle's data preparation: find (or make) the dataset, tile + extract + cluster it, split it.
 
@@ -375,11 +381,41 @@ class Preprocessor:
         slides that failed (:func:`split_rows`)."""
         kept = preprocess(self.rows, self.cache_dir, self.encoder, self.tiling, **self.extract_kwargs)
         folder = Path(self.splits_file).parent
-        trained = [folder / "last.pt", folder / "model.pt"] if self.resume else []
+        trained = [p for p in (folder / "last.pt", folder / "model.pt") if self.resume and p.is_file()]
         self.parts = split_rows(self.rows, self.splits_file, **self.split_kwargs,
                                 usable=[r["slide_id"] for r in kept], trained=trained)
+        self._check_learned_slides(folder / LEARNED_SLIDES_FILE, trained)
         print(len(kept), "slides ready in", self.cache_dir, flush=True)
         return self
+
+    def _check_learned_slides(self, record: Path, trained: Sequence[Path]) -> None:
+        """Refuse to go on with a run trained on other pixels; else record what its slides are.
+
+        ``record`` (beside ``splits.json``) maps each training and validation slide to its file's fingerprint
+        (:func:`~monai_fbta.data.extraction.slide_fingerprint`, as its feature store recorded it). When files of a
+        trained run exist (``trained``), a slide whose file changed since is refused: the cache recomputes its
+        features, but the checkpoint learned from the old ones. Otherwise (a new run) the record is (re)written.
+        """
+        from monai_fbta._io import atomic_open
+        from monai_fbta.data.store import read_attrs, store_path
+        from monai_fbta.handlers.checkpoint import RunMismatchError
+
+        learned = {r["slide_id"]: read_attrs(store_path(self.cache_dir, r["slide_id"]), "coords").get("fingerprint", {})
+                   .get("slide") for name in ("train", "val") for r in self.part(name)}
+        if trained and record.is_file():
+            with open(record) as f:
+                saved = json.load(f)
+            changed = sorted(s for s, fp in learned.items() if s in saved and saved[s] != fp)
+            if changed:
+                raise RunMismatchError(
+                    f"{trained[0]} was trained on other pixels: the file(s) of {len(changed)} of its training or "
+                    f"validation slide(s) changed since ({', '.join(changed[:5])}; their features were recomputed, see "
+                    f"extraction_report.csv in {self.cache_dir}). Use a new --ckpt_dir for the new slides, or "
+                    "--resume False to start over here")
+            learned = {**saved, **learned}
+        if idist.get_rank() == 0:  # one writer under torchrun; every rank read the same stores
+            with atomic_open(record, "w") as f:
+                json.dump(learned, f, indent=1, sort_keys=True)
 
     def part(self, name: str) -> list[dict[str, Any]]:
         """Rows of split ``name`` (``"train"``, ``"val"`` or ``"test"``); :meth:`run` must have run."""
