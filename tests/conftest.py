@@ -89,14 +89,14 @@ def tiny_encoder(seed: int = 0) -> torch.nn.Module:
 def tiny_model(tmp_path: Path, tiling: dict) -> Path:
     from monai_fbta.handlers.checkpoint import model_metadata, save_inference_model
     from monai_fbta.networks import FeatureTranslator, build_mil_head
-    from monai_fbta.networks.encoder import weights_digest
+    from monai_fbta.data.extraction import encoder_fingerprint
     from monai_fbta.pipeline.prepare import frozen_encoder
 
     models = tmp_path / "models"
     enc = frozen_encoder("tiny_cnn", None, models)  # saves its random weights beside model.pt
     d = enc.out_features
     meta = model_metadata("abmil", d, 2, ["a", "b"], ["frozen", "translated"], "tiny_cnn", enc.weights_file, tiling, 16, 2,
-                          encoder_digest=weights_digest(enc.backbone.state_dict()))
+                          encoder_digest=encoder_fingerprint(enc)["weights"])
     torch.manual_seed(0)
     save_inference_model(models / "model.pt", build_mil_head("abmil", in_features=d, num_classes=2, hidden=16),
                          FeatureTranslator(d, num_heads=2), meta)

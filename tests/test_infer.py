@@ -138,13 +138,14 @@ def test_a_model_refuses_a_frozen_encoder_it_was_not_trained_with(tmp_path):
     """A frozen_encoder file of another run beside model.pt (easy to do when zipping bundles) gave other features
     and other probabilities with rc 0: model.pt now records its encoder's weights digest and checks it."""
     from monai_fbta.handlers.checkpoint import RunMismatchError
-    from monai_fbta.networks.encoder import PatchEncoder, weights_digest
+    from monai_fbta.data.extraction import encoder_fingerprint
+    from monai_fbta.networks.encoder import PatchEncoder
     from monai_fbta.pipeline.prepare import model_frozen_encoder
 
     model = tiny_model(tmp_path, TILING)
     meta = build_inference_network(model).metadata
     encoder = model_frozen_encoder(meta, model.parent)
-    assert weights_digest(encoder.backbone.state_dict()) == meta["encoder_digest"]
+    assert encoder_fingerprint(encoder)["weights"] == meta["encoder_digest"]
     kept = model.parent / "frozen_encoder_tiny_cnn.pt"
     torch.save(PatchEncoder("tiny_cnn").backbone.state_dict(), kept)  # another run's random weights
     with pytest.raises(RunMismatchError, match="holds other weights .* than the frozen encoder this model was trained on"):

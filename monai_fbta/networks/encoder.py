@@ -27,7 +27,6 @@ the timm classifier ``head``) are ignored, so full torchvision/timm checkpoints 
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -254,17 +253,6 @@ class PatchEncoder(nn.Module):
         for stage in stages:
             x = self._checkpointed(stage, x)
         return net.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """16 hex digits of the sha256 of a state dict's names, dtypes, shapes and values: equal for equal weights,
-    whichever file holds them (``model.pt`` records its frozen encoder's)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:

@@ -88,11 +88,11 @@ def model_frozen_encoder(metadata: Mapping[str, Any], ckpt_dir: str | os.PathLik
     ``frozen_encoder_<name>.pt`` of another run gives other features and wrong predictions without any error.
     """
     from monai_fbta.handlers.checkpoint import RunMismatchError
-    from monai_fbta.networks.encoder import weights_digest
+    from monai_fbta.data.extraction import encoder_fingerprint
 
     encoder = frozen_encoder(metadata["encoder_name"], metadata["encoder_weights"], ckpt_dir)
     expected = metadata.get("encoder_digest")
-    found = weights_digest(encoder.backbone.state_dict())
+    found = encoder_fingerprint(encoder)["weights"]
     if expected is not None and found != expected:
         raise RunMismatchError(f"{encoder.weights_file} holds other weights (digest {found}) than the frozen encoder "
                                f"this model was trained on ({expected}): its features, and so the predictions, would "
