@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from monai_fbta._quiet import quiet_import
 from monai_fbta.data.datalist import load_datalist
-from monai_fbta.data.extraction import extract_features
+from monai_fbta.data.extraction import encoder_fingerprint, extract_features
 from monai_fbta.data.store import slide_id_of
 from monai_fbta.engines.inference import FBTAInferenceEvaluator
 from monai_fbta.handlers.attention import AttentionWriter
@@ -177,12 +177,13 @@ class InferencePreprocessor:
 
 def inference_evaluator(
     network: torch.nn.Module, rows: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLike,
-    device: str | torch.device = "cpu", handlers: Sequence[Any] = (),
+    device: str | torch.device = "cpu", handlers: Sequence[Any] = (), features_of: Mapping[str, Any] | None = None,
 ) -> FBTAInferenceEvaluator:
     """What ``inference.json`` declares after preprocessing: ``Dataset(rows, Compose([LoadStored(cache_dir,
-    keys=["coords", "features"])]))``, ``DataLoader(batch_size=None)`` and the evaluator of ``network`` (a
-    :class:`~monai_fbta.networks.TranslatedMIL` taking ``[B, N, D]``) with ``handlers``."""
-    dataset = Dataset(list(rows), Compose([LoadStored(cache_dir, keys=["coords", "features"])]))
+    keys=["coords", "features"], features_of=...)]))``, ``DataLoader(batch_size=None)`` and the evaluator of
+    ``network`` (a :class:`~monai_fbta.networks.TranslatedMIL` taking ``[B, N, D]``) with ``handlers``;
+    ``features_of``: the frozen extractor's :func:`~monai_fbta.data.extraction.encoder_fingerprint`."""
+    dataset = Dataset(list(rows), Compose([LoadStored(cache_dir, keys=["coords", "features"], features_of=features_of)]))
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
     return FBTAInferenceEvaluator(device, loader, network, val_handlers=handlers)
 
@@ -223,7 +224,8 @@ def run_inference(
     handlers = [PredictionsCSV(inside(output_dir, "predictions.csv"))]
     handlers += [HeatmapWriter(inside(output_dir, "heatmaps"))] if heatmaps else []
     handlers += [AttentionWriter(inside(output_dir, "attention"))] if attention_maps else []
-    evaluator = inference_evaluator(network, preprocess.data, preprocess.cache_dir, device, handlers)
+    evaluator = inference_evaluator(network, preprocess.data, preprocess.cache_dir, device, handlers,
+                                    features_of=encoder_fingerprint(encoder))
     evaluator.run()
     preprocess.finish()
     return evaluator.state.predictions

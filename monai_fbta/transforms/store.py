@@ -30,7 +30,7 @@ from monai.config import KeysCollection  # noqa: E402
 from monai.transforms import MapTransform  # noqa: E402
 
 from monai_fbta.data.clustering import cluster_store  # noqa: E402
-from monai_fbta.data.store import SlideStore, slide_id_of, store_path  # noqa: E402
+from monai_fbta.data.store import SlideStore, StoreError, slide_id_of, store_path  # noqa: E402
 
 __all__ = ["LoadStored"]
 
@@ -48,6 +48,9 @@ class LoadStored(MapTransform):
         prefix: output key prefix with ``index_key`` (default ``"pb_"``).
         meta_key_postfix: ``coords``' tiling attrs go to ``f"coords_{meta_key_postfix}"``.
         allow_missing_keys: skip arrays the store does not have instead of raising ``StoreError``.
+        features_of: entries the ``features``' fingerprint must hold, e.g. ``encoder_fingerprint(frozen_encoder)``
+            (:func:`~monai_fbta.data.extraction.encoder_fingerprint`): a store written by another extractor, say by
+            another run sharing the cache folder, raises ``StoreError`` instead of being read as this run's.
     """
 
     def __init__(
@@ -61,8 +64,10 @@ class LoadStored(MapTransform):
         prefix: str = "pb_",
         meta_key_postfix: str = "meta_dict",
         allow_missing_keys: bool = False,
+        features_of: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.features_of = dict(features_of or {})
         self.store_dir = os.fspath(store_dir)
         self.num_clusters, self.cluster_seed, self.cluster_method = num_clusters, cluster_seed, cluster_method
         self.index_key, self.prefix = index_key, prefix
@@ -77,6 +82,15 @@ class LoadStored(MapTransform):
         """``[N]`` KMeans labels of ``store`` (a path or an open store), computed and cached in it on first use."""
         return cluster_store(store, self.num_clusters, self.cluster_seed, self.cluster_method)
 
+    def _check_features(self, store: SlideStore, slide_id: str) -> None:
+        made_by = store.attrs("features").get("fingerprint") or {}
+        differ = sorted(k for k, v in self.features_of.items() if made_by.get(k) != v)
+        if differ:
+            raise StoreError(store.path, f"the features of slide {slide_id} were made with other {', '.join(differ)} "
+                             f"than this run's frozen extractor ({', '.join(f'{k} {made_by.get(k)!r}' for k in differ)}"
+                             "): another run may have rewritten this cache folder. Give each extractor and tiling "
+                             "its own --cache_dir, and run preprocessing again")
+
     def _read(self, store: SlideStore, key: str) -> tuple[np.ndarray, dict[str, Any] | None]:
         if key == "coords":
             return store.coords()
@@ -90,6 +104,8 @@ class LoadStored(MapTransform):
             d["label"] = int(d["label"]) if d.get("label") not in (None, "") else -1
             d["image"] = os.fspath(d["image"])
         with SlideStore(path) as store:  # one open file for every read of this item
+            if self.features_of and "features" in self.keys:
+                self._check_features(store, slide_id)
             have = set(store.names()) | {"clusters"} if self.allow_missing_keys else None
             for key in self.keys:
                 if have is not None and key not in have:
