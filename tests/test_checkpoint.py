@@ -191,3 +191,16 @@ def test_the_bundle_saves_its_training_checkpoint_after_validation_and_the_metri
     config = json.loads((Path(__file__).resolve().parents[1] / "bundles/fbta_stad/configs/train.json").read_text())
     order = [h["_target_"].rsplit(".", 1)[-1] for h in config["train"]["handlers"] if isinstance(h, dict)]
     assert order.index("TrainingCheckpoint") > max(order.index("ValidationHandler"), order.index("EpochMetricsCSV"))
+
+
+def test_a_damaged_checkpoint_names_itself_last(tmp_path):
+    """torch's own message ended with advice to load with weights_only=False (unsafe) and did not name the file."""
+    from monai_fbta.handlers.checkpoint import _load
+
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    path.write_bytes(path.read_bytes()[:100])  # cut short
+    with pytest.raises(RuntimeError) as err:
+        _load(path)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "damaged, cut short or not a monai-fbta checkpoint" in lines[0]

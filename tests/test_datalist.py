@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections import Counter
 
 import pytest
@@ -49,14 +50,14 @@ def test_monai_json_datalist(tmp_path):
 
 
 def test_every_problem_reported_at_once(tmp_path):
-    _touch(tmp_path, ["a.tif", "b.tif", "c.tif"])
+    _touch(tmp_path, ["a.tif", "b.tif", "c.tif", "d.tif"])
     (tmp_path / "bad.csv").write_text(
         "slide_id,path,label,case_id\n"
         "A,a.tif,tumour,P1\n"
         "B,missing.tif,normal,P2\n"  # missing file
         "C,c.tif,cancer,P3\n"  # unknown label
         "A,b.tif,tumour,P4\n"  # duplicate slide id
-        "D,b.tif,normal,P1\n"  # P1 has both labels
+        "D,d.tif,normal,P1\n"  # P1 has both labels
     )
     with pytest.raises(DatalistError) as info:
         load_datalist(tmp_path / "bad.csv", classes=CLASSES)
@@ -141,15 +142,17 @@ def test_splits_refuse_too_few_cases():
 
 def test_datalist_reports_every_problem_at_once(tmp_path):
     good = tissue_slide(tmp_path / "good.tif")
+    for copy in ("odd", "same_patient", "badmpp"):  # each slide its own file (one file under two ids is refused)
+        shutil.copy(good, tmp_path / f"{copy}.tif")
     (tmp_path / "notes.svs").write_text("not a slide\n")
     csv_path = write_csv(tmp_path / "labels.csv", [
         {"slide_id": "good", "path": "good.tif", "label": "a", "case_id": "p1", "mpp": ""},
         {"slide_id": "gone", "path": "missing.svs", "label": "a", "case_id": "p2", "mpp": ""},
         {"slide_id": "notes", "path": "notes.svs", "label": "b", "case_id": "p3", "mpp": ""},
-        {"slide_id": "odd", "path": "good.tif", "label": "zebra", "case_id": "p4", "mpp": ""},
+        {"slide_id": "odd", "path": "odd.tif", "label": "zebra", "case_id": "p4", "mpp": ""},
         {"slide_id": "good", "path": "good.tif", "label": "a", "case_id": "p1", "mpp": ""},
-        {"slide_id": "same_patient", "path": "good.tif", "label": "b", "case_id": "p1", "mpp": ""},
-        {"slide_id": "badmpp", "path": "good.tif", "label": "a", "case_id": "p5", "mpp": "-1"},
+        {"slide_id": "same_patient", "path": "same_patient.tif", "label": "b", "case_id": "p1", "mpp": ""},
+        {"slide_id": "badmpp", "path": "badmpp.tif", "label": "a", "case_id": "p5", "mpp": "-1"},
     ])
     with pytest.raises(DatalistError) as info:
         load_datalist(csv_path, classes=["a", "b"], check_slides=True)
@@ -196,3 +199,30 @@ def test_datalist_digest_follows_content_not_file_times(tmp_path):
     assert datalist_digest(load_datalist(path)) == first
     write_csv(path, [{"slide_id": "a", "path": slide, "label": 0}])
     assert datalist_digest(load_datalist(path)) != first
+
+
+def test_excel_csv_with_a_bom_loads(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark: the header read as '\\ufeffslide_id' (missing column)."""
+    _touch(tmp_path, ["a.tif"])
+    (tmp_path / "list.csv").write_bytes("slide_id,path,label\nA,a.tif,tumour\n".encode("utf-8-sig"))
+    assert [r["slide_id"] for r in load_datalist(tmp_path / "list.csv", classes=CLASSES)] == ["A"]
+
+
+def test_one_slide_file_under_two_ids_is_refused(tmp_path):
+    """The same file under two ids was split into train and test (``train: ['synth_0003'], test: ['dup_of_0003']``)."""
+    _touch(tmp_path, ["a.tif", "b.tif"])
+    (tmp_path / "list.csv").write_text("slide_id,path,label\nA,a.tif,tumour\nB,b.tif,normal\nA2,a.tif,tumour\n")
+    with pytest.raises(DatalistError, match=r"line 4 \(slide A2\): the same file as slide 'A' \(line 2\): one slide "
+                                            r"listed twice can fall in training and in test"):
+        load_datalist(tmp_path / "list.csv", classes=CLASSES)
+
+
+def test_a_json_datalists_other_lists_are_named_as_unread(tmp_path, caplog):
+    import logging
+
+    _touch(tmp_path, ["s1.svs", "s2.svs"])
+    content = {"training": [{"image": "s1.svs", "label": 1}], "validation": [{"image": "s2.svs", "label": 0}]}
+    (tmp_path / "dl.json").write_text(json.dumps(content))
+    with caplog.at_level(logging.WARNING, logger="fbta.prepare"):
+        assert len(load_datalist(tmp_path / "dl.json")) == 1
+    assert "only its 'training' list is read; ['validation'] is not" in caplog.text

@@ -153,3 +153,16 @@ def test_a_model_refuses_a_frozen_encoder_it_was_not_trained_with(tmp_path):
     with pytest.raises(RunMismatchError, match="holds other weights"):
         run_inference(model, tmp_path / "slides", tmp_path / "out")
     assert model_frozen_encoder(dict(meta, encoder_digest=None), model.parent)  # a model.pt from before the digest
+
+
+def test_a_folder_input_names_what_it_does_not_read(tmp_path, caplog):
+    from monai_fbta.pipeline.infer import inference_rows
+
+    tissue_slide(tmp_path / "s1.tif")
+    (tmp_path / "thumb.png").write_bytes(b"png")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "labels.csv").write_text("slide_id,path,label\n")
+    with caplog.at_level(logging.WARNING, logger="fbta.inference"):
+        assert [r["slide_id"] for r in inference_rows(tmp_path)] == ["s1"]
+    assert "2 entries are not read" in caplog.text and "more/, thumb.png" in caplog.text
+    assert "labels.csv" not in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,8 @@ __all__ = [
 
 SPLIT_NAMES = ("train", "val", "test")
 
+logger = logging.getLogger("fbta.prepare")
+
 
 class DatalistError(ValueError):
     """Every problem found in a datalist, one per line (``.problems`` holds the list)."""
@@ -56,13 +59,19 @@ def _read_entries(path: Path, data_list_key: str) -> list[dict[str, Any]]:
         entries = content.get(data_list_key) if isinstance(content, dict) else content
         if not isinstance(entries, list):
             raise DatalistError(str(path), [f"no list under key {data_list_key!r}"])
+        unread = sorted(k for k, v in content.items() if k != data_list_key and isinstance(v, list)) \
+            if isinstance(content, dict) else []
+        if unread:
+            logger.warning("%s: only its %r list is read; %s %s not (splits are made by monai-fbta from the slides "
+                           "listed under %r)", path, data_list_key, unread, "is" if len(unread) == 1 else "are",
+                           data_list_key)
         out = []
         for i, e in enumerate(entries):
             entry = dict(e) if isinstance(e, Mapping) else {"image": e}
             entry["_where"] = f"entry {i}"
             out.append(entry)
         return out
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         fields = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in ("slide_id", "path", "label") if c not in fields]
@@ -182,7 +191,8 @@ def datalist_digest(rows: Sequence[Mapping[str, Any]]) -> str:
 def validate_rows(
     rows: Sequence[Mapping[str, Any]], classes: Sequence[str] | None = None, raise_error: bool = True
 ) -> list[str]:
-    """Problems across rows: empty list, duplicate slide ids, a case with slides of different labels.
+    """Problems across rows: empty list, duplicate slide ids, one slide file under two ids (it could fall in training
+    and test), a case with slides of different labels.
 
     Raises :class:`DatalistError` with all of them when ``raise_error`` (else returns them).
     """
@@ -190,6 +200,7 @@ def validate_rows(
     if not rows:
         problems.append("the datalist is empty")
     seen: dict[str, str] = {}
+    files: dict[str, tuple[str, str]] = {}
     case_labels: dict[str, set] = defaultdict(set)
     for i, row in enumerate(rows):
         where = row.get("_where", f"row {i}")
@@ -198,6 +209,11 @@ def validate_rows(
             problems.append(f"{where}: duplicate slide_id {sid!r} (first at {seen[sid]})")
         else:
             seen[sid] = where
+        image = str(row.get("image") or "")
+        first_id, first_at = files.setdefault(image, (sid, where)) if image else (sid, where)
+        if first_id != sid:
+            problems.append(f"{where} (slide {sid}): the same file as slide {first_id!r} ({first_at}): one slide listed "
+                            "twice can fall in training and in test; list it once")
         if row.get("label") is not None:
             case_labels[row.get("case_id", sid)].add(row["label"])
     for case, labels in case_labels.items():

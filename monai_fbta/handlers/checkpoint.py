@@ -136,8 +136,10 @@ def _load(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"checkpoint {path} could not be loaded: {err}") from err
+    except Exception as err:  # torch's message ends with advice to retry with weights_only=False (unsafe): cut it
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RuntimeError(f"checkpoint {path} could not be loaded ({first}): the file is damaged, cut short or "
+                           "not a monai-fbta checkpoint") from err
     for name, state in blob.items():
         if isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith(DDP_PREFIX) for k in state):
             blob[name] = {k[len(DDP_PREFIX):]: v for k, v in state.items()}

@@ -70,14 +70,23 @@ def inference_rows(inputs: str | os.PathLike | Sequence[str], class_names: Seque
     return _slide_rows(inputs)
 
 
+_NOT_IMAGES = (".csv", ".json", ".txt", ".md", ".log", ".yaml", ".yml")  # a folder's tables and notes: not worth a word
+
+
 def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any]]:
     """``{"slide_id", "image"}`` for a slide file, a folder of slides or a list of slide paths."""
     if isinstance(inputs, (list, tuple)):
         paths = [Path(p) for p in inputs]
     elif Path(inputs).is_dir():
-        paths = sorted(p for p in Path(inputs).iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
+        entries = sorted(Path(inputs).iterdir())
+        paths = [p for p in entries if p.suffix.lower() in SLIDE_EXTENSIONS]
         if not paths:
             raise FileNotFoundError(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) in {inputs}")
+        others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in paths and not p.name.startswith(".")
+                  and p.suffix.lower() not in _NOT_IMAGES]
+        if others:
+            logger.warning("%s: %d entr%s not read (not %s; subfolders are not searched): %s", inputs, len(others),
+                           "y is" if len(others) == 1 else "ies are", "/".join(SLIDE_EXTENSIONS), ", ".join(others[:10]))
     else:
         paths = [Path(inputs)]
     missing = [str(p) for p in paths if not p.is_file()]
