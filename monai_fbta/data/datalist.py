@@ -165,7 +165,9 @@ def load_datalist(
     return rows
 
 
-def class_problems(rows: Sequence[Mapping[str, Any]], num_classes: int, classes: Sequence[str] | None = None) -> list[str]:
+def class_problems(
+    rows: Sequence[Mapping[str, Any]], num_classes: int, classes: Sequence[str] | None = None
+) -> list[str]:
     """Labels outside ``0 .. num_classes - 1`` and classes without a slide: a class the datalist never shows
     cannot be learned or scored (its validation AUC is undefined, and model selection stalls on NaN)."""
     counts = Counter(int(r["label"]) for r in rows)
@@ -174,8 +176,8 @@ def class_problems(rows: Sequence[Mapping[str, Any]], num_classes: int, classes:
                 for label, n in sorted(counts.items()) if not 0 <= label < num_classes]
     empty = [name(c) for c in range(num_classes) if not counts.get(c)]
     if empty:
-        problems.append(f"class(es) {', '.join(empty)} have no slides in the datalist (of --num_classes {num_classes}): "
-                        "remove them from --class_names and lower --num_classes, or add their slides")
+        problems.append(f"class(es) {', '.join(empty)} have no slides in the datalist (of --num_classes "
+                        f"{num_classes}): remove them from --class_names and lower --num_classes, or add their slides")
     return problems
 
 
@@ -212,8 +214,8 @@ def validate_rows(
         image = str(row.get("image") or "")
         first_id, first_at = files.setdefault(image, (sid, where)) if image else (sid, where)
         if first_id != sid:
-            problems.append(f"{where} (slide {sid}): the same file as slide {first_id!r} ({first_at}): one slide listed "
-                            "twice can fall in training and in test; list it once")
+            problems.append(f"{where} (slide {sid}): the same file as slide {first_id!r} ({first_at}): one slide "
+                            "listed twice can fall in training and in test; list it once")
         if row.get("label") is not None:
             case_labels[row.get("case_id", sid)].add(row["label"])
     for case, labels in case_labels.items():

@@ -330,8 +330,9 @@ def model_metadata(
 ) -> dict[str, Any]:
     """Plain-Python description of the inference network (stored in ``model.pt``), with the run's ``identity``;
     ``mil_kwargs``: the head's other constructor arguments (e.g. MambaMIL's ``num_layers``); ``encoder_digest``:
-    ``weights`` of :func:`~monai_fbta.data.extraction.encoder_fingerprint` of the frozen encoder whose features the head reads, checked
-    when a model's encoder is loaded (:func:`~monai_fbta.pipeline.prepare.model_frozen_encoder`)."""
+    the ``weights`` entry of :func:`~monai_fbta.data.extraction.encoder_fingerprint` of the frozen encoder whose
+    features the head reads, checked when a model's encoder is loaded
+    (:func:`~monai_fbta.pipeline.prepare.model_frozen_encoder`)."""
     names = resolve_class_names(class_names, num_classes)
     return {
         "run_identity": None if identity is None else dict(identity),
