@@ -87,13 +87,15 @@ def model_frozen_encoder(metadata: Mapping[str, Any], ckpt_dir: str | os.PathLik
     was trained on (``metadata["encoder_digest"]``; models saved before it existed are not checked): a
     ``frozen_encoder_<name>.pt`` of another run gives other features and wrong predictions without any error.
     """
-    from monai_fbta.handlers.checkpoint import RunMismatchError
     from monai_fbta.data.extraction import encoder_fingerprint
+    from monai_fbta.handlers.checkpoint import RunMismatchError
 
     encoder = frozen_encoder(metadata["encoder_name"], metadata["encoder_weights"], ckpt_dir)
     expected = metadata.get("encoder_digest")
+    if expected is None:
+        return encoder
     found = encoder_fingerprint(encoder)["weights"]
-    if expected is not None and found != expected:
+    if found != expected:
         raise RunMismatchError(f"{encoder.weights_file} holds other weights (digest {found}) than the frozen encoder "
                                f"this model was trained on ({expected}): its features, and so the predictions, would "
                                "be wrong. Put the training run's own frozen_encoder file beside model.pt")
