@@ -29,8 +29,9 @@ def tissue_fractions(mask: np.ndarray, coords: np.ndarray, size0: int, slide_wh:
     """
     mh, mw = mask.shape
     sx, sy = mw / slide_wh[0], mh / slide_wh[1]
-    integral = np.zeros((mh + 1, mw + 1), np.int64)
-    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    count = np.int32 if mh * mw < 2**31 else np.int64  # the integral image's largest entry is mh * mw
+    integral = np.zeros((mh + 1, mw + 1), count)
+    integral[1:, 1:] = mask.astype(count).cumsum(0, dtype=count).cumsum(1, dtype=count)
     x0 = np.round(coords[:, 0] * sx).astype(np.int64)
     y0 = np.round(coords[:, 1] * sy).astype(np.int64)
     x1 = np.maximum(np.round((coords[:, 0] + size0) * sx).astype(np.int64), x0 + 1)
