@@ -8,8 +8,10 @@ import json
 import os
 import re
 import shutil
+import platform
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,11 @@ def test_training_from_empty_dataset_dir(trained):
     blob = torch.load(trained / "models" / "model.pt", weights_only=True)
     assert blob["metadata"]["encoder_name"] == "tiny_cnn" and blob["metadata"]["views"] == ["frozen", "e2e", "translated"]
     assert not list(trained.glob("cufile.log"))
+    # the software the model was trained and evaluated with, and the slides written with, is on record
+    here = {"torch": metadata.version("torch"), "numpy": metadata.version("numpy"), "python": platform.python_version()}
+    datalist = json.loads((data / "datalist.json").read_text())
+    for record in (blob["metadata"]["environment"], metrics["environment"], metrics["trained_with"], datalist["written_with"]):
+        assert {k: record.get(k) for k in here} == here and "tifffile" in record and "scikit-learn" in record
 
 
 def test_a_run_on_a_ready_cache_trains_the_same_as_the_run_that_built_it(trained, tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from monai_fbta._io import atomic_open, inside
+from monai_fbta.environment import package_versions
 from monai_fbta.handlers.checkpoint import RunMismatchError, check_identity, load_inference_model, load_inference_networks
 from monai_fbta.handlers.predictions import write_predictions_csv
 
@@ -84,6 +85,8 @@ def evaluate_checkpoint(
         "metrics": metrics,
         "confusion_matrix": getattr(evaluator.state, "confusion_matrix", None),
         "confusion_matrix_vanilla": getattr(evaluator.state, "confusion_matrix_vanilla", None),
+        "environment": package_versions(),
+        "trained_with": meta.get("environment"),
     }
     lines = [f"held-out {split} set ({len(rows)} slides), model {model_path}:"]
     lines += [f"  {k:<28s} {v:.4f}" for k, v in sorted(metrics.items())]
