@@ -9,12 +9,13 @@ import pytest
 from conftest import real_slide
 from monai.data import MetaTensor
 from monai.transforms import Compose
+from skimage.color import rgb2hsv
 from slide_factory import tissue_rect_image, write_slide
 
 from monai_fbta.data.errors import MissingMPPError, NoTissueError, SlideError
 from monai_fbta.data.slide import open_slide
-from monai_fbta.data.tiling import tile_slide
-from monai_fbta.data.tissue import tissue_mask
+from monai_fbta.data.tiling import tile_slide, tissue_fractions
+from monai_fbta.data.tissue import saturation, tissue_mask
 from monai_fbta.transforms.tiling import TissueTile, TissueTiled
 
 # 1024 x 768 slide; tissue exactly covers 5 x 3 patches of 64 px at level 0 (x 128..448, y 192..384)
@@ -25,6 +26,20 @@ RECT = (128, 192, 128 + 5 * 64, 192 + 3 * 64)
 def rect_slide(tmp_path_factory) -> str:
     img = tissue_rect_image(768, 1024, RECT)
     return write_slide(tmp_path_factory.mktemp("t") / "rect.tif", img, levels=3, tile=64, compression="zlib", mpp=0.25)
+
+
+def test_saturation_is_hsv_saturation_and_tissue_fractions_are_window_means():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    rgb[0, :3] = 0  # black: saturation 0
+    assert np.allclose(saturation(rgb), rgb2hsv(rgb)[..., 1], atol=1e-6)
+    mask = rng.random((40, 60)) < 0.3
+    coords = np.array([[0, 0], [10, 20], [50, 30], [-8, 5], [55, 36]])  # level-0 px; the last two cross the border
+    expected = []
+    for x, y in coords:
+        inside = mask[max(y, 0) : y + 8, max(x, 0) : x + 8]
+        expected.append(inside.sum() / 64)  # the part outside the slide counts as background
+    assert np.allclose(tissue_fractions(mask, coords, 8, (60, 40)), expected)
 
 
 def test_tissue_mask_rectangle_and_white():
