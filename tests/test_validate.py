@@ -37,6 +37,10 @@ def test_settings_problems_name_the_option_and_what_is_wrong(tmp_path):
     with pytest.raises(DatalistError, match="class 1 has 2 case"):  # not scikit-learn's n_splits message
         make_splits(load_datalist(datalist, classes=["a", "b"]), num_folds=5)
     assert "--datalist" in settings_problems(num_classes=2, class_names=["a", "b"], datalist=tmp_path / "nope.csv")[0]
+    # a repeated or space-padded class name is named as such (it used to end in "unknown label" for every slide)
+    assert settings_problems(num_classes=2, class_names=["a", "a"]) == [
+        "--class_names ['a', 'a'] names ['a'] more than once: a label could then mean two classes"]
+    assert settings_problems(num_classes=2, class_names=["a", " b"])[0].startswith("--class_names ['a', ' b']: [' b'] begin")
 
 
 def _write_empty(path) -> str:

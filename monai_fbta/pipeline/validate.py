@@ -81,10 +81,21 @@ def _class_problems(num_classes: int | None, class_names: Sequence[str] | None) 
         return []
     if int(num_classes) < 2:
         return [f"--num_classes {num_classes}: a classifier needs at least 2 classes"]
-    if class_names is not None and len(class_names) != int(num_classes):
-        return [f"--class_names has {len(class_names)} name(s) {list(class_names)} but --num_classes is {num_classes}: "
-                "give one name per class"]
-    return []
+    if class_names is None:
+        return []
+    names = [str(n) for n in class_names]
+    problems = []
+    if len(names) != int(num_classes):
+        problems.append(f"--class_names has {len(names)} name(s) {names} but --num_classes is {num_classes}: "
+                        "give one name per class")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        problems.append(f"--class_names {names} names {repeated} more than once: a label could then mean two classes")
+    padded = [n for n in names if n != n.strip() or not n]
+    if padded:
+        problems.append(f"--class_names {names}: {padded} begin or end with spaces or are empty; the datalist's labels "
+                        "are read without surrounding spaces, so no label would match them")
+    return problems
 
 
 def _fold_problems(fold: int | None, num_folds: int | None, val_fraction: float | None) -> list[str]:
