@@ -4,6 +4,9 @@ names refused). The same faults through real ``python -m monai.bundle`` commands
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from conftest import write_csv
 
 from monai_fbta.data.datalist import DatalistError, load_datalist, make_splits
-from monai_fbta.pipeline.validate import RENAMED_OPTIONS, option_problems, settings_problems
+from monai_fbta.pipeline.validate import INTERRUPTED, RENAMED_OPTIONS, option_problems, settings_problems
 
 torch.set_num_threads(1)
 
@@ -62,3 +65,24 @@ def test_one_name_per_option_across_training_evaluation_and_inference():
     assert not RENAMED_OPTIONS.keys() & (train | evaluate | infer)  # old names are refused, not read
     assert {"assume_mpp", "extract_batch_size", "num_workers", "fail_fast", "strict"} <= train & infer
     assert "model_path" in evaluate & infer
+
+
+def _last_stderr_lines(code: str) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MONAI_FBTA_TRACEBACK"}
+    done = subprocess.run([sys.executable, "-c", "from monai_fbta.pipeline.validate import install_excepthook\n"
+                           "install_excepthook()\n" + code], capture_output=True, text=True, env=env, timeout=120)
+    return done.returncode, done.stderr
+
+
+def test_ctrl_c_and_unusable_inference_inputs_end_in_one_line_without_a_traceback(tmp_path):
+    rc, err = _last_stderr_lines("raise KeyboardInterrupt")
+    assert rc != 0 and "Traceback" not in err and err.strip().splitlines()[-1] == INTERRUPTED
+    for folder in ("a", "b"):  # one slide id, two files
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "s1.tif").write_bytes(b"")
+    rc, err = _last_stderr_lines("from monai_fbta.pipeline.infer import inference_rows\n"
+                                 f"inference_rows([{str(tmp_path / 'a' / 's1.tif')!r}, {str(tmp_path / 'b' / 's1.tif')!r}])")
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: InferenceInputError: several input slides share the slide id(s) ['s1']")
+    rc, err = _last_stderr_lines(f"from monai_fbta.pipeline.infer import inference_rows\ninference_rows({str(tmp_path / 'c.tif')!r})")
+    assert rc == 1 and "Traceback" not in err and "error: MissingInputError: slide file(s) not found" in err.splitlines()[-1]

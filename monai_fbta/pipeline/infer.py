@@ -50,13 +50,22 @@ quiet_import("monai")
 from monai.data import Dataset  # noqa: E402
 from monai.transforms import Compose  # noqa: E402
 
-__all__ = ["InferenceError", "InferencePreprocessor", "inference_rows", "inference_evaluator", "run_inference"]
+__all__ = ["InferenceError", "InferenceInputError", "InferencePreprocessor", "MissingInputError", "inference_rows",
+           "inference_evaluator", "run_inference"]
 
 logger = logging.getLogger("fbta.inference")
 
 
 class InferenceError(RuntimeError):
     """Inference produced nothing (every slide failed), or a slide failed in strict mode."""
+
+
+class InferenceInputError(ValueError):
+    """The slides to predict cannot be taken as given: none in a folder, missing files, two with one slide id."""
+
+
+class MissingInputError(InferenceInputError, FileNotFoundError):
+    """An input slide file or folder does not exist, or a folder holds no slides."""
 
 
 def inference_rows(inputs: str | os.PathLike | Sequence[str], class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -81,7 +90,7 @@ def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any
         entries = sorted(Path(inputs).iterdir())
         paths = [p for p in entries if p.suffix.lower() in SLIDE_EXTENSIONS]
         if not paths:
-            raise FileNotFoundError(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) in {inputs}")
+            raise MissingInputError(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) in {inputs}")
         others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in paths and not p.name.startswith(".")
                   and p.suffix.lower() not in _NOT_IMAGES]
         if others:
@@ -91,12 +100,13 @@ def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any
         paths = [Path(inputs)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"slide file(s) not found: {missing}")
+        raise MissingInputError(f"slide file(s) not found: {missing}")
     rows = [{"slide_id": safe_name(slide_id_of(p)), "image": str(p.resolve())} for p in paths]
     ids = [r["slide_id"] for r in rows]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
-        raise ValueError(f"several input slides share the slide id(s) {dupes}: rename them or use a datalist")
+        raise InferenceInputError(f"several input slides share the slide id(s) {dupes}: predictions, heatmaps and cached "
+                                  "features are named by it; rename them or list them in a datalist with distinct slide_id values")
     return rows
 
 

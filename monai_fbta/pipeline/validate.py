@@ -230,16 +230,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from monai_fbta.data.datalist import DatalistError
     from monai_fbta.data.errors import SlideError
     from monai_fbta.handlers.checkpoint import RunMismatchError
-    from monai_fbta.pipeline.infer import InferenceError
+    from monai_fbta.pipeline.infer import InferenceError, InferenceInputError
 
-    return DatalistError, SlideError, RunMismatchError, InferenceError, LockHeld
+    return DatalistError, SlideError, RunMismatchError, InferenceError, InferenceInputError, LockHeld
+
+
+INTERRUPTED = ("interrupted: rerun the same command to go on where it stopped (finished slides, cached features and "
+               "the last finished epoch are kept)")
 
 
 def install_excepthook() -> None:
     """Make an uncaught exception end with one line naming its root cause.
 
     For our own user-facing errors (bad datalist, bad slide, another run's checkpoint, a run another process
-    holds, nothing predicted) only that line is printed; set ``MONAI_FBTA_TRACEBACK=1`` to see the traceback too.
+    holds, unusable inference inputs, nothing predicted) only that line is printed, and for Ctrl-C only
+    :data:`INTERRUPTED`; set ``MONAI_FBTA_TRACEBACK=1`` to see the traceback too.
     """
     previous = sys.excepthook
     if getattr(previous, "_fbta", False):
@@ -247,11 +252,14 @@ def install_excepthook() -> None:
 
     def hook(etype: type[BaseException], value: BaseException, tb: Any) -> None:
         root = _root_cause(value)
-        if not isinstance(root, _user_errors()) or os.environ.get("MONAI_FBTA_TRACEBACK") == "1":
+        quiet = isinstance(root, (*_user_errors(), KeyboardInterrupt)) and os.environ.get("MONAI_FBTA_TRACEBACK") != "1"
+        if not quiet:
             previous(etype, value, tb)
-        if not isinstance(value, KeyboardInterrupt):
+        if isinstance(root, KeyboardInterrupt):
+            sys.stderr.write(f"\n{INTERRUPTED}\n")
+        else:
             sys.stderr.write(f"\nerror: {type(root).__name__}: {root}\n")
-            sys.stderr.flush()
+        sys.stderr.flush()
 
     hook._fbta = True  # type: ignore[attr-defined]
     sys.excepthook = hook
