@@ -57,7 +57,19 @@ def compare_reports(reports: Mapping[str, Mapping[str, Any]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     line = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     title = f"held-out {split} slides: {first.get('num_slides')} ({', '.join(first.get('class_names') or [])})"
-    return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows), *_resolution(first)])
+
+
+def _resolution(report: Mapping[str, Any]) -> list[str]:
+    """What one slide is worth in balanced accuracy on this test set (from its confusion matrix's class counts), so
+    that a difference of a slide or two is read as what it is."""
+    matrix = report.get("confusion_matrix")
+    counts = [sum(row) for row in matrix] if matrix else []
+    if not counts or min(counts) < 1:
+        return []
+    step = 1 / (len(counts) * min(counts))
+    return [f"one slide moves balanced accuracy by up to {step:.3f} here ({min(counts)} slide(s) in the smallest class);",
+            "a difference of a slide or two does not rank methods: cross-validation does (benchmarks/bench_accuracy.py)"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
