@@ -76,6 +76,10 @@ TITLES = {
     "accuracy_v3_translated_head": "Accuracy study, variant `v3` with FBTA's translated-head stage (2026-11-27, sessions "
                                    "17-18; 3072 px slides, lesions on 5% of the tissue, generator seed 3; seeds 0-2, all "
                                    "three rows drawn again; the bundle as it is, not tuned on this set)",
+    "accuracy_demo_scale": "Accuracy study at the README demo's scale: its 60 slides (generator seed 0), 5 folds, seed 0, "
+                           "20 epochs, the bundle as the demo runs it (2026-11-27, session 21; docs/method.md)",
+    "accuracy_demo_scale_epochs_40": "Accuracy study at the README demo's scale with the bundle's 40 epochs (the same 60 "
+                                     "slides, folds and seed; 2026-11-27, session 21; docs/method.md)",
     "memory": "Peak memory of one training iteration vs bag size",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
