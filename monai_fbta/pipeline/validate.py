@@ -93,8 +93,8 @@ def _class_problems(num_classes: int | None, class_names: Sequence[str] | None) 
         problems.append(f"--class_names {names} names {repeated} more than once: a label could then mean two classes")
     padded = [n for n in names if n != n.strip() or not n]
     if padded:
-        problems.append(f"--class_names {names}: {padded} begin or end with spaces or are empty; the datalist's labels "
-                        "are read without surrounding spaces, so no label would match them")
+        problems.append(f"--class_names {names}: {padded} begin or end with spaces or are empty; a CSV datalist's "
+                        "labels are read without surrounding spaces, so none would match them")
     return problems
 
 
