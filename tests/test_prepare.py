@@ -47,6 +47,10 @@ def test_splits_file_follows_its_datalist(tmp_path, caplog):
     assert json.loads(path.read_text())["datalist_sha256"] == datalist_digest(relabelled)
     split_rows(relabelled, path, num_folds=2, val_fraction=0.5)
     assert json.loads(path.read_text())["num_folds"] == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fbta.prepare"):
+        parts = split_rows(relabelled, tmp_path / "no_val.json", num_folds=2, val_fraction=0)
+    assert not parts["val"] and "fold 0 has no validation slides (--val_fraction 0)" in caplog.text
 
     hand_made = {"folds": [{"train": ["p1"], "val": [], "test": ["p2"]}]}
     path.write_text(json.dumps(hand_made))

@@ -308,6 +308,10 @@ def split_rows(
                                                    for name in emptied])
         parts = {name: [r for r in part if r["slide_id"] in usable] for name, part in parts.items()}
     logger.info("fold %d: %s", fold, {k: len(v) for k, v in parts.items()})
+    if not parts.get("val"):
+        logger.warning("fold %d has no validation slides (--val_fraction 0): the bundle then chooses model.pt on the "
+                       "training slides' own metrics, which flatter it; --val_fraction 0.2 chooses it on held-out "
+                       "slides", fold)
     return parts
 
 

@@ -88,7 +88,7 @@ def evaluate_checkpoint(
         "environment": package_versions(),
         "trained_with": meta.get("environment"),
     }
-    lines = [f"held-out {split} set ({len(rows)} slides), model {model_path}:"]
+    lines = [f"{'' if split == 'train' else 'held-out '}{split} set ({len(rows)} slides), model {model_path}:"]
     lines += [f"  {k:<28s} {v:.4f}" for k, v in sorted(metrics.items())]
     print("\n".join(lines), flush=True)
     if metrics_path is not None:

@@ -98,8 +98,19 @@ def _class_problems(num_classes: int | None, class_names: Sequence[str] | None) 
     return problems
 
 
-def _fold_problems(fold: int | None, num_folds: int | None, val_fraction: float | None) -> list[str]:
-    problems = []
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fold_problems(
+    fold: int | None, num_folds: int | None, val_fraction: float | None, split_seed: int | None = None
+) -> list[str]:
+    problems = [f"--{name} {value!r}: give a whole number" for name, value in
+                (("fold", fold), ("num_folds", num_folds), ("split_seed", split_seed)) if value is not None and not _is_int(value)]
+    if problems:
+        return problems
+    if split_seed is not None and not 0 <= split_seed < 2**32:
+        problems.append(f"--split_seed {split_seed}: give a whole number in 0 .. 2**32 - 1")
     if num_folds is not None and int(num_folds) < 2:
         problems.append(f"--num_folds {num_folds}: cross-validation needs at least 2 folds")
     elif fold is not None and num_folds is not None and not 0 <= int(fold) < int(num_folds):
@@ -153,6 +164,8 @@ def settings_problems(
     assume_mpp: float | None = None,
     fbta_checkpoint: str | os.PathLike | None = None,
     lambda_dist: float | None = None,
+    split_seed: int | None = None,
+    eval_split: str | None = None,
 ) -> list[str]:
     """Every problem of the given settings (``None`` = not checked), each naming its bundle option."""
     from monai_fbta.engines.losses import VIEWS
@@ -166,7 +179,9 @@ def settings_problems(
             problems.append(f"--views {listed}: give a non-empty list of distinct names from {list(VIEWS)}")
     problems += _class_problems(num_classes, class_names)
     problems += _encoder_problems(encoder_name, encoder_weights)
-    problems += _fold_problems(fold, num_folds, val_fraction)
+    problems += _fold_problems(fold, num_folds, val_fraction, split_seed)
+    if eval_split is not None:
+        problems += _choice_problem("eval_split", eval_split, ["test", "val", "train"])
     if not problems:  # the datalist check needs valid class names and folds
         problems += _datalist_problems(dataset_dir, datalist, class_names, num_folds, val_fraction)
     if model_path is not None and not os.path.isfile(model_path):
