@@ -303,9 +303,26 @@ def test_new_data_in_a_used_bundle_folder_is_refused_before_any_work(trained, tm
     last = bundle_fails(args, cwd=tmp_path)
     assert last[-1].startswith(f"error: RunMismatchError: {trained / 'models' / 'last.pt'} is the checkpoint of another run")
     for part in ("class_names differs (saved: ['inflammation', 'pleomorphic', 'glandular']; now: ['x', 'y', 'z'])",
-                 "use a new --ckpt_dir for this run, or --resume False"):
+                 "use a new --ckpt_dir and a new --output_dir for this run, or --resume False"):
         assert part in last[-1]
     assert not (tmp_path / "cache").exists() and (trained / "models" / "splits.json").read_text() == splits
+
+
+def test_another_run_in_a_used_output_folder_or_with_other_training_settings_is_refused(trained, tmp_path):
+    """A run with its own --ckpt_dir but the first run's --output_dir used to replace its test report and resume its
+    metrics rows; a rerun with another learning rate or seed resumed with the old optimiser state, or, finished,
+    reported the old model as its own. Both are refused before any work, naming what differs."""
+    outputs = {p.name: p.read_bytes() for p in (trained / "eval").iterdir() if p.is_file() and not p.name.startswith(".")}
+    common = ["run", "training", "--config_file", TRAIN, *TINY, "--dataset_dir", str(trained / "data"),
+              "--cache_dir", str(trained / "cache"), "--output_dir", str(trained / "eval")]
+    last = bundle_fails([*common, "--ckpt_dir", str(tmp_path / "models_fold1"), "--fold", "1"], cwd=tmp_path)
+    assert last[-1].startswith(f"error: RunMismatchError: --output_dir {trained / 'eval'} holds the outputs of another "
+                               "run: fold differs (saved: 0; now: 1)"), last[-1]
+    assert "a new --output_dir" in last[-1]
+    last = bundle_fails([*common, "--ckpt_dir", str(trained / "models"), "--lr_mil", "0.01", "--seed", "1"], cwd=tmp_path)
+    assert last[-1].startswith(f"error: RunMismatchError: {trained / 'models' / 'last.pt'} is the checkpoint of another run")
+    assert "lr_mil differs (saved: 0.0001; now: 0.01)" in last[-1] and "seed differs (saved: 0; now: 1)" in last[-1]
+    assert {p.name: p.read_bytes() for p in (trained / "eval").iterdir() if p.is_file() and not p.name.startswith(".")} == outputs
 
 
 def test_a_second_training_process_in_the_same_checkpoint_folder_stops_naming_the_first(trained, tmp_path):

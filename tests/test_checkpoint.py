@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,13 @@ from torch.utils.data import DataLoader
 
 from monai_fbta.engines import FBTAEvaluator
 from monai_fbta.handlers import BestModelSaver, TrainingCheckpoint
-from monai_fbta.handlers.checkpoint import load_checkpoint, load_inference_model, training_objects
+from monai_fbta.handlers.checkpoint import (
+    RunMismatchError,
+    build_inference_network,
+    load_checkpoint,
+    load_inference_model,
+    training_objects,
+)
 from monai_fbta.networks.abmil import ABMIL
 from monai_fbta.networks.translator import FeatureTranslator
 
@@ -97,7 +105,7 @@ def test_model_pt_rebuilds_a_head_with_non_default_arguments(tmp_path):
     """model.pt kept only the head's name and hidden size: a 1-layer MambaMIL came back with 2 layers and failed to
     load (the bundle's evaluation crashed after training). Its other arguments (``mil_kwargs``) travel with it now."""
     from monai_fbta.handlers.checkpoint import (
-        RunMismatchError, check_identity, load_inference_networks, model_metadata, save_inference_model,
+        check_identity, load_inference_networks, model_metadata, save_inference_model,
     )
     from monai_fbta.networks import build_mil_head
 
@@ -204,3 +212,19 @@ def test_a_damaged_checkpoint_names_itself_last(tmp_path):
         _load(path)
     lines = str(err.value).splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "damaged, cut short or not a monai-fbta checkpoint" in lines[0]
+
+
+def test_the_export_network_refuses_a_metadata_json_that_describes_another_model(tmp_path):
+    """``ckpt_export`` embeds the bundle's metadata.json in model.ts: a model of other classes or another D used to
+    be exported under the shipped class names (exit 0)."""
+    model_pt = tiny_model(tmp_path, {"patch_size": 64})  # classes ['a', 'b'], D = tiny_cnn's 64
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "bundles" / "fbta_stad" / "configs" / "metadata.json")
+                         .read_text())["network_data_format"]
+    with pytest.raises(RunMismatchError) as err:
+        build_inference_network(model_pt, channels_first=True, network_data_format=shipped)
+    assert "channel_def names ['inflammation', 'pleomorphic', 'glandular'], the model predicts ['a', 'b']" in str(err.value)
+    assert "num_channels is 3, the model has 2 classes" in str(err.value) and "Set network_data_format" in str(err.value)
+    fitting = json.loads(json.dumps(shipped))
+    fitting["outputs"]["pred"].update(num_channels=2, channel_def={"0": "a", "1": "b"})
+    assert build_inference_network(model_pt, channels_first=True, network_data_format=fitting).metadata["class_names"] == ["a", "b"]
+    assert build_inference_network(model_pt, network_data_format={}) is not None  # no metadata read: nothing to check

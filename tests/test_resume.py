@@ -7,8 +7,9 @@ import torch
 from conftest import RUN_SETTINGS, datalist_rows
 from ignite.engine import Engine
 
-from monai_fbta.handlers import ResumeTraining, TrainingCheckpoint, check_resume, run_identity
-from monai_fbta.handlers.checkpoint import RunMismatchError, save_checkpoint
+from monai_fbta.handlers import ResumeTraining, TrainingCheckpoint, check_output_dir, check_resume, claim_output_dir, run_identity
+from monai_fbta.handlers.checkpoint import RunMismatchError, check_identity, save_checkpoint
+from monai_fbta.handlers.resume import OUTPUT_IDENTITY_FILE
 from monai_fbta.networks import ABMIL
 
 torch.set_num_threads(1)
@@ -86,3 +87,19 @@ def test_an_encoder_weights_file_counts_by_its_content_not_its_path_spelling(tmp
     assert run_identity(datalist_rows(), ["a", "b"], 2, dict(RUN_SETTINGS, encoder_weights="w.pt")) != relative
     tag = run_identity(datalist_rows(), ["a", "b"], 2, dict(RUN_SETTINGS, encoder_weights="imagenet"))
     assert tag["encoder_weights"] == "imagenet"  # a pretrained tag is not a file: kept as it is
+
+
+def test_an_output_folder_belongs_to_one_run(tmp_path):
+    identity = {"datalist_sha256": "abc", "num_slides": 3, "fold": 0, "training": {"seed": 0, "lr_mil": 1e-4}}
+    other = {**identity, "fold": 1, "training": {"seed": 0, "lr_mil": 1e-3}}
+    out = tmp_path / "eval"
+    assert check_output_dir(out, identity) and check_output_dir(out, other)  # nobody's yet: a refused run claims nothing
+    assert claim_output_dir(out, identity) and (out / OUTPUT_IDENTITY_FILE).is_file()
+    assert check_output_dir(out, dict(identity))  # the same run again: resumes
+    with pytest.raises(RunMismatchError, match="holds the outputs of another run: fold differs .*lr_mil differs"):
+        check_output_dir(out, other)
+    assert check_output_dir(out, other, enabled=False) and claim_output_dir(out, other)  # --resume False: starts over
+    assert check_output_dir(out, other)
+    # a checkpoint from before the training settings were recorded is compared on the rest only
+    old = {k: v for k, v in identity.items() if k != "training"}
+    assert check_identity(old, identity, "x", "y") is None

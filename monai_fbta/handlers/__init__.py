@@ -16,7 +16,7 @@ from monai_fbta.handlers.metrics_csv import EpochMetricsCSV
 from monai_fbta.handlers.predictions import PredictionsCSV, write_predictions_csv
 from monai_fbta.handlers.progress import LossProgressBar
 from monai_fbta.handlers.refit import TranslatorRefit, fit_translator, r_squared
-from monai_fbta.handlers.resume import ResumeTraining, check_resume, hold_run_lock
+from monai_fbta.handlers.resume import ResumeTraining, check_output_dir, check_resume, claim_output_dir, hold_run_lock
 from monai_fbta.handlers.stats import LOSS_TERMS, loss_terms, training_log_handlers
 from monai_fbta.handlers.tensorboard import OptionalTensorBoard, tensorboard_available
 
@@ -24,7 +24,9 @@ __all__ = [
     "BestModelSaver",
     "TrainingCheckpoint",
     "ResumeTraining",
+    "check_output_dir",
     "check_resume",
+    "claim_output_dir",
     "hold_run_lock",
     "run_identity",
     "CurriculumWeight",

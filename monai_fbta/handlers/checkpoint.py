@@ -54,6 +54,8 @@ class RunMismatchError(ValueError):
 
 # identity keys added after runs were saved without them, and the value those runs had
 _ADDED_LATER: dict[str, Any] = {"mil_kwargs": {}}
+# identity keys added after runs were saved without them, whose value those runs did not record (not compared then)
+_UNRECORDED_BEFORE = frozenset({"training"})
 
 
 def _identity_differences(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
@@ -61,12 +63,17 @@ def _identity_differences(saved: Mapping[str, Any] | None, current: Mapping[str,
         return ["it holds no run identity (saved by an older version of monai-fbta or by another program)"]
     diffs = []
     for key in sorted(set(saved) | set(current)):
+        if key not in saved and key in _UNRECORDED_BEFORE:
+            continue
         old, new = saved.get(key, _ADDED_LATER.get(key)), current.get(key)
         if old == new or key == "num_slides":
             continue
         if key == "datalist_sha256":
             diffs.append(f"the datalist differs (saved: {saved.get('num_slides')} slides, sha256 {str(old)[:12]}; "
                          f"now: {current.get('num_slides')} slides, sha256 {str(new)[:12]})")
+        elif key == "training" and isinstance(old, Mapping) and isinstance(new, Mapping):  # options: name each
+            diffs += [f"{name} differs (saved: {old.get(name)!r}; now: {new.get(name)!r})"
+                      for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
         else:
             diffs.append(f"{key} differs (saved: {old!r}; now: {new!r})")
     return diffs
@@ -306,6 +313,25 @@ def run_identity(
 # ----------------------------------------------------------------------------- model.pt -> networks
 
 
+def _described_differences(network_data_format: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    """How a bundle ``metadata.json``'s ``network_data_format`` differs from ``model.pt``'s metadata (empty: it
+    describes the model, or describes nothing)."""
+    pred = (network_data_format.get("outputs") or {}).get("pred") or {}
+    image = (network_data_format.get("inputs") or {}).get("image") or {}
+    diffs = []
+    channel_def = pred.get("channel_def")
+    if channel_def:
+        names = [str(channel_def[k]) for k in sorted(channel_def, key=lambda k: int(k))]
+        if names != [str(n) for n in meta["class_names"]]:
+            diffs.append(f"outputs.pred.channel_def names {names}, the model predicts {list(meta['class_names'])}")
+    if pred.get("num_channels") is not None and int(pred["num_channels"]) != int(meta["num_classes"]):
+        diffs.append(f"outputs.pred.num_channels is {pred['num_channels']}, the model has {meta['num_classes']} classes")
+    if image.get("num_channels") is not None and int(image["num_channels"]) != int(meta["feature_dim"]):
+        diffs.append(f"inputs.image.num_channels is {image['num_channels']}, the model reads D={meta['feature_dim']} "
+                     "features")
+    return diffs
+
+
 def resolve_class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
     """``class_names`` as a list, or ``class_0 ... class_<n-1>`` when none were given; one name per class."""
     names = list(class_names) if class_names else [f"class_{i}" for i in range(int(num_classes))]
@@ -371,15 +397,27 @@ def load_inference_networks(path: str | os.PathLike, device: str | torch.device 
 
 def build_inference_network(
     model_path: str | os.PathLike, device: str | torch.device = "cpu", channels_first: bool = False,
-    translator_dtype: torch.dtype | str | None = None,
+    translator_dtype: torch.dtype | str | None = None, network_data_format: Mapping[str, Any] | None = None,
 ):
     """:class:`~monai_fbta.networks.TranslatedMIL` with the weights of ``model.pt``, in eval mode on ``device``,
     its ``metadata`` set from the file (the bundle's ``network_def``, with ``channels_first=True``: input
     ``[B, D, N]`` as ``metadata.json`` describes it; bundle inference, with ``[B, N, D]``). ``translator_dtype``:
-    see :class:`~monai_fbta.networks.TranslatedMIL` (``None``: float32)."""
+    see :class:`~monai_fbta.networks.TranslatedMIL` (``None``: float32).
+
+    ``network_data_format``: the bundle's ``metadata.json`` entry (the ``network_def`` of ``inference.json`` passes
+    it when MONAI has read the metadata, e.g. for ``ckpt_export``, which embeds it in ``model.ts``). A model whose
+    class names, class count or feature size D differ from it is refused (:class:`RunMismatchError`): the exported
+    file would describe its outputs as other classes."""
     from monai_fbta.networks import TranslatedMIL
 
     head, translator, meta = load_inference_networks(model_path, device)
+    described = _described_differences(network_data_format or {}, meta)
+    if described:
+        raise RunMismatchError(
+            f"the bundle's metadata.json does not describe {os.fspath(model_path)}: " + "; ".join(described) + ". Set "
+            "network_data_format (outputs.pred.channel_def and num_channels, inputs.image.num_channels) in "
+            "configs/metadata.json to this model's, so that model.ts and a colleague's copy of the bundle name its "
+            "outputs right")
     network = TranslatedMIL(head, translator, channels_first=channels_first, translator_dtype=translator_dtype)
     network = network.to(device).eval()
     network.metadata = dict(meta)

@@ -202,7 +202,7 @@ def _broadcast_from_rank0(module: nn.Module) -> None:
 
 # run-identity keys in which a translated-head run differs from the FBTA run it reads (the frozen extractor's
 # weights are compared by content: each run keeps its own copy of the file)
-TRANSLATED_HEAD_KEYS = ("views", "frozen_bag", "translated_bag", "encoder_weights", "translator_source")
+TRANSLATED_HEAD_KEYS = ("views", "frozen_bag", "translated_bag", "encoder_weights", "translator_source", "training")
 
 
 def checkpoint_sha256(path: str | os.PathLike | None) -> str | None:

@@ -11,21 +11,24 @@ and the settings that define the model) is saved in ``last.pt`` and ``model.pt``
 never resumed (:func:`check_resume`), so a bundle folder reused for new data cannot continue, or report, the old model.
 One process trains in a checkpoint folder, and writes an output folder, at a time (:func:`hold_run_lock`): a second
 launch there, with the same or other settings, stops at once instead of interleaving its checkpoints and reports with
-the first run's.
+the first run's. An output folder belongs to one run (:func:`check_output_dir`): a run with its own ``--ckpt_dir`` but
+another run's ``--output_dir`` is refused, instead of replacing that run's report and resuming its metrics rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
-from monai_fbta._io import exclusive_lock
+from monai_fbta._io import atomic_open, exclusive_lock
 from monai_fbta.handlers.checkpoint import (
     RunMismatchError,
     check_identity,
@@ -36,11 +39,14 @@ from monai_fbta.handlers.checkpoint import (
     training_objects,
 )
 
-__all__ = ["ResumeTraining", "check_resume", "hold_run_lock"]
+__all__ = ["OUTPUT_IDENTITY_FILE", "ResumeTraining", "check_output_dir", "check_resume", "claim_output_dir",
+           "hold_run_lock"]
 
 logger = logging.getLogger("fbta.resume")
 
-RESUME_REMEDY = "use a new --ckpt_dir for this run, or --resume False to start over here (replacing the old run's files)"
+RESUME_REMEDY = ("use a new --ckpt_dir and a new --output_dir for this run, or --resume False to start over here "
+                 "(replacing the old run's files)")
+OUTPUT_IDENTITY_FILE = "run_identity.json"
 RUN_LOCK = ".training.lock"
 
 _held: dict[str, contextlib.ExitStack] = {}  # checkpoint and output folders this process trains in, locked until it exits
@@ -76,6 +82,42 @@ def check_resume(path: str | os.PathLike, identity: Mapping[str, Any], enabled: 
         return False
     check_identity(checkpoint_identity(path), identity, f"{path} is the checkpoint of another run", RESUME_REMEDY)
     return True
+
+
+def check_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], enabled: bool = True) -> bool:
+    """Refuse (:class:`RunMismatchError`) to write into ``output_dir`` when its :data:`OUTPUT_IDENTITY_FILE` names
+    another run; run before any long work. :func:`claim_output_dir` writes that file when the run starts training.
+
+    Two runs with their own checkpoint folders but one output folder would replace each other's test report, and a
+    resumed run would keep the other run's ``train_metrics.csv`` rows as its own. ``enabled=False`` (``--resume
+    False``, start over) checks nothing. A folder without the file (no run, or outputs of an older version) is
+    accepted. Returns ``True`` (a config expression).
+    """
+    marker = Path(output_dir) / OUTPUT_IDENTITY_FILE
+    if not enabled or not marker.is_file():
+        return True
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        saved = None
+    check_identity(saved, _as_json(identity), f"--output_dir {os.fspath(output_dir)} holds the outputs of another run",
+                   RESUME_REMEDY)
+    return True
+
+
+def claim_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any]) -> bool:
+    """Record ``identity`` as the run whose outputs ``output_dir`` holds (:data:`OUTPUT_IDENTITY_FILE`, written
+    atomically by rank 0), once the run is about to train: a run refused before that claims nothing."""
+    if idist.get_rank() == 0:
+        marker = Path(output_dir) / OUTPUT_IDENTITY_FILE
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(marker, "w") as f:
+            json.dump(_as_json(identity), f, indent=1)
+    return True
+
+
+def _as_json(identity: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(plain_value(dict(identity))))
 
 
 class ResumeTraining:
