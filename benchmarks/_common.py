@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from monai_fbta._io import atomic_open
-from monai_fbta.environment import package_versions
+from monai_fbta.environment import software_environment
 
 __all__ = [
     "add_common_args", "resolve_device", "start_run", "machine_info", "rss_mb", "PeakMemory", "SavedTensorMeter",
@@ -94,7 +94,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         "device": str(device) if device is not None else None,
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "mem_total_gb": round(_meminfo_kb("MemTotal") / 2**20, 1),
-        "packages": package_versions(),
+        "packages": software_environment(),
     }
     return info
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 from ignite.handlers import Checkpoint
 
 from monai_fbta._io import atomic_open, file_sha256
-from monai_fbta.environment import package_versions
+from monai_fbta.environment import software_environment
 from monai_fbta.networks.encoder import _is_weights_file
 from monai_fbta.networks.inference import LAYOUT_KEY, METADATA_KEY, state_layout
 
@@ -360,7 +360,7 @@ def model_metadata(
     the ``weights`` entry of :func:`~monai_fbta.data.extraction.encoder_fingerprint` of the frozen encoder whose
     features the head reads, checked when a model's encoder is loaded
     (:func:`~monai_fbta.pipeline.prepare.model_frozen_encoder`). ``environment``: the package versions it was
-    trained with (:func:`~monai_fbta.environment.package_versions`), for the record only."""
+    trained with and on what CPU (:func:`~monai_fbta.environment.software_environment`), for the record only."""
     names = resolve_class_names(class_names, num_classes)
     return {
         "run_identity": None if identity is None else dict(identity),
@@ -376,7 +376,7 @@ def model_metadata(
         "encoder_weights": None if encoder_weights is None else str(encoder_weights),
         "encoder_digest": encoder_digest,
         "tiling": {str(k): v for k, v in dict(tiling).items()},
-        "environment": package_versions(),
+        "environment": software_environment(),
     }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from monai_fbta._io import atomic_open, inside
-from monai_fbta.environment import package_versions
+from monai_fbta.environment import software_environment
 from monai_fbta.handlers.checkpoint import RunMismatchError, check_identity, load_inference_model, load_inference_networks
 from monai_fbta.handlers.predictions import write_predictions_csv
 
@@ -85,7 +85,7 @@ def evaluate_checkpoint(
         "metrics": metrics,
         "confusion_matrix": getattr(evaluator.state, "confusion_matrix", None),
         "confusion_matrix_vanilla": getattr(evaluator.state, "confusion_matrix_vanilla", None),
-        "environment": package_versions(),
+        "environment": software_environment(),
         "trained_with": meta.get("environment"),
     }
     lines = [f"{'' if split == 'train' else 'held-out '}{split} set ({len(rows)} slides), model {model_path}:"]

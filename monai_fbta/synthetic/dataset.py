@@ -17,7 +17,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from monai_fbta._io import atomic_open
-from monai_fbta.environment import package_versions
+from monai_fbta.environment import software_environment
 from monai_fbta.synthetic.render import SyntheticSlideConfig, render_slide
 from monai_fbta.synthetic.tiff import slide_is_valid, tumour_bboxes, write_pyramidal_tiff
 
@@ -150,7 +150,7 @@ def _write_tables(out: Path, rows: list[dict], cfg: SyntheticSlideConfig) -> Non
         "class_names": list(cfg.class_names),
         "mpp": cfg.mpp,
         "config": dataclasses.asdict(cfg),
-        "written_with": package_versions(),  # the slides' pixels depend on numpy, scipy, tifffile and imagecodecs
+        "written_with": software_environment(),  # the slides' pixels depend on numpy, scipy, tifffile and imagecodecs
         "training": rows,
     }
     with atomic_open(out / "datalist.json", "w") as f:
