@@ -25,7 +25,8 @@ from _common import (FBTA_SUFFIX, TRANSLATED_HEAD_SUFFIX, format_interval, forma
 
 from monai_fbta._io import atomic_open  # noqa: E402
 
-ORDER = ["accuracy", "memory", "epoch_time", "inference", "read_patches", "frozen_pipeline", "scaling", "mil_heads"]
+ORDER = ["accuracy", "memory", "memory_translated_full", "epoch_time", "inference", "read_patches", "frozen_pipeline",
+         "scaling", "mil_heads"]
 TITLES = {
     "accuracy": "Accuracy on the synthetic benchmark: vanilla ABMIL vs +FBTA, and the view ablation",
     "accuracy_transmil_lre": "Accuracy study, TransMIL rows at the bundle's CPU setting for TransMIL, `lr_encoder` 1e-4 (the "
@@ -80,7 +81,11 @@ TITLES = {
                            "20 epochs, the bundle as the demo runs it (2026-11-27, session 21; docs/method.md)",
     "accuracy_demo_scale_epochs_40": "Accuracy study at the README demo's scale with the bundle's 40 epochs (the same 60 "
                                      "slides, folds and seed; 2026-11-27, session 21; docs/method.md)",
-    "memory": "Peak memory of one training iteration vs bag size",
+    "memory": "Peak memory of one training iteration vs bag size (the library default: the translated view on the "
+              "pseudo-bag, `translated_bag=\"pseudo\"`)",
+    "memory_translated_full": "Peak memory of one training iteration vs bag size, with the bundle's translated view on the "
+                              "whole bag (`translated_bag=\"full\"`: f_T over all N in checkpointed chunks; 2026-11-27, "
+                              "session 21)",
     "epoch_time": "Time per training epoch",
     "inference": "Slide inference: translation vs re-extraction",
     "read_patches": "Patch-read throughput",
@@ -96,6 +101,7 @@ STAGES = {"": "vanilla", FBTA_SUFFIX: "FBTA, one head", TRANSLATED_HEAD_SUFFIX: 
 GAIN_COLUMN = "stage - vanilla, paired (95% interval over folds)"
 COLUMNS = {
     "memory": ["config", "n", "source", "peak_gb", "saved_mb", "seconds"],
+    "memory_translated_full": ["config", "n", "source", "peak_gb", "saved_mb", "seconds"],
     "epoch_time": ["method", "s_per_epoch", "patches_through_extractor_per_epoch"],
     "inference": ["method", "patches", "seconds", "cpu_s"],
     "frozen_pipeline": ["run", "patches", "seconds", "patches_per_s", "vs_bare", "vs_bare_each_repeat"],
