@@ -105,8 +105,9 @@ def _slide_rows(inputs: str | os.PathLike | Sequence[str]) -> list[dict[str, Any
     ids = [r["slide_id"] for r in rows]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
-        raise InferenceInputError(f"several input slides share the slide id(s) {dupes}: predictions, heatmaps and cached "
-                                  "features are named by it; rename them or list them in a datalist with distinct slide_id values")
+        raise InferenceInputError(f"several input slides share the slide id(s) {dupes}: predictions, heatmaps and "
+                                  "cached features are named by it; rename them or list them in a datalist with "
+                                  "distinct slide_id values")
     return rows
 
 

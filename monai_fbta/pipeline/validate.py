@@ -105,8 +105,9 @@ def _is_int(value: Any) -> bool:
 def _fold_problems(
     fold: int | None, num_folds: int | None, val_fraction: float | None, split_seed: int | None = None
 ) -> list[str]:
-    problems = [f"--{name} {value!r}: give a whole number" for name, value in
-                (("fold", fold), ("num_folds", num_folds), ("split_seed", split_seed)) if value is not None and not _is_int(value)]
+    whole = (("fold", fold), ("num_folds", num_folds), ("split_seed", split_seed))
+    problems = [f"--{name} {value!r}: give a whole number" for name, value in whole
+                if value is not None and not _is_int(value)]
     if problems:
         return problems
     if split_seed is not None and not 0 <= split_seed < 2**32:
