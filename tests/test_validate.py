@@ -43,7 +43,7 @@ def test_settings_problems_name_the_option_and_what_is_wrong(tmp_path):
     # a fold or split seed that is not a whole number, and an unknown evaluation split, are named before any work
     assert settings_problems(fold=1.5, num_folds=5, split_seed=-3) == ["--fold 1.5: give a whole number"]
     assert settings_problems(fold=1, num_folds=5, split_seed=-3) == ["--split_seed -3: give a whole number in 0 .. 2**32 - 1"]
-    assert settings_problems(eval_split="tst") == ["--eval_split 'tst' is not one of ['test', 'val', 'train'] (did you mean 'test'?)"]
+    assert settings_problems(eval_split="tst") == ["--eval_split 'tst' is not one of ['train', 'val', 'test'] (did you mean 'test'?)"]
     # a repeated or space-padded class name is named as such (it used to end in "unknown label" for every slide)
     assert settings_problems(num_classes=2, class_names=["a", "a"]) == [
         "--class_names ['a', 'a'] names ['a'] more than once: a label could then mean two classes"]

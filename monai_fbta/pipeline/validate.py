@@ -182,7 +182,9 @@ def settings_problems(
     problems += _encoder_problems(encoder_name, encoder_weights)
     problems += _fold_problems(fold, num_folds, val_fraction, split_seed)
     if eval_split is not None:
-        problems += _choice_problem("eval_split", eval_split, ["test", "val", "train"])
+        from monai_fbta.data.datalist import SPLIT_NAMES
+
+        problems += _choice_problem("eval_split", eval_split, SPLIT_NAMES)
     if not problems:  # the datalist check needs valid class names and folds
         problems += _datalist_problems(dataset_dir, datalist, class_names, num_folds, val_fraction)
     if model_path is not None and not os.path.isfile(model_path):
